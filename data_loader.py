@@ -1,0 +1,316 @@
+"""Training/test data: memory-mapped SYSU-MM01 arrays, RegDB from its idx files, the
+samplers (unpaired RGB/IR for MMGL, identity-balanced for AGW/DDAG) and the ONE
+augmentation module, which runs batched on the training device.
+
+Why this shape: the reference pipelines decode, PIL-transform and normalise each image in
+DataLoader workers. Here workers only slice uint8 rows out of a memory-mapped array (one
+fancy-index read per batch), the batch travels to the device as uint8 (4x fewer bytes than
+float32, pinned for an async copy), and pad/crop/flip/normalise/stripe-shuffle are a few
+batched tensor ops there.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from utils import UserError, get_rank, get_world_size
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SYSU_NPY = ("train_rgb_resized_img", "train_rgb_resized_label", "train_rgb_resized_cam",
+            "train_ir_resized_img", "train_ir_resized_label", "train_ir_resized_cam")
+
+
+# ----------------------------------------------------------------------------- datasets
+class TrainData:
+    """Common attributes of a two-modality training set.
+
+    ``rgb_img``/``ir_img``: uint8 [N, H, W, 3] (memory-mapped for SYSU), ``*_label``: int64
+    identity labels 0..C-1 shared by both modalities, ``*_cam``: camera numbers, and
+    ``rgb_pool``/``ir_pool``: the indices the samplers may draw from (all of them unless
+    :meth:`subsample` kept a fraction).
+    """
+
+    def _finish(self, name):
+        for m in ("rgb", "ir"):
+            img, lab = getattr(self, f"{m}_img"), getattr(self, f"{m}_label")
+            if img.ndim != 4 or img.shape[3] != 3 or img.dtype != np.uint8:
+                raise UserError(f"{name}: {m} images must be uint8 [N, H, W, 3], got "
+                                f"{img.dtype} {tuple(img.shape)}; re-run the preprocessing")
+            if len(img) != len(lab):
+                raise UserError(f"{name}: {len(img)} {m} images but {len(lab)} labels; "
+                                f"re-run the preprocessing")
+            if len(img) == 0:
+                raise UserError(f"{name}: no {m} training images")
+            setattr(self, f"{m}_pool", np.arange(len(img)))
+        if self.rgb_img.shape[1:] != self.ir_img.shape[1:]:
+            raise UserError(f"{name}: RGB images are {self.rgb_img.shape[1:3]} but IR images "
+                            f"{self.ir_img.shape[1:3]}; re-run the preprocessing")
+        self.name = name
+        self.num_classes = int(max(self.rgb_label.max(), self.ir_label.max())) + 1
+
+    @property
+    def img_size(self):
+        """(H, W) of the stored images."""
+        return tuple(self.rgb_img.shape[1:3])
+
+    def check_size(self, img_h, img_w, hint):
+        if self.img_size != (img_h, img_w):
+            raise UserError(f"{self.name} holds {self.img_size[0]}x{self.img_size[1]} images "
+                            f"but --img_h/--img_w ask for {img_h}x{img_w}; {hint}")
+
+    def subsample(self, ratio, seed):
+        """Keep a seeded random fraction of each modality's images (the paper's
+        data-efficiency study). Every kept index is a real image; ratio 1.0 keeps all."""
+        if not 0.0 < ratio <= 1.0:
+            raise UserError(f"--train_ratio must be in (0, 1], got {ratio}")
+        if ratio < 1.0:
+            rng = np.random.default_rng(seed)
+            for m in ("rgb", "ir"):
+                n = len(getattr(self, f"{m}_img"))
+                keep = max(1, int(round(n * ratio)))
+                setattr(self, f"{m}_pool", np.sort(rng.choice(n, keep, replace=False)))
+        return self
+
+    def stats(self):
+        return (f"{self.name}: {len(np.unique(self.rgb_label))} ids | RGB {len(self.rgb_pool)}"
+                f"/{len(self.rgb_img)} images | IR {len(self.ir_pool)}/{len(self.ir_img)} images"
+                f" | {self.img_size[0]}x{self.img_size[1]}")
+
+
+class SYSUData(TrainData):
+    """SYSU-MM01 training set from the npy files written by ``pre_process_sysu.py``,
+    opened with ``mmap_mode='r'``: start-up reads only headers, pages come in on demand."""
+
+    def __init__(self, data_path):
+        data_path = Path(data_path)
+        if not data_path.is_dir():
+            raise UserError(f"dataset folder not found: {data_path} (expected SYSU-MM01 with "
+                            f"cam1..cam6/ and exp/; see README 'Datasets')")
+        arrays = {}
+        for key in SYSU_NPY:
+            f = data_path / f"{key}.npy"
+            if not f.is_file():
+                raise UserError(f"missing {f}; run: python pre_process_sysu.py --data_path {data_path}")
+            try:
+                arrays[key] = np.load(f, mmap_mode="r" if key.endswith("img") else None)
+            except (ValueError, OSError) as e:
+                raise UserError(f"cannot read {f} ({e}); re-run: python pre_process_sysu.py "
+                                f"--data_path {data_path}")
+        self.rgb_img, self.ir_img = arrays["train_rgb_resized_img"], arrays["train_ir_resized_img"]
+        self.rgb_label = np.asarray(arrays["train_rgb_resized_label"], dtype=np.int64)
+        self.ir_label = np.asarray(arrays["train_ir_resized_label"], dtype=np.int64)
+        self.rgb_cam = np.asarray(arrays["train_rgb_resized_cam"], dtype=np.int64)
+        self.ir_cam = np.asarray(arrays["train_ir_resized_cam"], dtype=np.int64)
+        self._finish(f"SYSU-MM01 {data_path}")
+
+
+class RegDBData(TrainData):
+    """RegDB training set of one trial, decoded from the images listed in
+    ``idx/train_{visible,thermal}_{trial}.txt`` (small: ~2k images per modality)."""
+
+    def __init__(self, data_path, trial, img_h=288, img_w=144, workers=0):
+        from data_manager import load_images, read_regdb_train
+        data_path = Path(data_path)
+        if not data_path.is_dir():
+            raise UserError(f"dataset folder not found: {data_path} (expected RegDB with "
+                            f"Visible/, Thermal/ and idx/; see README 'Datasets')")
+        rgb_paths, self.rgb_label = read_regdb_train(data_path, trial, "visible")
+        ir_paths, self.ir_label = read_regdb_train(data_path, trial, "thermal")
+        self.rgb_img = load_images(rgb_paths, img_w=img_w, img_h=img_h, workers=workers)
+        self.ir_img = load_images(ir_paths, img_w=img_w, img_h=img_h, workers=workers)
+        self.rgb_label = np.asarray(self.rgb_label, dtype=np.int64)
+        self.ir_label = np.asarray(self.ir_label, dtype=np.int64)
+        self.rgb_cam = np.ones(len(self.rgb_label), dtype=np.int64)
+        self.ir_cam = np.full(len(self.ir_label), 2, dtype=np.int64)
+        self._finish(f"RegDB trial {trial}")
+
+
+def load_train_data(dataset, data_path, trial=1, img_h=288, img_w=144, workers=0):
+    """The training set named by ``--dataset``."""
+    if dataset == "sysu":
+        data = SYSUData(data_path)
+        data.check_size(img_h, img_w, "pre_process_sysu.py writes 288x144 images")
+        return data
+    if dataset == "regdb":
+        return RegDBData(data_path, trial, img_h=img_h, img_w=img_w, workers=workers)
+    raise UserError(f"--dataset must be sysu or regdb, got {dataset!r}")
+
+
+# ----------------------------------------------------------------------------- samplers
+class _EpochBatches(Sampler):
+    """Base for samplers that yield whole batches ``(rgb_idx, ir_idx)`` for one epoch.
+
+    The GLOBAL batch (``batch`` x world size) is drawn from a generator seeded by
+    (seed, epoch), identically on every rank, and each rank keeps its own slice: ranks see
+    disjoint samples, and N ranks with per-rank batch B see exactly the batches one process
+    with batch N*B sees. Seeding by epoch also makes ``--resume`` reproduce the order.
+    """
+
+    def __init__(self, seed, epoch, rank=None, world=None):
+        self.seed, self.epoch = int(seed), int(epoch)
+        self.rank = get_rank() if rank is None else rank
+        self.world = get_world_size() if world is None else world
+        self.batches = self._global_batches(np.random.default_rng([self.seed, self.epoch]))
+
+    def __iter__(self):
+        for rgb, ir in self.batches:
+            n = len(rgb) // self.world
+            sl = slice(self.rank * n, (self.rank + 1) * n)
+            yield rgb[sl], ir[sl]
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class UnpairedSampler(_EpochBatches):
+    """MMGL pre-training batches: ``batch_size`` RGB and ``batch_size`` IR images drawn
+    independently (unpaired: no identity labels are used). One epoch walks a fresh random
+    order of the larger modality once; the smaller one is cycled through its own random
+    orders."""
+
+    def __init__(self, rgb_pool, ir_pool, batch_size, seed=0, epoch=0, rank=None, world=None):
+        self.rgb_pool, self.ir_pool = np.asarray(rgb_pool), np.asarray(ir_pool)
+        self.batch_size = batch_size
+        super().__init__(seed, epoch, rank, world)
+
+    def _global_batches(self, rng):
+        gb = self.batch_size * self.world
+        steps = max(1, max(len(self.rgb_pool), len(self.ir_pool)) // gb)
+
+        def stream(pool):
+            reps = -(-steps * gb // len(pool))
+            return np.concatenate([rng.permutation(pool) for _ in range(reps)])[: steps * gb]
+
+        rgb, ir = stream(self.rgb_pool), stream(self.ir_pool)
+        return [(rgb[s * gb:(s + 1) * gb], ir[s * gb:(s + 1) * gb]) for s in range(steps)]
+
+
+class IdentitySampler(_EpochBatches):
+    """AGW/DDAG fine-tuning batches, as the authors' ``IdentitySampler``: each step picks
+    ``batch_size`` distinct identities and, for each, ``num_pos`` RGB and ``num_pos`` IR
+    images (drawn with replacement within the identity); position j of the RGB half and of
+    the IR half share an identity. Steps per epoch: int(N / (batch_size*num_pos)) + 1 with
+    N = max(#RGB, #IR) (per global batch under DDP, where each rank takes
+    ``batch_size`` of the step's identities)."""
+
+    def __init__(self, rgb_label, ir_label, num_pos, batch_size, seed=0, epoch=0,
+                 rgb_pool=None, ir_pool=None, rank=None, world=None):
+        self.num_pos, self.batch_size = num_pos, batch_size
+        rgb_pool = np.arange(len(rgb_label)) if rgb_pool is None else np.asarray(rgb_pool)
+        ir_pool = np.arange(len(ir_label)) if ir_pool is None else np.asarray(ir_pool)
+        self.n = max(len(rgb_pool), len(ir_pool))
+        rgb_label, ir_label = np.asarray(rgb_label)[rgb_pool], np.asarray(ir_label)[ir_pool]
+        # only identities seen in both modalities can form a cross-modality group
+        self.ids = np.intersect1d(np.unique(rgb_label), np.unique(ir_label))
+        self.rgb_pos = {c: rgb_pool[rgb_label == c] for c in self.ids}
+        self.ir_pos = {c: ir_pool[ir_label == c] for c in self.ids}
+        world = get_world_size() if world is None else world
+        if len(self.ids) < batch_size * world:
+            raise UserError(f"--batch-size {batch_size} identities per step (x{world} ranks) but "
+                            f"only {len(self.ids)} identities have both RGB and IR images")
+        super().__init__(seed, epoch, rank, world)
+
+    def _global_batches(self, rng):
+        ids_per_step = self.batch_size * self.world
+        steps = int(self.n / (ids_per_step * self.num_pos)) + 1
+        batches = []
+        for _ in range(steps):
+            chosen = rng.choice(self.ids, ids_per_step, replace=False)
+            rgb = np.concatenate([rng.choice(self.rgb_pos[c], self.num_pos) for c in chosen])
+            ir = np.concatenate([rng.choice(self.ir_pos[c], self.num_pos) for c in chosen])
+            batches.append((rgb, ir))
+        return batches
+
+
+class _BatchFetch(Dataset):
+    """Reads one whole batch per item: a fancy-index read of each memory-mapped array."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __getitem__(self, item):
+        ri, ii = item
+        d = self.data
+        return (torch.from_numpy(np.ascontiguousarray(d.rgb_img[ri])),
+                torch.from_numpy(np.ascontiguousarray(d.ir_img[ii])),
+                torch.from_numpy(d.rgb_label[ri]), torch.from_numpy(d.ir_label[ii]))
+
+
+def make_loader(data, sampler, workers=0, pin_memory=False):
+    """DataLoader yielding ``(rgb uint8 [B,H,W,3], ir uint8 [B,H,W,3], rgb_label, ir_label)``."""
+    return DataLoader(_BatchFetch(data), sampler=sampler, batch_size=None,
+                      num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------- augmentation
+def random_perms(batch, k, device=None, generator=None):
+    """``batch`` permutations of range(k), each uniform over all k! orders (argsort of iid
+    uniforms)."""
+    return torch.rand(batch, k, device=device, generator=generator).argsort(dim=1)
+
+
+class DeviceAugment:
+    """The train-time transform of the authors' pipeline (Pad(10) with black, RandomCrop
+    back to (img_h, img_w), RandomHorizontalFlip, ToTensor, Normalize with ImageNet
+    statistics), applied to a whole uint8 NHWC batch on its device, plus MMGL's stripe
+    shuffling folded into the same gather.
+
+    Returns float32 NCHW in channels_last memory layout (a free by-product of NHWC input).
+    """
+
+    def __init__(self, img_h, img_w, pad=10, flip=True, device="cpu"):
+        self.img_h, self.img_w, self.pad, self.flip = img_h, img_w, pad, flip
+        mean = torch.tensor(IMAGENET_MEAN, device=device) * 255.0
+        std = torch.tensor(IMAGENET_STD, device=device) * 255.0
+        # (x/255 - m)/s == x * (1/(255 s)) - m/s : one fused multiply-add per pixel
+        self.scale, self.shift = 1.0 / std, -mean / std
+
+    def normalize(self, x):
+        """uint8 NHWC -> normalised float NCHW (channels_last), no randomness."""
+        x = x.float() * self.scale.to(x.device) + self.shift.to(x.device)
+        return x.permute(0, 3, 1, 2)
+
+    def __call__(self, x, train=True, perms=None):
+        """``x``: uint8 [B, H, W, 3]. ``perms``: optional [B, K] stripe permutations;
+        output stripe i (rows i*H/K ...) is input stripe perms[b, i]."""
+        b, h, w, _ = x.shape
+        dev = x.device
+        rows = torch.arange(self.img_h, device=dev).expand(b, -1)
+        cols = torch.arange(self.img_w, device=dev).expand(b, -1)
+        if train:
+            p = self.pad
+            if h + 2 * p < self.img_h or w + 2 * p < self.img_w:
+                raise UserError(f"images of {h}x{w} cannot be cropped to {self.img_h}x{self.img_w}")
+            x = torch.nn.functional.pad(x, (0, 0, p, p, p, p))  # zero = black, like PIL Pad
+            oy = torch.randint(0, h + 2 * p - self.img_h + 1, (b, 1), device=dev)
+            ox = torch.randint(0, w + 2 * p - self.img_w + 1, (b, 1), device=dev)
+            rows, cols = rows + oy, cols + ox
+            if self.flip:
+                flip = torch.rand(b, 1, device=dev) < 0.5
+                cols = torch.where(flip, cols.flip(1), cols)
+        elif (h, w) != (self.img_h, self.img_w):
+            raise UserError(f"test images are {h}x{w}, expected {self.img_h}x{self.img_w}")
+        if perms is not None:
+            k = perms.shape[1]
+            if self.img_h % k:
+                raise UserError(f"--img_h {self.img_h} is not divisible into {k} stripes")
+            sh = self.img_h // k
+            src = perms.to(dev).repeat_interleave(sh, dim=1) * sh + torch.arange(sh, device=dev).repeat(k)
+            rows = rows.gather(1, src)
+        x = x[torch.arange(b, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        return self.normalize(x)
+
+
+def unshuffle_stripes(x, perms):
+    """Inverse of the stripe shuffle on an NCHW tensor (used by tests and the TensorBoard
+    visualisation): input stripe perms[b, i] goes back to position perms[b, i]."""
+    b, c, h, w = x.shape
+    k = perms.shape[1]
+    inv = perms.argsort(dim=1)
+    sh = h // k
+    src = inv.repeat_interleave(sh, dim=1) * sh + torch.arange(sh, device=x.device).repeat(k)
+    return x.gather(2, src[:, None, :, None].expand(b, c, h, w))

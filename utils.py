@@ -1,0 +1,375 @@
+"""Small shared helpers: user-facing errors, logging, meters, seeding, device choice,
+safe checkpoint I/O, progress bars and the distributed (torchrun) plumbing.
+
+Every script in the repository (pre-training, AGW/, DDAG/, tools) imports this module,
+so nothing here may depend on a particular method.
+"""
+import datetime
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------- errors
+class UserError(Exception):
+    """An error the user caused (bad path, flag, checkpoint ...).
+
+    Scripts wrap their ``main`` with :func:`cli`, which turns this into ONE line on
+    stderr and exit status 2 instead of a traceback.
+    """
+
+
+def cli(main):
+    """Run ``main()``; a :class:`UserError` becomes ``error: <message>`` and exit 2."""
+    try:
+        return main()
+    except UserError as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def resolve_path(path, default_rel=None):
+    """``path`` as given (relative to the cwd), or ``default_rel`` resolved against the
+    repository root when ``path`` is None/empty, so that the same default works from the
+    repository root, AGW/ and DDAG/."""
+    if path:
+        return Path(path).expanduser().resolve()
+    return (REPO_ROOT / default_rel).resolve()
+
+
+def choice_check(name, value, choices):
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- logging
+class Tee:
+    """Duplicate everything written to stdout into a log file (like the authors'
+    ``Logger``), so a run's text log is exactly what its terminal showed."""
+
+    def __init__(self, path, stream=None):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", buffering=1)
+        self.stream = stream or sys.stdout
+
+    def write(self, s):
+        self.stream.write(s)
+        self.file.write(s)
+
+    def flush(self):
+        self.stream.flush()
+        self.file.flush()
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def close(self):
+        self.file.close()
+
+
+def setup_log(log_dir, name):
+    """Tee stdout into ``<log_dir>/<name>.txt``; returns the path."""
+    path = Path(log_dir) / f"{name}.txt"
+    if not isinstance(sys.stdout, Tee):
+        sys.stdout = Tee(path)
+    return path
+
+
+def git_revision():
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        rev = out.stdout.strip()
+        if not rev:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def print_run_header(args, device, extra=None):
+    """The header every run starts its log with: revision, time, device, sorted args."""
+    print("=" * 78)
+    print(f"{' '.join(sys.argv)}")
+    print(f"git {git_revision()} | {datetime.datetime.now().isoformat(timespec='seconds')} "
+          f"| device {device} | world size {get_world_size()}")
+    for k in sorted(vars(args)):
+        print(f"  {k:>20}: {getattr(args, k)}")
+    for line in (extra or []):
+        print(line)
+    print("=" * 78)
+
+
+class JsonLog:
+    """One JSON object per line (one per epoch) beside the text log."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record):
+        record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class AverageMeter:
+    """Running average of a scalar (``val`` is the last value)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.val = self.avg = self.sum = 0.0
+        self.count = 0
+
+    def update(self, val, n=1):
+        self.val = float(val)
+        self.sum += float(val) * n
+        self.count += n
+        self.avg = self.sum / max(self.count, 1)
+
+
+def format_time(seconds):
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def progress(iterable, total=None, desc="", enable=None):
+    """A small progress bar with ETA on stderr; silent when stderr is not a terminal
+    (logs and CI stay clean) or on a non-zero rank."""
+    if total is None:
+        try:
+            total = len(iterable)
+        except TypeError:
+            total = None
+    if enable is None:
+        enable = sys.stderr.isatty() and is_main_process()
+    if not enable:
+        yield from iterable
+        return
+    start = time.time()
+    last = 0.0
+    n = 0
+    for n, item in enumerate(iterable, 1):
+        yield item
+        now = time.time()
+        if now - last > 0.2 or n == total:
+            last = now
+            rate = n / max(now - start, 1e-9)
+            if total:
+                eta = (total - n) / max(rate, 1e-9)
+                msg = f"\r{desc} {n}/{total} [{format_time(now - start)}<{format_time(eta)}, {rate:.1f}it/s]"
+            else:
+                msg = f"\r{desc} {n} [{format_time(now - start)}, {rate:.1f}it/s]"
+            sys.stderr.write(msg)
+            sys.stderr.flush()
+    sys.stderr.write("\n")
+
+
+# ----------------------------------------------------------------------------- seeding / device
+def set_seed(seed, deterministic=False):
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def select_device(gpu):
+    """``--gpu`` -> torch.device. '' / 'cpu' / '-1' mean CPU. A GPU index asks for CUDA;
+    if CUDA is absent or the index does not exist we warn and use the CPU (never crash,
+    never silently pretend). Under torchrun the local rank picks the GPU."""
+    import torch
+    gpu = "" if gpu is None else str(gpu).strip()
+    if gpu.lower() in ("", "cpu", "-1"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        warnings.warn(f"--gpu {gpu} asked for CUDA but no CUDA device is available; using the CPU")
+        print(f"warning: --gpu {gpu} asked for CUDA but none is available; running on the CPU")
+        return torch.device("cpu")
+    if is_distributed():
+        idx = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        try:
+            idx = int(gpu.split(",")[0])
+        except ValueError:
+            raise UserError(f"--gpu must be a device index such as 0, or 'cpu'; got {gpu!r}")
+    if idx >= torch.cuda.device_count():
+        print(f"warning: --gpu {gpu} but only {torch.cuda.device_count()} CUDA device(s); using cuda:0")
+        idx = 0
+    torch.cuda.set_device(idx)
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda", idx)
+
+
+def get_rng_state():
+    import torch
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    import torch
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(obj, path):
+    """Write atomically: a crash mid-save leaves the previous file intact."""
+    import torch
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _safe_globals():
+    """What ``weights_only`` loading may rebuild besides tensors: the numpy scalars and
+    arrays the authors' ``.t`` files hold (their ``cmc``/``mAP``), our RNG states."""
+    import numpy.core.multiarray as ma  # noqa: F401  (numpy<2 spelling, still importable)
+    allowed = [np.dtype, np.ndarray, np.float64, np.float32, np.int64, np.int32,
+               np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType,
+               np.dtypes.Int32DType, np.dtypes.UInt32DType, np.dtypes.BoolDType]
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    allowed += [_reconstruct, scalar]
+    return allowed
+
+
+def load_checkpoint(path, trust=False):
+    """Load a checkpoint with ``torch.load(weights_only=True)`` and an allow-list for
+    numpy scalars. Anything else (an arbitrary pickled object) is refused unless the
+    user passes ``--trust-checkpoint`` (``trust=True``)."""
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError / RuntimeError variants
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {path} safely ({first[:200]}); if you trust this file, "
+                        f"pass --trust-checkpoint to unpickle it fully")
+
+
+# ----------------------------------------------------------------------------- distributed
+def is_distributed():
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return get_dist().get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return get_dist().get_world_size() if is_distributed() else 1
+
+
+def get_dist():
+    import torch.distributed as dist
+    return dist
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def init_distributed(gpu):
+    """Set up DDP from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and return
+    the device. Without torchrun this is plain :func:`select_device`."""
+    import torch
+    import torch.distributed as dist
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return select_device(gpu)
+    want_cuda = str(gpu).strip().lower() not in ("", "cpu", "-1") and torch.cuda.is_available()
+    if want_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    if not want_cuda:
+        return torch.device("cpu")
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def barrier():
+    if is_distributed():
+        get_dist().barrier()
+
+
+def cleanup_distributed():
+    if is_distributed():
+        get_dist().destroy_process_group()
+
+
+def all_gather_with_grad(x):
+    """Concatenate ``x`` from every rank along dim 0. The local slice keeps its autograd
+    graph (the other ranks' slices are constants here, but each rank back-propagates its
+    own slice, so the summed DDP gradient equals the single-process one)."""
+    if not is_distributed():
+        return x
+    import torch
+    dist = get_dist()
+    parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, 0)
+
+
+def reduce_mean(value):
+    """Average a python/tensor scalar over ranks (for printing only)."""
+    if not is_distributed():
+        return float(value)
+    import torch
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if get_dist().get_backend() == "nccl":
+        t = t.cuda()
+    get_dist().all_reduce(t)
+    return t.item() / get_world_size()
+
+
+def unwrap(model):
+    """The bare module of a DDP / compiled model (checkpoints never carry 'module.')."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
