@@ -342,18 +342,39 @@ def cleanup_distributed():
         get_dist().destroy_process_group()
 
 
+def _gather_function():
+    import torch
+
+    class _GatherWithGrad(torch.autograd.Function):
+        """all_gather whose backward sums every rank's gradient for this rank's slice
+        (all_reduce), so d(sum of all ranks' losses)/d(local input) is exact."""
+
+        @staticmethod
+        def forward(ctx, x):
+            dist = get_dist()
+            parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, x.contiguous())
+            return torch.cat(parts, 0)
+
+        @staticmethod
+        def backward(ctx, grad):
+            dist = get_dist()
+            grad = grad.contiguous()
+            dist.all_reduce(grad)
+            n = grad.shape[0] // dist.get_world_size()
+            return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+    return _GatherWithGrad
+
+
 def all_gather_with_grad(x):
-    """Concatenate ``x`` from every rank along dim 0. The local slice keeps its autograd
-    graph (the other ranks' slices are constants here, but each rank back-propagates its
-    own slice, so the summed DDP gradient equals the single-process one)."""
+    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, with a
+    gradient-correct backward. DDP averages gradients over ranks, so with each rank's loss
+    a mean over its local queries, the update equals the single-process one on the gathered
+    batch. Without a process group this is the identity."""
     if not is_distributed():
         return x
-    import torch
-    dist = get_dist()
-    parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[dist.get_rank()] = x
-    return torch.cat(parts, 0)
+    return _gather_function().apply(x)
 
 
 def reduce_mean(value):

@@ -1,0 +1,260 @@
+"""File lists of the evaluation protocols (SYSU-MM01 query/gallery, RegDB idx files) and
+the ONE image decode/resize routine, shared by ``pre_process_sysu.py`` and test-time
+loading.
+
+The SYSU-MM01 gallery is drawn exactly as the published protocol does: the Python
+``random`` stream seeded by the trial number, one ``choice`` per (test id, RGB camera) in
+sorted-id / camera-list order. Reproducing that draw order is what makes "trial t" the
+same gallery that every published SYSU-MM01 number was measured on.
+"""
+import os
+import random
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from utils import UserError, choice_check
+
+SYSU_RGB_CAMS = {"all": (1, 2, 4, 5), "indoor": (1, 2)}
+SYSU_IR_CAMS = (3, 6)
+SYSU_LAYOUT = ("expected SYSU-MM01 with cam1..cam6/<pid:04d>/<n:04d>.jpg and "
+               "exp/train_id.txt, exp/val_id.txt, exp/test_id.txt; "
+               "make a synthetic one with: python tools/make_synthetic.py --dataset sysu")
+REGDB_LAYOUT = ("expected RegDB with Visible/, Thermal/ and idx/{train,test}_{visible,thermal}"
+                "_<trial>.txt; make a synthetic one with: python tools/make_synthetic.py "
+                "--dataset regdb")
+
+
+# ----------------------------------------------------------------------------- SYSU-MM01
+def sysu_root(data_path):
+    """The dataset folder as a Path; a clear error when it is not a SYSU-MM01 folder."""
+    root = Path(data_path)
+    if not root.is_dir():
+        raise UserError(f"dataset folder not found: {root} ({SYSU_LAYOUT})")
+    if not any((root / f"cam{c}").is_dir() for c in range(1, 7)):
+        raise UserError(f"no cam1..cam6/ folders in {root} ({SYSU_LAYOUT})")
+    return root
+
+
+def read_ids(path):
+    """Identity numbers of a SYSU split file (``exp/train_id.txt`` ...): one line of
+    comma-separated integers, kept in file order. Tolerates a trailing newline/comma and
+    whitespace; anything else non-numeric is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"split file not found: {path} ({SYSU_LAYOUT})")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read split file {path}: {e}")
+    tokens = [t for t in text.replace("\n", ",").replace("\r", ",").split(",") if t.strip()]
+    ids = []
+    for t in tokens:
+        try:
+            ids.append(int(t))
+        except ValueError:
+            raise UserError(f"garbled split file {path}: {t.strip()[:40]!r} is not an integer "
+                            f"id (expected one comma-separated line such as 1,2,5,7)") from None
+    if not ids:
+        raise UserError(f"split file {path} holds no ids (expected one comma-separated line "
+                        f"such as 1,2,5,7)")
+    return ids
+
+
+def sysu_split_ids(root, *splits):
+    """Sorted unique ids of the named splits ('train', 'val', 'test')."""
+    ids = set()
+    for s in splits:
+        ids.update(read_ids(Path(root) / "exp" / f"{s}_id.txt"))
+    return sorted(ids)
+
+
+def _sysu_folders(root, ids, cams):
+    """[(pid, cam, sorted file paths)] for each id (in the given order) and camera (in the
+    given order) whose folder exists; the order every SYSU list is built in."""
+    out = []
+    for pid in ids:
+        for cam in cams:
+            folder = os.path.join(root, f"cam{cam}", f"{pid:04d}")
+            if os.path.isdir(folder):
+                files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+                out.append((pid, cam, files))
+    return out
+
+
+def list_sysu_images(root, ids, cams):
+    """Every image of ``ids`` (sorted) in ``cams``: (paths, pids, cams) as python lists."""
+    paths, pids, cs = [], [], []
+    for pid, cam, files in _sysu_folders(root, sorted(ids), cams):
+        paths += files
+        pids += [pid] * len(files)
+        cs += [cam] * len(files)
+    return paths, pids, cs
+
+
+def _triple(paths, pids, cams):
+    return list(paths), np.asarray(pids, dtype=np.int64), np.asarray(cams, dtype=np.int64)
+
+
+def process_query_sysu(data_path, mode="all"):
+    """SYSU-MM01 queries: every image of IR cameras 3 and 6 of the test ids, in BOTH modes
+    (indoor mode changes only the gallery). -> (paths, pids int64, cams int64)."""
+    choice_check("--mode", mode, tuple(SYSU_RGB_CAMS))
+    root = sysu_root(data_path)
+    return _triple(*list_sysu_images(root, sysu_split_ids(root, "test"), SYSU_IR_CAMS))
+
+
+def _draw_gallery(folders, trial, gall_mode):
+    """One gallery trial from the (pid, cam, files) folders.
+
+    The reference protocol calls ``random.seed(trial)`` and then ``random.choice``. A
+    private ``random.Random(trial)`` is seeded by the same Mersenne-Twister routine and
+    yields the identical stream, without resetting the caller's global ``random`` state.
+
+    Multi-shot draws ``sample(files, 10)`` from that stream. A folder with fewer than 10
+    files is taken whole WITHOUT consuming randomness (the reference code crashes there), so
+    whenever the reference would not crash the draws are identical."""
+    rng = random.Random(trial)
+    paths, pids, cams = [], [], []
+    for pid, cam, files in folders:
+        if gall_mode == "single":
+            chosen = [rng.choice(files)]
+        elif len(files) >= 10:
+            chosen = rng.sample(files, 10)
+        else:
+            chosen = list(files)
+        paths += chosen
+        pids += [pid] * len(chosen)
+        cams += [cam] * len(chosen)
+    return _triple(paths, pids, cams)
+
+
+def _gallery_folders(data_path, mode):
+    choice_check("--mode", mode, tuple(SYSU_RGB_CAMS))
+    root = sysu_root(data_path)
+    # Empty folders are skipped: the reference's random.choice would raise on them.
+    return [f for f in _sysu_folders(root, sysu_split_ids(root, "test"), SYSU_RGB_CAMS[mode])
+            if f[2]]
+
+
+def process_gallery_sysu(data_path, mode="all", trial=0, gall_mode="single"):
+    """SYSU-MM01 gallery of one trial: for each test id (sorted) and each RGB camera
+    (all: 1,2,4,5; indoor: 1,2) whose folder exists, one random image of the sorted file
+    list (single-shot) or 10 (multi-shot), drawn from ``random`` seeded by ``trial``.
+    -> (paths, pids int64, cams int64) in draw order."""
+    choice_check("gall_mode", gall_mode, ("single", "multi"))
+    return _draw_gallery(_gallery_folders(data_path, mode), trial, gall_mode)
+
+
+def sysu_gallery_trials(data_path, mode="all", gall_mode="single", trials=range(10)):
+    """The union of the galleries of ``trials`` so each image's feature is extracted once.
+
+    -> (paths sorted unique, pids, cams, [index per trial]) where ``paths[index[t]]`` is
+    exactly trial t's gallery in :func:`process_gallery_sysu` order (that order decides
+    ties in the ranking, so it is kept)."""
+    choice_check("gall_mode", gall_mode, ("single", "multi"))
+    folders = _gallery_folders(data_path, mode)
+    draws = [_draw_gallery(folders, t, gall_mode) for t in trials]
+    info = {}
+    for paths, pids, cams in draws:
+        info.update(zip(paths, zip(pids.tolist(), cams.tolist())))
+    union = sorted(info)
+    pos = {p: i for i, p in enumerate(union)}
+    index = [np.array([pos[p] for p in paths], dtype=np.int64) for paths, _, _ in draws]
+    pids = [info[p][0] for p in union]
+    cams = [info[p][1] for p in union]
+    return (*_triple(union, pids, cams), index)
+
+
+# ----------------------------------------------------------------------------- RegDB
+def _read_regdb_idx(data_path, split, trial, modal):
+    choice_check("modal", modal, ("visible", "thermal"))
+    root = Path(data_path)
+    if not root.is_dir():
+        raise UserError(f"dataset folder not found: {root} ({REGDB_LAYOUT})")
+    f = root / "idx" / f"{split}_{modal}_{trial}.txt"
+    if not f.is_file():
+        raise UserError(f"RegDB index file not found: {f} ({REGDB_LAYOUT})")
+    paths, labels = [], []
+    for n, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise UserError(f"garbled line {n} of {f}: {line.strip()[:80]!r} "
+                            f"(expected '<Visible|Thermal>/<pid>/<file>.bmp <label>')")
+        paths.append(str(root / parts[0]))
+        labels.append(int(parts[1]))
+    if not paths:
+        raise UserError(f"RegDB index file {f} lists no images")
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def process_test_regdb(data_path, trial=1, modal="visible"):
+    """RegDB test images of one trial: ``idx/test_{modal}_{trial}.txt`` ->
+    (absolute paths, labels int64)."""
+    return _read_regdb_idx(data_path, "test", trial, modal)
+
+
+def read_regdb_train(data_path, trial, modal):
+    """RegDB training images of one trial: ``idx/train_{modal}_{trial}.txt`` ->
+    (absolute paths, labels int64)."""
+    return _read_regdb_idx(data_path, "train", trial, modal)
+
+
+# ----------------------------------------------------------------------------- images
+def decode_image(path, img_w=144, img_h=288):
+    """Decode one image fully, convert to RGB (grey 'L' thermal images become three equal
+    channels) and resize to ``img_w`` x ``img_h`` with LANCZOS (the high-quality filter
+    that replaced Pillow's ANTIALIAS). -> uint8 [img_h, img_w, 3].
+
+    A missing, corrupt or truncated file raises :class:`UserError` naming it: Pillow
+    refuses truncated data by default, so nothing half-decoded is ever kept."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # convert() forces the full decode
+        im = im.resize((img_w, img_h), Image.Resampling.LANCZOS)
+        return np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # PIL raises OSError/ValueError/SyntaxError/DecompressionBomb...
+        msg = str(e).replace(str(path), "").strip(" '\":") or type(e).__name__
+        raise UserError(f"cannot read image {path}: {msg}") from None
+
+
+def _decode_or_error(task):
+    """Pool worker: (array, None) or (None, error message); never raises, so one bad file
+    neither kills the pool nor hides which file it was."""
+    path, img_w, img_h = task
+    try:
+        return decode_image(path, img_w, img_h), None
+    except UserError as e:
+        return None, str(e)
+
+
+def iter_decoded(paths, img_w=144, img_h=288, workers=0):
+    """Yield ``(array or None, error or None)`` for each path, in order. ``workers`` > 0
+    decodes in that many processes (JPEG decode + LANCZOS are CPU-bound)."""
+    tasks = [(str(p), img_w, img_h) for p in paths]
+    if workers and workers > 0 and len(tasks) > 1:
+        chunk = max(1, min(64, len(tasks) // (workers * 4)))
+        pool = ProcessPoolExecutor(max_workers=workers)
+        try:
+            yield from pool.map(_decode_or_error, tasks, chunksize=chunk)
+        finally:
+            # A consumer that stops early (first bad file) should not wait for the rest.
+            pool.shutdown(wait=True, cancel_futures=True)
+    else:
+        for t in tasks:
+            yield _decode_or_error(t)
+
+
+def load_images(paths, img_w=144, img_h=288, workers=0):
+    """Decode and resize ``paths`` -> uint8 [N, img_h, img_w, 3] (RGB; grey images give
+    three equal channels). An unreadable file raises :class:`UserError` naming it."""
+    out = np.empty((len(paths), img_h, img_w, 3), dtype=np.uint8)
+    for i, (arr, err) in enumerate(iter_decoded(paths, img_w, img_h, workers)):
+        if err is not None:
+            raise UserError(err)
+        out[i] = arr
+    return out

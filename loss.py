@@ -1,0 +1,247 @@
+"""Losses.
+
+MMGL pre-training (Wan et al., TIFS 2023, §III; SPEC §3):
+
+* Global granularity -- permutation recovery. Both modalities' images are cut into K
+  horizontal stripes and shuffled by the same random permutation; the network predicts
+  K x K logits, which Sinkhorn normalisation (alternating row/column normalisation, here
+  in log space) turns into a doubly stochastic "soft permutation" matrix, with Gumbel
+  noise for the Gumbel-Sinkhorn relaxation (Mena et al., ICLR 2018) during training. The
+  loss is the MSE between the soft permutation and the ground-truth permutation matrix,
+  for both modalities through the same head. (:func:`log_sinkhorn`,
+  :func:`gumbel_sinkhorn`, :func:`perm_mse_loss`, :func:`perm_matrix`,
+  :func:`perm_accuracy`.)
+* Local granularity -- part-aware cycle-contrastive (PCC) loss on the K stripe
+  embeddings (:func:`pcc_loss`).
+
+ReID losses shared by AGW and DDAG fine-tuning (SPEC §4): :func:`pdist`,
+:class:`TripletLoss` (batch-hard) and :class:`TripletLoss_WRT` (weighted regularisation
+triplet, default = the authors' published numerics).
+
+Permutation-matrix convention (used everywhere, matches ``data_loader.stripe_shuffle``
+where output stripe i = input stripe perms[b, i]):
+
+    P[b, i, j] = 1  iff  shuffled position i holds original stripe j  (j = perms[b, i]).
+
+The network's logits use the same layout (row = shuffled position, column = original
+stripe), so ``P^T @ shuffled`` restores the original order.
+"""
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+
+# ============================================================================ permutation recovery
+def log_sinkhorn(log_alpha, n_iters=20, temp=1.0):
+    """Sinkhorn normalisation in log space: ``n_iters`` rounds of row- then column-
+    normalisation of ``log_alpha / temp`` ([..., K, K]). Returns the log of an (approx.)
+    doubly stochastic matrix; logsumexp keeps it stable for any logit scale. Runs in
+    float32 even under autocast."""
+    la = log_alpha.float() / temp
+    for _ in range(n_iters):
+        la = la - torch.logsumexp(la, dim=-1, keepdim=True)   # rows sum to 1
+        la = la - torch.logsumexp(la, dim=-2, keepdim=True)   # columns sum to 1
+    return la
+
+
+def sample_gumbel(shape, device, generator=None, eps=1e-20):
+    u = torch.rand(shape, device=device, generator=generator)
+    return -torch.log(-torch.log(u + eps) + eps)
+
+
+def gumbel_sinkhorn(logits, n_iters=20, temp=1.0, n_samples=10, noise=1.0, training=True,
+                    generator=None):
+    """Gumbel-Sinkhorn soft permutations (Mena et al.): S((X + noise * g) / temp).
+
+    Training: ``n_samples`` independent Gumbel draws per input -> [n_samples * B, K, K],
+    sample-major (rows s*B .. s*B+B-1 are draw s), which :func:`perm_mse_loss` matches by
+    repeating the target. Not training (or noise == 0): the noise-free [B, K, K]."""
+    logits = logits.float()
+    if training and noise > 0 and n_samples > 0:
+        g = sample_gumbel((n_samples,) + tuple(logits.shape), logits.device, generator)
+        logits = (logits.unsqueeze(0) + noise * g).flatten(0, 1)
+    return log_sinkhorn(logits, n_iters, temp).exp()
+
+
+def perm_matrix(perms):
+    """(B, K) index permutations -> (B, K, K) float one-hot, P[b, i, perms[b, i]] = 1
+    (shuffled position i holds original stripe perms[b, i])."""
+    return F.one_hot(perms.long(), perms.shape[-1]).float()
+
+
+def perm_mse_loss(soft_perm, target_perm):
+    """MSE between soft permutations [S*B, K, K] (S Gumbel samples, sample-major) and the
+    ground-truth matrices [B, K, K], averaged over every entry (the paper's MSE
+    objective for permutation recovery)."""
+    n, b = soft_perm.shape[0], target_perm.shape[0]
+    if n % b:
+        raise ValueError(f"{n} soft permutations do not tile {b} targets")
+    target = target_perm.to(soft_perm.dtype).repeat(n // b, 1, 1)
+    return F.mse_loss(soft_perm, target)
+
+
+@torch.no_grad()
+def perm_accuracy(logits_or_soft, perms, soft=False, n_iters=20, temp=1.0):
+    """(whole-permutation accuracy, stripe accuracy) as python floats.
+
+    Each sample is decoded by the Hungarian algorithm (scipy ``linear_sum_assignment``,
+    maximising) on the noise-free Sinkhorn matrix. We maximise the sum of its LOG
+    entries, i.e. the most probable permutation (the Gumbel-matching MAP). Row/column
+    normalisation only shifts rows and columns by constants, so this is the same
+    assignment as on the raw logits. ``soft=True``: the input is already a soft
+    permutation matrix. Only called at print intervals (it syncs to the host)."""
+    x = logits_or_soft.detach().float()
+    score = x.clamp_min(1e-30).log() if soft else log_sinkhorn(x, n_iters, temp)
+    score = score.cpu().numpy().astype(np.float64)
+    truth = perms.detach().cpu().numpy()
+    pred = np.empty_like(truth)
+    for b in range(score.shape[0]):
+        rows, cols = linear_sum_assignment(score[b], maximize=True)
+        pred[b, rows] = cols
+    hit = pred == truth
+    return float(hit.all(axis=1).mean()), float(hit.mean())
+
+
+# ============================================================================ PCC
+def _soft_nn(query, pool, temp, exclude=None):
+    """Soft nearest neighbour: sum_u softmax_u(q.u / t) u over the pool rows."""
+    sim = query @ pool.t() / temp
+    if exclude is not None:
+        sim = sim.masked_fill(exclude, float("-inf"))
+    return torch.softmax(sim, dim=-1) @ pool
+
+
+def _info_nce_symmetric(a, b, temp):
+    """InfoNCE with positives on the diagonal, both directions (a->b and b->a)."""
+    logits = a @ b.t() / temp
+    labels = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, renorm=True):
+    """Part-aware cycle-contrastive loss (MMGL's local granularity; SPEC §3.4).
+
+    z_rgb, z_ir: [B, K, D] L2-normalised stripe embeddings. For every query stripe q
+    (each stripe of each image, both modalities):
+      q_x = soft nearest neighbour of q in the OTHER modality's stripe pool,
+      q_s = soft nearest neighbour of q in its OWN modality's pool without the K
+            stripes of q's own image (else q would simply find itself),
+    each sum_u softmax_u(q.u / t) u. (q_x_i, q_s_i) is a positive pair and (q_x_i, q_s_j),
+    j != i, are negatives over all queries of that modality: a symmetric InfoNCE at
+    temperature t, averaged over the two modalities. So a stripe's cross-modal
+    neighbour must agree with its intra-modal one -- the "cycle" across modalities.
+
+    OUR READINGS (the paper leaves them open): the same t serves the soft-NN and the
+    InfoNCE; q_x and q_s are L2-normalised again before the InfoNCE (``renorm``),
+    because a softmax mixture of unit vectors is shorter than 1 and InfoNCE at t=0.07
+    assumes cosine similarities; the pools are all B*K stripes of a modality regardless
+    of stripe position.
+
+    Distributed: ``pool_rgb``/``pool_ir`` are the all-rank gathered embeddings
+    [B_all, K, D] (utils.all_gather_with_grad) used as the neighbour pools; the local
+    queries are rows ``offset .. offset+B-1`` of them (``offset`` = this rank's first
+    image), which the own-image exclusion needs. InfoNCE negatives stay the local
+    queries.
+    """
+    K, D = z_rgb.shape[1], z_rgb.shape[2]
+    pool_rgb = z_rgb if pool_rgb is None else pool_rgb
+    pool_ir = z_ir if pool_ir is None else pool_ir
+    loss = 0.0
+    for z, own_pool, other_pool in ((z_rgb, pool_rgb, pool_ir), (z_ir, pool_ir, pool_rgb)):
+        q = z.float().reshape(-1, D)
+        p_own = own_pool.float().reshape(-1, D)
+        p_other = other_pool.float().reshape(-1, D)
+        n_img = own_pool.shape[0]
+        if n_img < 2:
+            raise ValueError("pcc_loss needs at least 2 images per modality "
+                             "(the own-modality pool excludes the query's image)")
+        q_img = offset + torch.arange(z.shape[0], device=q.device).repeat_interleave(K)
+        p_img = torch.arange(n_img, device=q.device).repeat_interleave(K)
+        same_image = q_img[:, None] == p_img[None, :]
+        q_x = _soft_nn(q, p_other, temp)
+        q_s = _soft_nn(q, p_own, temp, exclude=same_image)
+        if renorm:
+            q_x, q_s = F.normalize(q_x, dim=-1), F.normalize(q_s, dim=-1)
+        loss = loss + _info_nce_symmetric(q_x, q_s, temp)
+    return loss / 2
+
+
+# ============================================================================ ReID losses
+def pdist(x, y):
+    """Euclidean distance matrix [N, M] (clamped before sqrt, as the authors do, so the
+    gradient at a zero distance stays finite)."""
+    x, y = x.float(), y.float()
+    d2 = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.t())
+    return d2.clamp(min=1e-12).sqrt()
+
+
+class TripletLoss(nn.Module):
+    """Batch-hard triplet loss (Hermans et al.): for each anchor the furthest positive
+    and the closest negative, MarginRankingLoss(d_an, d_ap, 1) with ``margin``.
+    Returns (loss, correct) with correct = #anchors with d_an >= d_ap (a tensor, so no
+    host sync per step)."""
+
+    def __init__(self, margin=0.3):
+        super().__init__()
+        self.margin = margin
+        self.ranking_loss = nn.MarginRankingLoss(margin=margin)
+
+    def forward(self, inputs, targets):
+        dist = pdist(inputs, inputs)
+        pos = targets[:, None] == targets[None, :]
+        d_ap = dist.masked_fill(~pos, float("-inf")).max(1).values
+        d_an = dist.masked_fill(pos, float("inf")).min(1).values
+        loss = self.ranking_loss(d_an, d_ap, torch.ones_like(d_an))
+        return loss, (d_an >= d_ap).sum()
+
+
+def _softmax_weights_authors(dist, mask):
+    """The authors' weighting: the max is taken over dist*mask INCLUDING the masked zeros.
+    For the negative term (dist = -d_an <= 0) that max is 0, nothing is subtracted, and
+    once d_an exceeds ~15 exp(-d_an) falls below the 1e-6 in Z: the weights, hence the
+    negative term, vanish. Published AGW/DDAG numbers were made this way."""
+    max_v = (dist * mask).max(dim=1, keepdim=True).values
+    diff = dist - max_v
+    z = (diff.exp() * mask).sum(dim=1, keepdim=True) + 1e-6
+    return diff.exp() * mask / z
+
+
+def _softmax_weights_stable(dist, mask):
+    """Softmax over the masked-in entries only (max over those; masked entries never
+    reach exp, so nothing overflows)."""
+    keep = mask > 0
+    max_v = dist.masked_fill(~keep, float("-inf")).max(dim=1, keepdim=True).values
+    max_v = torch.where(torch.isfinite(max_v), max_v, torch.zeros_like(max_v))
+    e = (dist - max_v).masked_fill(~keep, float("-inf")).exp()
+    return e / (e.sum(dim=1, keepdim=True) + 1e-6)
+
+
+class TripletLoss_WRT(nn.Module):
+    """Weighted regularisation triplet (AGW, Ye et al.): softmax(d_ap)-weighted positive
+    distance (emphasising far positives) and softmax(-d_an)-weighted negative distance
+    (emphasising close negatives), SoftMarginLoss(d_an_w - d_ap_w, 1). No margin.
+
+    ``stable=False`` (default) reproduces the authors' numerics (see
+    :func:`_softmax_weights_authors`, SPEC §4); ``stable=True`` is the numerically sound
+    softmax. Returns (loss, correct) like :class:`TripletLoss`."""
+
+    def __init__(self, stable=False):
+        super().__init__()
+        self.stable = stable
+        self.ranking_loss = nn.SoftMarginLoss()
+
+    def forward(self, inputs, targets, normalize_feature=False):
+        if normalize_feature:
+            inputs = F.normalize(inputs, dim=-1)
+        dist = pdist(inputs, inputs)
+        is_pos = (targets[:, None] == targets[None, :]).float()
+        is_neg = 1.0 - is_pos
+        dist_ap, dist_an = dist * is_pos, dist * is_neg
+        weights = _softmax_weights_stable if self.stable else _softmax_weights_authors
+        furthest_positive = (dist_ap * weights(dist_ap, is_pos)).sum(1)
+        closest_negative = (dist_an * weights(-dist_an, is_neg)).sum(1)
+        loss = self.ranking_loss(closest_negative - furthest_positive,
+                                 torch.ones_like(furthest_positive))
+        return loss, (closest_negative >= furthest_positive).sum()

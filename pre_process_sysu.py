@@ -1,0 +1,182 @@
+"""Turn the SYSU-MM01 training images into the memory-mapped arrays training reads.
+
+    python pre_process_sysu.py --data_path data/SYSU-MM01 [--workers 8] [--skip-bad]
+
+Training ids = exp/train_id.txt + exp/val_id.txt (the published protocol trains on both).
+For each id in sorted order, each camera (RGB 1,2,4,5; IR 3,6) and each file in sorted
+order, the image is converted to RGB and resized to 144 x 288 (w x h) with LANCZOS. Ids
+are relabelled 0..N-1 in sorted pid order, the same label in both modalities. Written into
+the dataset folder:
+
+    train_rgb_resized_img.npy  uint8 [N, 288, 144, 3]   train_ir_resized_img.npy
+    train_rgb_resized_label.npy int64 [N]               train_ir_resized_label.npy
+    train_rgb_resized_cam.npy   int64 [N] (1..6)        train_ir_resized_cam.npy
+
+Decoding runs in a process pool; images stream into ``np.lib.format.open_memmap`` files
+(never two copies in memory). Files are written under temporary names and renamed only
+when BOTH modalities succeeded, so an interrupted or failed run never leaves a
+half-written array for training to read. A corrupt or unreadable image is an error naming
+it; ``--skip-bad`` leaves such images out and reports them.
+"""
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+
+from data_manager import (SYSU_IR_CAMS, SYSU_RGB_CAMS, iter_decoded, list_sysu_images,
+                          sysu_root, sysu_split_ids)
+from utils import UserError, cli, progress, resolve_path
+
+MODALITIES = (("rgb", SYSU_RGB_CAMS["all"]), ("ir", SYSU_IR_CAMS))
+
+
+def _tmp_name(path):
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _decode_into_memmap(paths, tmp, workers, img_w, img_h, desc):
+    """Decode ``paths`` into the .npy memmap ``tmp``, which ends up holding exactly the
+    good images in order. -> (kept indices, [error messages of the bad ones])."""
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                    shape=(len(paths), img_h, img_w, 3))
+    kept, errors = [], []
+    for i, (img, err) in enumerate(progress(iter_decoded(paths, img_w, img_h, workers),
+                                            total=len(paths), desc=desc)):
+        if err is not None:
+            errors.append(err)
+            continue
+        arr[len(kept)] = img    # compacted: good images stay contiguous
+        kept.append(i)
+    arr.flush()
+    del arr
+    if len(kept) < len(paths):
+        # Only with bad images: shrink to the kept rows (the .npy header holds the shape).
+        src = np.load(tmp, mmap_mode="r")
+        tmp2 = tmp.with_name(tmp.name + "b")
+        small = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8,
+                                          shape=(len(kept), img_h, img_w, 3))
+        for s in range(0, len(kept), 1024):
+            e = min(s + 1024, len(kept))
+            small[s:e] = src[s:e]
+        small.flush()
+        del small, src
+        os.replace(tmp2, tmp)
+    return kept, errors
+
+
+def preprocess_sysu(data_path, workers=0, skip_bad=False, img_w=144, img_h=288, verbose=True):
+    """Write the six ``train_{rgb,ir}_resized_{img,label,cam}.npy`` files into
+    ``data_path``; returns a statistics dict (ids, images and per-camera counts per
+    modality, skipped files, written paths)."""
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
+    root = sysu_root(data_path)
+    ids = sysu_split_ids(root, "train", "val")
+
+    lists = {}
+    for mod, cams in MODALITIES:
+        paths, pids, cams_ = list_sysu_images(root, ids, cams)
+        if not paths:
+            raise UserError(f"no {mod.upper()} training images for the train+val ids under "
+                            + ", ".join(f"cam{c}/" for c in cams) + f" of {root}")
+        lists[mod] = (paths, pids, cams_)
+
+    tmps, outputs, errors, stats = [], {}, [], {"data_path": str(root), "skipped": []}
+    try:
+        for mod, _ in MODALITIES:
+            paths, pids, cams = lists[mod]
+            dest = root / f"train_{mod}_resized_img.npy"
+            tmp = _tmp_name(dest)
+            tmps += [tmp, tmp.with_name(tmp.name + "b")]
+            kept, errs = _decode_into_memmap(paths, tmp, workers, img_w, img_h,
+                                             f"{mod.upper()} images")
+            errors += errs
+            outputs[mod] = (tmp, dest, [pids[i] for i in kept], [cams[i] for i in kept])
+        if errors:
+            stats["skipped"] = errors
+            if not skip_bad:
+                more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+                raise UserError(f"{errors[0]}{more}; nothing was written; fix or remove the "
+                                f"file(s), or pass --skip-bad to leave them out")
+
+        # Relabel over the ids that kept at least one image (sorted pid order, shared by
+        # both modalities, so label k is the same person in RGB and IR).
+        kept_ids = sorted(set(outputs["rgb"][2]) | set(outputs["ir"][2]))
+        pid2label = {pid: k for k, pid in enumerate(kept_ids)}
+        written = []
+        for mod, _ in MODALITIES:
+            tmp, dest, pids, cams = outputs[mod]
+            for key, values in (("label", [pid2label[p] for p in pids]), ("cam", cams)):
+                f = root / f"train_{mod}_resized_{key}.npy"
+                t = _tmp_name(f)
+                tmps.append(t)
+                with open(t, "wb") as fh:
+                    np.save(fh, np.asarray(values, dtype=np.int64))
+        for mod, _ in MODALITIES:
+            tmp, dest, pids, cams = outputs[mod]
+            for f in (dest, root / f"train_{mod}_resized_label.npy",
+                      root / f"train_{mod}_resized_cam.npy"):
+                os.replace(tmp if f == dest else _tmp_name(f), f)
+                written.append(str(f))
+    finally:
+        for t in tmps:
+            if t.exists():
+                t.unlink()
+
+    stats.update(num_ids=len(kept_ids), listed_ids=len(ids), files=written,
+                 img_size=(img_h, img_w))
+    for mod, cams in MODALITIES:
+        _, _, pids, cs = outputs[mod]
+        stats[mod] = {"images": len(pids), "ids": len(set(pids)),
+                      "per_cam": {c: int(sum(1 for x in cs if x == c)) for c in cams}}
+    # ids with images in only one modality (never in the real split; worth a warning)
+    stats["missing_modality"] = {mod: sorted(set(kept_ids) - set(outputs[mod][2]))
+                                 for mod, _ in MODALITIES}
+    if verbose:
+        print_stats(stats)
+    return stats
+
+
+def print_stats(stats):
+    root = stats["data_path"]
+    print(f"wrote into {root}:")
+    for f in stats["files"]:
+        print(f"  {Path(f).name}")
+    h, w = stats["img_size"]
+    print(f"SYSU-MM01 training set (train_id + val_id): {stats['num_ids']} identities, "
+          f"images {w}x{h} (w x h)")
+    cams = list(range(1, 7))
+    print(f"  {'modality':<9}{'ids':>6}{'images':>8}" + "".join(f"{'cam' + str(c):>7}" for c in cams))
+    for mod in ("rgb", "ir"):
+        s = stats[mod]
+        print(f"  {mod.upper():<9}{s['ids']:>6}{s['images']:>8}"
+              + "".join(f"{s['per_cam'].get(c, '-'):>7}" for c in cams))
+    if stats["listed_ids"] != stats["num_ids"]:
+        print(f"warning: {stats['listed_ids'] - stats['num_ids']} listed train/val ids have no images")
+    for mod, missing in stats["missing_modality"].items():
+        if missing:
+            print(f"warning: {len(missing)} ids have no {mod.upper()} image: {missing[:10]}")
+    if stats["skipped"]:
+        n = len(stats["skipped"])
+        print(f"skipped {n} unreadable image{'s' if n > 1 else ''}:")
+        for e in stats["skipped"]:
+            print(f"  {e}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Resize the SYSU-MM01 training images (train_id + "
+                                            "val_id) into memory-mappable .npy arrays.")
+    p.add_argument("--data_path", default=None,
+                   help="SYSU-MM01 folder (default: data/SYSU-MM01 under the repository root)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="decoding processes (0 = in this process; default min(8, CPUs))")
+    p.add_argument("--skip-bad", "--skip_bad", dest="skip_bad", action="store_true",
+                   help="leave unreadable/corrupt images out (reported) instead of stopping")
+    args = p.parse_args(argv)
+    preprocess_sysu(resolve_path(args.data_path, "data/SYSU-MM01"), workers=args.workers,
+                    skip_bad=args.skip_bad)
+
+
+if __name__ == "__main__":
+    cli(main)

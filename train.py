@@ -1,0 +1,361 @@
+"""MMGL self-supervised pre-training (Wan et al., "Self-Supervised Modality-Aware Multiple
+Granularity Pre-Training for RGB-Infrared Person Re-Identification", TIFS 2023).
+
+The story, top to bottom:
+  1. draw an UNPAIRED batch: B RGB images and B IR images, no identity labels used;
+  2. augment on the device and cut every image into K horizontal stripes, shuffling the RGB
+     and the IR image of pair j with the SAME random permutation O_j;
+  3. encode both with a (two- or one-stream) ResNet;
+  4. global granularity: predict O from the pooled feature through one head shared by both
+     modalities, Sinkhorn-normalise (with Gumbel noise) and regress the permutation matrix
+     with MSE;
+  5. local granularity: part-aware cycle-contrastive loss (PCC) between stripe features of
+     the two modalities;
+  6. loss = MSE(RGB) + MSE(IR) + cl_weight * PCC; SGD; save a plain state_dict that the
+     AGW/ and DDAG/ fine-tuning scripts load with ``--resume``.
+
+    python train.py --dataset sysu --stream two --lr 0.1 --pcc --part --gpu 0
+"""
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import utils
+from data_loader import DeviceAugment, UnpairedSampler, load_train_data, make_loader, random_perms
+from loss import gumbel_sinkhorn, pcc_loss, perm_accuracy, perm_matrix, perm_mse_loss
+from model import MMGLNet
+from utils import UserError
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("MMGL pre-training", add_help=True)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="sysu", help="sysu | regdb")
+    g.add_argument("--data_path", default="", help="dataset folder (default data/SYSU-MM01 or data/RegDB under the repo)")
+    g.add_argument("--trial", default=1, type=int, help="RegDB split 1..10")
+    g.add_argument("--img_h", default=288, type=int)
+    g.add_argument("--img_w", default=144, type=int)
+    g.add_argument("--train_ratio", default=1.0, type=float,
+                   help="pre-train on this seeded random fraction of the images (data-efficiency study)")
+    g.add_argument("--workers", default=4, type=int, help="DataLoader workers (they only slice uint8 arrays)")
+    g.add_argument("--dummy", action="store_true", help="random images instead of a dataset (smoke runs, benchmarks)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet50", help="resnet50 | resnet18")
+    g.add_argument("--stream", default="two", help="two: modality-specific stems; one: all shared")
+    g.add_argument("--pretrained", default="", help="local torchvision-format ImageNet ResNet file (never downloaded)")
+    g.add_argument("--num_stripe", default=6, type=int, help="K horizontal stripes (K! permutations)")
+    g = p.add_argument_group("global granularity: permutation recovery")
+    g.add_argument("--sinkhorn_iters", default=20, type=int)
+    g.add_argument("--sinkhorn_temp", default=1.0, type=float)
+    g.add_argument("--gumbel_samples", default=10, type=int)
+    g.add_argument("--gumbel_noise", default=1.0, type=float)
+    g = p.add_argument_group("local granularity: part-aware cycle-contrastive (PCC)")
+    g.add_argument("--part", default=True, action=argparse.BooleanOptionalAction,
+                   help="stripe (part) feature branch; --no-part drops it and PCC with it")
+    g.add_argument("--pcc", default=True, action=argparse.BooleanOptionalAction,
+                   help="PCC loss on the stripe features (--no-pcc for the ablation)")
+    g.add_argument("--cl_weight", default=0.5, type=float)
+    g.add_argument("--cl_temp", default=0.07, type=float)
+    g.add_argument("--gather", action="store_true", help="under DDP, PCC neighbours/negatives from all ranks")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", default=0.1, type=float)
+    g.add_argument("--warmup_epochs", default=10, type=int)
+    g.add_argument("--epochs", default=100, type=int)
+    g.add_argument("--batch-size", "--batch_size", dest="batch_size", default=32, type=int,
+                   help="images PER MODALITY per step (per GPU under torchrun)")
+    g.add_argument("--iters_per_epoch", default=0, type=int, help="cap steps per epoch (0: a full pass)")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact resume checks)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--gpu", default="0", help="CUDA device index, or cpu")
+    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 + GradScaler")
+    g.add_argument("--channels_last", default=True, action=argparse.BooleanOptionalAction)
+    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under torchrun")
+    g = p.add_argument_group("output")
+    g.add_argument("--model_path", default="save_model/")
+    g.add_argument("--log_path", default="log/")
+    g.add_argument("--vis_log_path", default="log/vis_log/")
+    g.add_argument("--save_epoch", default=10, type=int, help="write <run>_epoch_<E>.t every this many epochs")
+    g.add_argument("--print_freq", default=50, type=int)
+    g.add_argument("--resume", default="", help="<run>_last.pth (path or name under --model_path)")
+    g.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
+                   help="allow full unpickling of --resume (only for files you trust)")
+    return p
+
+
+def check_args(args):
+    utils.choice_check("--dataset", args.dataset, ("sysu", "regdb"))
+    utils.choice_check("--stream", args.stream, ("two", "one"))
+    utils.choice_check("--arch", args.arch, ("resnet50", "resnet18"))
+    if args.num_stripe < 2 or args.img_h % args.num_stripe:
+        raise UserError(f"--num_stripe must be >= 2 and divide --img_h {args.img_h}, got {args.num_stripe}")
+    for name in ("batch_size", "epochs", "sinkhorn_iters", "gumbel_samples", "save_epoch", "print_freq"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.pcc and not args.part:
+        args.pcc = False  # PCC lives on the part branch: --no-part implies --no-pcc
+    return args
+
+
+def run_name(args):
+    """Like the authors' ``sysu_two_cw_0.5_ct_0.07_so_20_spm_10`` (+ epoch suffix)."""
+    name = f"{args.dataset}_{args.stream}_cw_{args.cl_weight if args.pcc else 0}_ct_{args.cl_temp}" \
+           f"_so_{args.sinkhorn_iters}_spm_{args.gumbel_samples}"
+    if args.dataset == "regdb":
+        name += f"_trial_{args.trial}"
+    if args.arch != "resnet50":
+        name += f"_{args.arch}"
+    if args.train_ratio < 1.0:
+        name += f"_ratio_{args.train_ratio}"
+    return name
+
+
+class DummyData:
+    """``--dummy``: random uint8 images with the real shapes, for smoke runs and benchmarks."""
+
+    def __init__(self, n, img_h, img_w, seed=0):
+        g = np.random.default_rng(seed)
+        for m in ("rgb", "ir"):
+            setattr(self, f"{m}_img", g.integers(0, 256, (n, img_h, img_w, 3), dtype=np.uint8))
+            setattr(self, f"{m}_label", np.zeros(n, dtype=np.int64))
+            setattr(self, f"{m}_pool", np.arange(n))
+
+    def stats(self):
+        return f"dummy data: {len(self.rgb_img)} random images per modality"
+
+
+def lr_at(epoch, args):
+    """Our reading (the paper gives lr 0.1 and 'warm-up' only): linear warm-up over
+    ``--warmup_epochs``, then cosine decay to 0 at ``--epochs``."""
+    if epoch < args.warmup_epochs:
+        return (epoch + 1) / args.warmup_epochs
+    t = (epoch - args.warmup_epochs) / max(1, args.epochs - args.warmup_epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def amp_dtype(device):
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def mmgl_losses(out, perms, args):
+    """Eq. (global) + Eq. (local) of the paper for one batch.
+
+    ``out['perm_logits']``: [2B, K, K], RGB rows first then IR, both through the SAME head so
+    the two modalities share one permutation space. ``perms``: [B, K], the permutation applied
+    to pair j (its RGB and its IR image alike)."""
+    b = perms.shape[0]
+    target = perm_matrix(perms).to(out["perm_logits"].dtype)
+    losses = {}
+    for i, m in enumerate(("rgb", "ir")):
+        soft = gumbel_sinkhorn(out["perm_logits"][i * b:(i + 1) * b].float(), args.sinkhorn_iters,
+                               args.sinkhorn_temp, args.gumbel_samples, args.gumbel_noise)
+        losses[f"perm_{m}"] = perm_mse_loss(soft, target.float())
+    total = losses["perm_rgb"] + losses["perm_ir"]
+    if args.pcc:
+        z = out["stripes"].float()
+        z_rgb, z_ir = z[:b], z[b:]
+        if args.gather and utils.is_distributed():
+            pool_rgb, pool_ir = utils.all_gather_with_grad(z_rgb), utils.all_gather_with_grad(z_ir)
+            losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, pool_rgb=pool_rgb, pool_ir=pool_ir,
+                                     offset=utils.get_rank() * b)
+        else:
+            losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp)
+        total = total + args.cl_weight * losses["pcc"]
+    losses["loss"] = total
+    return losses
+
+
+def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, writer, state):
+    """One pass over the unpaired sampler. No host-device sync per step: losses are summed
+    on the device and read at print intervals only; a non-finite loss is recorded (with its
+    step) on the device and raised at the next read."""
+    net.train()
+    n_steps = len(loader) if not args.iters_per_epoch else min(len(loader), args.iters_per_epoch)
+    sums, count = None, 0
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    t0 = time.time()
+    t_print = t0
+    use_amp = args.amp
+    for step, (rgb, ir, _, _) in enumerate(loader):
+        if step >= n_steps:
+            break
+        rgb = rgb.to(device, non_blocking=True)
+        ir = ir.to(device, non_blocking=True)
+        # the SAME permutation for the RGB and the IR image of pair j (paper: "shuffled
+        # with the same random order", so both modalities answer the same puzzle)
+        perms = random_perms(rgb.shape[0], args.num_stripe, device=device)
+        x_rgb, x_ir = aug(rgb, train=True, perms=perms), aug(ir, train=True, perms=perms)
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
+            out = net(x_rgb, x_ir)
+        losses = mmgl_losses(out, perms, args)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        detached = torch.stack([v.detach().float() for v in losses.values()])
+        sums = detached if sums is None else sums + detached
+        count += 1
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached[-1]),
+                                torch.full_like(first_bad, step), first_bad)
+        state["global_step"] += 1
+        last = step == n_steps - 1
+        if (step + 1) % args.print_freq == 0 or last:
+            bad = int(first_bad)  # the one sync per print interval
+            if bad >= 0:
+                raise UserError(f"loss became non-finite at epoch {epoch} step {bad}; stopped. The last "
+                                f"good checkpoint is untouched: {state.get('last_ckpt') or 'none written yet'}")
+            means = dict(zip(losses.keys(), (sums / count).tolist()))
+            with torch.no_grad():
+                acc, stripe_acc = perm_accuracy(out["perm_logits"].detach().float(), perms.repeat(2, 1),
+                                                n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
+            now = time.time()
+            ips = count * 2 * rgb.shape[0] * utils.get_world_size() / max(now - t_print, 1e-9)
+            elapsed = now - t0
+            eta = elapsed / (step + 1) * (n_steps - step - 1)
+            lr = optimizer.param_groups[0]["lr"]
+            if utils.is_main_process():
+                parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+                print(f"Epoch [{epoch}][{step + 1}/{n_steps}] time {utils.format_time(elapsed)} "
+                      f"eta {utils.format_time(eta)} lr {lr:.4g} loss {means['loss']:.4f} ({parts}) "
+                      f"perm_acc {acc:.2%} stripe_acc {stripe_acc:.2%} {ips:.0f} img/s")
+                if writer is not None:
+                    gs = state["global_step"]
+                    for k, v in means.items():
+                        writer.add_scalar(f"train/{k}", v, gs)
+                    writer.add_scalar("train/perm_acc", acc, gs)
+                    writer.add_scalar("train/stripe_acc", stripe_acc, gs)
+                    writer.add_scalar("train/lr", lr, gs)
+                    writer.add_scalar("train/img_per_s", ips, gs)
+            state["epoch_stats"] = dict(means, perm_acc=acc, stripe_acc=stripe_acc, img_per_s=ips)
+            sums, count, t_print = None, 0, time.time()
+    if writer is not None and utils.is_main_process():
+        log_images(writer, x_rgb, x_ir, out, perms, args, state["global_step"])
+    return state["epoch_stats"]
+
+
+def log_images(writer, x_rgb, x_ir, out, perms, args, step):
+    """TensorBoard: the shuffled stripes the network saw (first 4 pairs, RGB over IR) and
+    the predicted (noise-free Sinkhorn) vs true permutation matrix of the first pair."""
+    from data_loader import IMAGENET_MEAN, IMAGENET_STD
+    from loss import log_sinkhorn
+    mean = torch.tensor(IMAGENET_MEAN, device=x_rgb.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x_rgb.device).view(1, 3, 1, 1)
+    n = min(4, x_rgb.shape[0])
+    imgs = torch.cat([x_rgb[:n], x_ir[:n]], 0).float() * std + mean
+    grid = torch.cat([torch.cat(list(imgs[:n]), 2), torch.cat(list(imgs[n:]), 2)], 1)
+    writer.add_image("input/shuffled_stripes", grid.clamp(0, 1).cpu(), step)
+    pred = log_sinkhorn(out["perm_logits"][:1].detach().float(), args.sinkhorn_iters, args.sinkhorn_temp).exp()[0]
+    true = perm_matrix(perms[:1])[0].float()
+    pair = torch.cat([pred.cpu(), torch.ones(pred.shape[0], 1), true.cpu()], 1)
+    writer.add_image("perm/predicted_vs_true", pair.repeat_interleave(16, 0).repeat_interleave(16, 1)[None], step)
+
+
+def save_epoch_checkpoint(net, args, epoch):
+    """The plain state_dict the fine-tuning scripts (ours and the authors') load."""
+    path = Path(args.model_path) / f"{run_name(args)}_epoch_{epoch}.t"
+    utils.save_checkpoint(utils.unwrap(net).state_dict(), path)
+    return path
+
+
+def main(args):
+    check_args(args)
+    device = utils.init_distributed(args.gpu)
+    utils.set_seed(args.seed + utils.get_rank(), deterministic=args.deterministic)
+    args.model_path = str(utils.resolve_path(args.model_path))
+    args.log_path = str(utils.resolve_path(args.log_path))
+    args.vis_log_path = str(utils.resolve_path(args.vis_log_path))
+    name = run_name(args)
+    writer = None
+    if utils.is_main_process():
+        utils.setup_log(args.log_path, name)
+        json_log = utils.JsonLog(Path(args.log_path) / f"{name}.jsonl")
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(str(Path(args.vis_log_path) / name))
+
+    # ---- data: uint8 arrays (memory-mapped for SYSU); unpaired batches, no labels used
+    if args.dummy:
+        data = DummyData(max(4 * args.batch_size, 64), args.img_h, args.img_w, args.seed)
+    else:
+        default = "data/SYSU-MM01" if args.dataset == "sysu" else "data/RegDB"
+        data_path = utils.resolve_path(args.data_path, default)
+        data = load_train_data(args.dataset, data_path, args.trial, args.img_h, args.img_w, args.workers)
+        data.subsample(args.train_ratio, args.seed)
+    if utils.is_main_process():
+        utils.print_run_header(args, device, [data.stats(), f"run name: {name}"])
+
+    # ---- model: AGW-compatible backbone + permutation head + stripe projections
+    # the stripe branch exists only when PCC trains it (an unused branch would break DDP)
+    net = MMGLNet(args.arch, args.stream, num_stripe=args.num_stripe, part=args.pcc,
+                  pretrained=args.pretrained or None).to(device)
+    if args.channels_last and device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    if utils.is_distributed():
+        if args.sync_bn:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(net) if args.compile else net
+
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_at(e, args))
+    use_scaler = args.amp and device.type == "cuda" and amp_dtype(device) == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    state = {"global_step": 0, "start_epoch": 0, "last_ckpt": None}
+    last_path = Path(args.model_path) / f"{name}_last.pth"
+
+    if args.resume:
+        path = Path(args.resume)
+        if not path.is_file() and (Path(args.model_path) / args.resume).is_file():
+            path = Path(args.model_path) / args.resume
+        ckpt = utils.load_checkpoint(path, trust=args.trust_checkpoint)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "optimizer" not in ckpt:
+            raise UserError(f"{path} is not a resumable pre-training checkpoint (expected a "
+                            f"<run>_last.pth written by train.py)")
+        try:
+            utils.unwrap(net).load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"{path} does not match this network (--arch/--stream/--num_stripe?): "
+                            f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state.update(global_step=ckpt["global_step"], start_epoch=ckpt["epoch"] + 1, last_ckpt=str(path))
+        utils.set_rng_state(ckpt["rng"])
+        print(f"resumed {path}: continuing at epoch {state['start_epoch']}")
+
+    aug = DeviceAugment(args.img_h, args.img_w, device=device)
+    for epoch in range(state["start_epoch"], args.epochs):
+        t0 = time.time()
+        sampler = UnpairedSampler(data.rgb_pool, data.ir_pool, args.batch_size, seed=args.seed, epoch=epoch)
+        loader = make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
+        stats = train_one_epoch(model, loader, optimizer, scaler, aug, epoch, args, device, writer, state)
+        scheduler.step()
+        if utils.is_main_process():
+            saved = []
+            if (epoch + 1) % args.save_epoch == 0 or epoch + 1 == args.epochs:
+                saved.append(str(save_epoch_checkpoint(net, args, epoch + 1)))
+            utils.save_checkpoint({"model": utils.unwrap(net).state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                   "epoch": epoch, "global_step": state["global_step"],
+                                   "rng": utils.get_rng_state(), "args": vars(args)}, last_path)
+            state["last_ckpt"] = str(last_path)
+            json_log.write(epoch=epoch, time=time.time() - t0, **stats)
+            print(f"Epoch {epoch} done in {utils.format_time(time.time() - t0)}; "
+                  f"perm_acc {stats['perm_acc']:.2%}; saved {', '.join(saved + [str(last_path)])}")
+        utils.barrier()
+    if writer is not None:
+        writer.close()
+    utils.cleanup_distributed()
+    return state
+
+
+if __name__ == "__main__":
+    utils.cli(lambda: main(get_args_parser().parse_args()))
