@@ -1,0 +1,190 @@
+"""MMGL pre-training (train.py): stripe shuffling, checkpoint format, exact resume, errors,
+and that the permutation task is really learnt on synthetic data."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_H, SMALL_W
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_loader import DeviceAugment, SYSUData, random_perms, unshuffle_stripes  # noqa: E402
+from model import TwoStreamBackbone  # noqa: E402
+
+TINY = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "--gpu", "cpu",
+        "--workers", "0", "--batch-size", "8", "--print_freq", "2", "--warmup_epochs", "1"]
+
+
+def run_train(tmp, *args, check=True):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model_path", str(tmp / "sm"),
+           "--log_path", str(tmp / "log"), "--vis_log_path", str(tmp / "log" / "vis"), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if check and res.returncode != 0:
+        raise AssertionError(f"train.py failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def load_agw_net():
+    spec = importlib.util.spec_from_file_location("model_agw", ROOT / "AGW" / "model_agw.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.embed_net
+
+
+# ----------------------------------------------------------------------------- stripes
+def test_stripe_shuffle_inverse_is_identity_on_real_images(sysu_small):
+    data = SYSUData(sysu_small)
+    x = torch.from_numpy(np.array(data.rgb_img[:8]))
+    aug = DeviceAugment(SMALL_H, SMALL_W)
+    perms = random_perms(8, 6)
+    plain = aug(x, train=False)
+    shuffled = aug(x, train=False, perms=perms)
+    assert not torch.equal(shuffled, plain)
+    assert torch.equal(unshuffle_stripes(shuffled, perms), plain)
+    # stripe i of the output is stripe perms[i] of the input, exactly
+    sh = SMALL_H // 6
+    for b in range(8):
+        for i in range(6):
+            j = int(perms[b, i])
+            assert torch.equal(shuffled[b, :, i * sh:(i + 1) * sh], plain[b, :, j * sh:(j + 1) * sh])
+
+
+def test_rgb_and_ir_of_a_pair_share_the_permutation(sysu_small):
+    """In training the same perms tensor shuffles both halves of the pair; with the random
+    crop/flip drawn independently per image, undoing the shuffle must give back an
+    unshuffled augmentation of the same image (checked with crop/flip off: pad 0, no flip)."""
+    data = SYSUData(sysu_small)
+    rgb = torch.from_numpy(np.array(data.rgb_img[:4]))
+    ir = torch.from_numpy(np.array(data.ir_img[:4]))
+    aug = DeviceAugment(SMALL_H, SMALL_W, pad=0, flip=False)
+    perms = random_perms(4, 6)
+    xr, xi = aug(rgb, train=True, perms=perms), aug(ir, train=True, perms=perms)
+    assert torch.equal(unshuffle_stripes(xr, perms), aug(rgb, train=False))
+    assert torch.equal(unshuffle_stripes(xi, perms), aug(ir, train=False))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def two_stream_run(sysu_small, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pre_two")
+    res = run_train(tmp, "--data_path", str(sysu_small), *TINY, "--epochs", "2",
+                    "--iters_per_epoch", "3", "--save_epoch", "1", "--seed", "3", "--deterministic")
+    return tmp, res
+
+
+@pytest.mark.parametrize("stream", ["two", "one"])
+def test_checkpoint_holds_exactly_agw_backbone_plus_heads(stream, sysu_small, two_stream_run, tmp_path):
+    if stream == "two":
+        tmp, res = two_stream_run
+    else:
+        tmp = tmp_path
+        res = run_train(tmp, "--data_path", str(sysu_small), *TINY, "--stream", "one", "--epochs", "1",
+                        "--iters_per_epoch", "2")
+    name = f"sysu_{stream}_cw_0.5_ct_0.07_so_20_spm_10_resnet18"
+    files = sorted(p.name for p in (tmp / "sm").iterdir())
+    assert f"{name}_epoch_1.t" in files and f"{name}_last.pth" in files, files
+    sd = torch.load(tmp / "sm" / f"{name}_epoch_1.t", weights_only=True)
+    agw = load_agw_net()(class_num=10, arch="resnet18")
+    backbone = {k for k in agw.state_dict() if k.startswith(TwoStreamBackbone.BACKBONE_PREFIXES)}
+    heads = {k for k in sd if not k.startswith(TwoStreamBackbone.BACKBONE_PREFIXES)}
+    assert set(sd) - heads == backbone
+    assert heads and all(k.startswith(("fc1.", "fc2.", "local_conv_list.")) for k in heads)
+    assert {k.split(".")[0] for k in heads} == {"fc1", "fc2", "local_conv_list"}
+    if stream == "one":  # the single stem is written under BOTH stem prefixes
+        for k in sd:
+            if k.startswith("visible_module.visible."):
+                assert torch.equal(sd[k], sd[k.replace("visible_module.visible.", "thermal_module.thermal.")])
+    # it drops straight into the AGW network: every backbone tensor matched
+    missing, unexpected = agw.load_state_dict({k: v for k, v in sd.items() if k in backbone}, strict=False)
+    assert not [k for k in missing if k.startswith(TwoStreamBackbone.BACKBONE_PREFIXES)]
+    assert "perm_acc" in res.stdout and "img/s" in res.stdout
+
+
+def test_logs_tensorboard_and_json(two_stream_run):
+    tmp, res = two_stream_run
+    name = "sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18"
+    assert (tmp / "log" / f"{name}.txt").read_text().count("Epoch [") >= 2
+    lines = (tmp / "log" / f"{name}.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"perm_acc"' in lines[0]
+    assert list((tmp / "log" / "vis" / name).glob("events.out.tfevents.*"))
+
+
+def test_resume_is_exact(sysu_small, two_stream_run, tmp_path):
+    """2 epochs in one go == 1 epoch, then --resume for the 2nd (same seed, deterministic CPU)."""
+    tmp, _ = two_stream_run
+    name = "sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18"
+    common = ["--data_path", str(sysu_small), *TINY, "--iters_per_epoch", "3", "--save_epoch", "1",
+              "--seed", "3", "--deterministic"]
+    run_train(tmp_path, *common, "--epochs", "1")
+    res = run_train(tmp_path, *common, "--epochs", "2", "--resume", f"{name}_last.pth")
+    assert "continuing at epoch 1" in res.stdout
+    full = torch.load(tmp / "sm" / f"{name}_epoch_2.t", weights_only=True)
+    resumed = torch.load(tmp_path / "sm" / f"{name}_epoch_2.t", weights_only=True)
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    first = torch.load(tmp_path / "sm" / f"{name}_epoch_1.t", weights_only=True)
+    assert any(not torch.equal(first[k], full[k]) for k in full)  # epoch 2 did train
+
+
+def test_train_ratio_uses_a_seeded_fraction(sysu_small, tmp_path):
+    res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1",
+                    "--iters_per_epoch", "1", "--train_ratio", "0.25")
+    data = SYSUData(sysu_small)
+    n_rgb = int(round(len(data.rgb_img) * 0.25))
+    assert f"RGB {n_rgb}/{len(data.rgb_img)} images" in res.stdout
+    assert list((tmp_path / "sm").glob("*_ratio_0.25_epoch_1.t"))
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("args,needle", [
+    (["--stream", "three"], "--stream must be one of"),
+    (["--dataset", "market"], "--dataset must be one of"),
+    (["--num_stripe", "5"], "--num_stripe"),
+    (["--resume", "nope_last.pth"], "checkpoint not found"),
+])
+def test_bad_flags_are_one_error_line(args, needle, sysu_small, tmp_path):
+    res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1", *args, check=False)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], res.stderr
+
+
+def test_missing_npy_says_to_preprocess(tmp_path):
+    from tools.make_synthetic import make_sysu
+    root = tmp_path / "SYSU-MM01"
+    make_sysu(root, num_ids=8, seed=1)
+    res = run_train(tmp_path, "--data_path", str(root), *TINY, "--epochs", "1", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "run: python pre_process_sysu.py --data_path" in res.stderr
+
+
+def test_fine_tune_checkpoint_is_not_resumable(two_stream_run, sysu_small, tmp_path):
+    tmp, _ = two_stream_run
+    plain = tmp / "sm" / "sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18_epoch_1.t"
+    res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1",
+                    "--resume", str(plain), check=False)
+    assert res.returncode == 2 and "not a resumable pre-training checkpoint" in res.stderr
+
+
+# ----------------------------------------------------------------------------- learning
+def test_permutation_recovery_is_learnt(sysu_small, tmp_path):
+    """A short CPU pre-training on synthetic data predicts whole stripe permutations far
+    above chance. The budget is small, so this run uses --num_stripe 3 (chance 1/3! = 16.7%)
+    and a sharper Sinkhorn temperature; see README for the defaults' behaviour."""
+    res = run_train(tmp_path, "--data_path", str(sysu_small), *LEARN_ARGS)
+    accs = [float(line.split("perm_acc ")[1].split("%")[0]) for line in res.stdout.splitlines()
+            if line.startswith("Epoch [")]
+    final = np.mean(accs[-3:])
+    assert final > 3 * 100 / 6, res.stdout[-2000:]
+
+
+LEARN_ARGS = [*TINY, "--num_stripe", "3", "--epochs", "8", "--batch-size", "16", "--lr", "0.1",
+              "--warmup_epochs", "0", "--no-pcc", "--print_freq", "7"]
