@@ -173,9 +173,14 @@ def main(argv=None):
                    help="decoding processes (0 = in this process; default min(8, CPUs))")
     p.add_argument("--skip-bad", "--skip_bad", dest="skip_bad", action="store_true",
                    help="leave unreadable/corrupt images out (reported) instead of stopping")
+    p.add_argument("--img_h", type=int, default=288,
+                   help="stored height (the published protocol: 288; smaller only for CPU demos)")
+    p.add_argument("--img_w", type=int, default=144, help="stored width (published: 144)")
     args = p.parse_args(argv)
+    if args.img_h < 16 or args.img_w < 8:
+        raise UserError(f"--img_h/--img_w too small: {args.img_h}x{args.img_w}")
     preprocess_sysu(resolve_path(args.data_path, "data/SYSU-MM01"), workers=args.workers,
-                    skip_bad=args.skip_bad)
+                    skip_bad=args.skip_bad, img_w=args.img_w, img_h=args.img_h)
 
 
 if __name__ == "__main__":
