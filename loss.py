@@ -113,14 +113,23 @@ def _soft_nn(query, pool, temp, exclude=None):
     return torch.softmax(sim, dim=-1) @ pool
 
 
-def _info_nce_symmetric(a, b, temp):
-    """InfoNCE with positives on the diagonal, both directions (a->b and b->a)."""
-    logits = a @ b.t() / temp
-    labels = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+def _info_nce_symmetric(a, b, temp, gather=None, offset=0):
+    """InfoNCE with positives on the diagonal, both directions (a->b and b->a).
+
+    With ``gather`` (DDP), the keys are the rows of all ranks and the local row i's
+    positive is global row ``offset + i``: every rank's mean over its queries, averaged
+    by DDP, is then the single-process loss over the whole batch."""
+    if gather is None:
+        logits = a @ b.t() / temp
+        labels = torch.arange(a.shape[0], device=a.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    labels = offset + torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(a @ gather(b).t() / temp, labels)
+                  + F.cross_entropy(b @ gather(a).t() / temp, labels))
 
 
-def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, renorm=True):
+def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, renorm=True,
+             gather=None):
     """Part-aware cycle-contrastive loss (MMGL's local granularity; SPEC §3.4).
 
     z_rgb, z_ir: [B, K, D] L2-normalised stripe embeddings. For every query stripe q
@@ -142,8 +151,9 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
     Distributed: ``pool_rgb``/``pool_ir`` are the all-rank gathered embeddings
     [B_all, K, D] (utils.all_gather_with_grad) used as the neighbour pools; the local
     queries are rows ``offset .. offset+B-1`` of them (``offset`` = this rank's first
-    image), which the own-image exclusion needs. InfoNCE negatives stay the local
-    queries.
+    image), which the own-image exclusion needs. With ``gather`` (a gradient-correct
+    all-gather of [N, D] rows) the InfoNCE negatives are the q_s / q_x of all ranks too,
+    so N ranks compute the loss of one process holding the whole batch.
     """
     K, D = z_rgb.shape[1], z_rgb.shape[2]
     pool_rgb = z_rgb if pool_rgb is None else pool_rgb
@@ -164,7 +174,7 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
         q_s = _soft_nn(q, p_own, temp, exclude=same_image)
         if renorm:
             q_x, q_s = F.normalize(q_x, dim=-1), F.normalize(q_s, dim=-1)
-        loss = loss + _info_nce_symmetric(q_x, q_s, temp)
+        loss = loss + _info_nce_symmetric(q_x, q_s, temp, gather, offset * K)
     return loss / 2
 
 

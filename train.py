@@ -164,7 +164,7 @@ def mmgl_losses(out, perms, args):
         if args.gather and utils.is_distributed():
             pool_rgb, pool_ir = utils.all_gather_with_grad(z_rgb), utils.all_gather_with_grad(z_ir)
             losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, pool_rgb=pool_rgb, pool_ir=pool_ir,
-                                     offset=utils.get_rank() * b)
+                                     offset=utils.get_rank() * b, gather=utils.all_gather_with_grad)
         else:
             losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp)
         total = total + args.cl_weight * losses["pcc"]
@@ -191,7 +191,8 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, wr
         # the SAME permutation for the RGB and the IR image of pair j (paper: "shuffled
         # with the same random order", so both modalities answer the same puzzle)
         perms = random_perms(rgb.shape[0], args.num_stripe, device=device)
-        x_rgb, x_ir = aug(rgb, train=True, perms=perms), aug(ir, train=True, perms=perms)
+        x_rgb = aug(rgb, train=True, perms=perms).contiguous(memory_format=state["memory_format"])
+        x_ir = aug(ir, train=True, perms=perms).contiguous(memory_format=state["memory_format"])
         with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
             out = net(x_rgb, x_ir)
         losses = mmgl_losses(out, perms, args)
@@ -212,6 +213,9 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, wr
             if bad >= 0:
                 raise UserError(f"loss became non-finite at epoch {epoch} step {bad}; stopped. The last "
                                 f"good checkpoint is untouched: {state.get('last_ckpt') or 'none written yet'}")
+            if utils.is_distributed():  # print the mean over ranks, not rank 0's share
+                utils.get_dist().all_reduce(sums)
+                sums = sums / utils.get_world_size()
             means = dict(zip(losses.keys(), (sums / count).tolist()))
             with torch.no_grad():
                 acc, stripe_acc = perm_accuracy(out["perm_logits"].detach().float(), perms.repeat(2, 1),
@@ -295,20 +299,18 @@ def main(args):
     # the stripe branch exists only when PCC trains it (an unused branch would break DDP)
     net = MMGLNet(args.arch, args.stream, num_stripe=args.num_stripe, part=args.pcc,
                   pretrained=args.pretrained or None).to(device)
-    if args.channels_last and device.type == "cuda":
+    channels_last = args.channels_last and device.type == "cuda"
+    if channels_last:  # NHWC kernels on tensor cores; on the CPU plain NCHW is faster
         net = net.to(memory_format=torch.channels_last)
-    if utils.is_distributed():
-        if args.sync_bn:
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+    net = utils.wrap_ddp(net, device, args.sync_bn)
     model = torch.compile(net) if args.compile else net
 
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_at(e, args))
     use_scaler = args.amp and device.type == "cuda" and amp_dtype(device) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    state = {"global_step": 0, "start_epoch": 0, "last_ckpt": None}
+    state = {"global_step": 0, "start_epoch": 0, "last_ckpt": None,
+             "memory_format": torch.channels_last if channels_last else torch.contiguous_format}
     last_path = Path(args.model_path) / f"{name}_last.pth"
 
     if args.resume:

@@ -394,3 +394,18 @@ def unwrap(model):
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
     return model
+
+
+def wrap_ddp(net, device, sync_bn=False):
+    """DistributedDataParallel around ``net`` when running under torchrun (else ``net``).
+    SyncBatchNorm exists for CUDA only: on CPU ``--sync_bn`` is refused with a warning."""
+    if not is_distributed():
+        return net
+    import torch
+    if sync_bn:
+        if device.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        elif is_main_process():
+            print("warning: --sync_bn needs CUDA; BatchNorm statistics stay per rank on the CPU")
+    return torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None)

@@ -177,14 +177,16 @@ def test_fine_tune_checkpoint_is_not_resumable(two_stream_run, sysu_small, tmp_p
 # ----------------------------------------------------------------------------- learning
 def test_permutation_recovery_is_learnt(sysu_small, tmp_path):
     """A short CPU pre-training on synthetic data predicts whole stripe permutations far
-    above chance. The budget is small, so this run uses --num_stripe 3 (chance 1/3! = 16.7%)
-    and a sharper Sinkhorn temperature; see README for the defaults' behaviour."""
+    above chance. The CPU budget is ~100 steps, so this run uses --num_stripe 3 (chance
+    1/3! = 16.7%) and no PCC; everything else is the default objective. README says how the
+    6-stripe default behaves on this budget."""
     res = run_train(tmp_path, "--data_path", str(sysu_small), *LEARN_ARGS)
     accs = [float(line.split("perm_acc ")[1].split("%")[0]) for line in res.stdout.splitlines()
             if line.startswith("Epoch [")]
-    final = np.mean(accs[-3:])
-    assert final > 3 * 100 / 6, res.stdout[-2000:]
+    assert len(accs) == 8
+    final = np.mean(accs[-3:])  # each print measures one batch of 2 x 16 images: average 3
+    assert final > 3 * 100 / 6, res.stdout[-2000:]  # > 3x chance (1/3! = 16.7%)
 
 
-LEARN_ARGS = [*TINY, "--num_stripe", "3", "--epochs", "8", "--batch-size", "16", "--lr", "0.1",
-              "--warmup_epochs", "0", "--no-pcc", "--print_freq", "7"]
+LEARN_ARGS = [*TINY, "--num_stripe", "3", "--epochs", "4", "--batch-size", "16", "--lr", "0.1",
+              "--warmup_epochs", "0", "--no-pcc", "--print_freq", "14", "--seed", "0", "--deterministic"]
