@@ -1,0 +1,108 @@
+"""Checkpoint safety (weights_only loading, numpy allow-list, atomic save), NaN stop,
+and kill -9 then --resume."""
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_H, SMALL_W
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import utils  # noqa: E402
+from utils import UserError  # noqa: E402
+
+
+class Payload:
+    """A pickled object a weights_only load must refuse."""
+
+    def __init__(self):
+        self.note = "arbitrary code could run here"
+
+
+def test_authors_style_checkpoint_with_numpy_scalars_loads_safely(tmp_path):
+    sd = {"classifier.weight": torch.randn(3, 4)}
+    path = tmp_path / "sysu_agw_p4_n8_lr_0.1_seed_0_best.t"
+    torch.save({"net": sd, "epoch": 40, "cmc": np.linspace(0.5, 0.9, 20), "mAP": np.float64(0.47),
+                "mINP": np.float32(0.3)}, path)
+    ckpt = utils.load_checkpoint(path)
+    assert torch.equal(ckpt["net"]["classifier.weight"], sd["classifier.weight"])
+    assert float(ckpt["mAP"]) == pytest.approx(0.47) and ckpt["cmc"].shape == (20,)
+
+
+def test_pickled_object_is_refused_without_trust(tmp_path):
+    path = tmp_path / "evil.t"
+    torch.save({"net": {}, "extra": Payload()}, path)
+    with pytest.raises(UserError, match="--trust-checkpoint"):
+        utils.load_checkpoint(path)
+    assert isinstance(utils.load_checkpoint(path, trust=True)["extra"], Payload)
+
+
+def test_missing_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        utils.load_checkpoint(tmp_path / "nope.t")
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.t"
+    utils.save_checkpoint({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def half_then_crash(obj, f, *a, **k):
+        real_save({"partial": torch.zeros(1)}, f, *a, **k)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_then_crash)
+    with pytest.raises(OSError):
+        utils.save_checkpoint({"w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.t"]  # no temp file left
+
+
+# ----------------------------------------------------------------------------- train.py faults
+TINY = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "--gpu", "cpu",
+        "--workers", "0", "--batch-size", "8", "--print_freq", "2", "--warmup_epochs", "0"]
+NAME = "sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18"
+
+
+def outs(tmp):
+    return ["--model_path", str(tmp / "sm"), "--log_path", str(tmp / "log"), "--vis_log_path", str(tmp / "vis")]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(sysu_small, tmp_path):
+    base = [sys.executable, str(ROOT / "train.py"), "--data_path", str(sysu_small), *TINY, *outs(tmp_path)]
+    subprocess.run([*base, "--epochs", "1", "--iters_per_epoch", "2"], check=True, capture_output=True)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "sm").iterdir()}
+    assert f"{NAME}_last.pth" in files
+    res = subprocess.run([*base, "--epochs", "2", "--iters_per_epoch", "4", "--lr", "1e12"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "loss became non-finite at epoch 0 step" in res.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "sm").iterdir()} == files
+
+
+def test_killed_run_resumes_from_its_last_epoch(sysu_small, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data_path", str(sysu_small), *TINY, *outs(tmp_path),
+           "--epochs", "3", "--iters_per_epoch", "6", "--save_epoch", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "sm" / f"{NAME}_last.pth"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # mid-run: epoch 0 saved, epoch 1 under way
+    proc.wait()
+    assert last.exists() and proc.returncode == -signal.SIGKILL
+    done = torch.load(last, weights_only=False)["epoch"]
+    assert done < 2
+    res = subprocess.run([*cmd, "--resume", f"{NAME}_last.pth"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"continuing at epoch {done + 1}" in res.stdout
+    assert (tmp_path / "sm" / f"{NAME}_epoch_3.t").is_file()
+    assert torch.load(last, weights_only=False)["epoch"] == 2
