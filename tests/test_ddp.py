@@ -118,3 +118,44 @@ def test_pretrain_ddp_loss_matches_one_process(pretrain_ddp):
     l2, l1 = printed_losses(res2.stdout), printed_losses(res1.stdout)
     assert len(l1) == len(l2) == 3
     np.testing.assert_allclose(l2, l1, rtol=0.1)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+FT = [*SMALL_ARGS, "--epochs", "1", "--warmup_epochs", "0", "--test_every", "1", "--print_freq", "1"]
+
+
+def fine_tune_ddp(script, extra, sysu_small, tmp, nproc, batch):
+    out = ["--model_path", str(tmp / "sm"), "--log_path", str(tmp / "log"), "--vis_log_path", str(tmp / "vis")]
+    return launch(ROOT / script, ["--dataset", "sysu", "--data_path", str(sysu_small), *FT, *extra,
+                                  "--batch-size", str(batch), *out], nproc)
+
+
+def step_losses(stdout):
+    return [float(m) for m in re.findall(r"^Epoch: \[0\]\[\d+/\d+\].* Loss: ([0-9.]+)", stdout, re.M)]
+
+
+@pytest.mark.parametrize("script,extra,test_script,test_extra", [
+    ("AGW/train.py", ["--method", "agw", "--gather"], "AGW/test.py", []),
+    ("DDAG/train_ddag.py", ["--wpa", "--graph", "--gather"], "DDAG/test_ddag.py", ["--wpa", "--graph"]),
+])
+def test_fine_tune_ddp_writes_once_loads_in_one_process_and_follows_one_process_loss(
+        script, extra, test_script, test_extra, sysu_small, tmp_path):
+    res2 = fine_tune_ddp(script, extra, sysu_small, tmp_path / "two", 2, 4)
+    saved = sorted(p.name for p in (tmp_path / "two" / "sm").iterdir())
+    best = [n for n in saved if n.endswith("_best.t")]
+    assert len(best) == 1 and len([n for n in saved if n.endswith("_last.pth")]) == 1, saved
+    assert not [n for n in saved if "tmp" in n]
+    assert res2.stdout.count("All Average") <= 1 and res2.stdout.count("POOL:" if "AGW" in script else "FC:") >= 1
+    sd = torch.load(tmp_path / "two" / "sm" / best[0], weights_only=False)["net"]
+    assert not [k for k in sd if k.startswith("module.")]
+    # the DDP checkpoint tests in a single process with the same numbers rank 0 printed
+    res = launch(ROOT / test_script, ["--dataset", "sysu", "--data_path", str(sysu_small), *SMALL_ARGS,
+                                      *test_extra, "--resume", str(tmp_path / "two" / "sm" / best[0]),
+                                      "--log_path", str(tmp_path / "testlog")], 1, cwd=ROOT / script.split("/")[0])
+    avg = res.stdout.split("All Average")[-1].strip().splitlines()[1]
+    assert avg in res2.stdout
+    # same global batch (2 ranks x 4 identities vs 1 x 8): the loss follows one process
+    res1 = fine_tune_ddp(script, [e for e in extra if e != "--gather"], sysu_small, tmp_path / "one", 1, 8)
+    l2, l1 = step_losses(res2.stdout), step_losses(res1.stdout)
+    assert len(l1) == len(l2) > 3
+    np.testing.assert_allclose(np.mean(l2[:3]), np.mean(l1[:3]), rtol=0.15)

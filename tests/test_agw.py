@@ -1,0 +1,361 @@
+"""AGW fine-tuning end to end on synthetic data (CPU, ResNet-18 at 96x48): MMGL checkpoints
+initialise the backbone, bad --resume files fail cleanly, a short fine-tune learns far
+above chance, test.py reproduces what training printed, RegDB runs in both search
+directions, and a killed run resumes exactly from its <run>_last.pth."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "AGW"))
+
+import finetune  # noqa: E402
+import model  # noqa: E402
+from conftest import SMALL_ARGS  # noqa: E402
+from model_agw import FEATURE_NAMES, embed_net  # noqa: E402
+
+TRAIN, TEST = str(ROOT / "AGW" / "train.py"), str(ROOT / "AGW" / "test.py")
+# The learning budget: from random initialisation (no ImageNet weights here), batches of 8
+# identities x 4 images per modality, no warm-up, 6 epochs (~45 s on 2 cores). Measured on
+# the 12 held-out identities: best FC Rank-1 18-26% (chance 8.3%), mAP 27-33% (untrained
+# 21%); 3x chance needs ~12 epochs (28-30%), too long for the suite.
+LEARN_ARGS = ["--lr", "0.1", "--epochs", "6", "--warmup_epochs", "0", "--test_every", "2",
+              "--print_freq", "100"]
+LINE = re.compile(r"^(POOL|FC):   Rank-1: (\d+\.\d\d)% \| Rank-5: (\d+\.\d\d)% \| "
+                  r"Rank-10: (\d+\.\d\d)%\| Rank-20: (\d+\.\d\d)%\| mAP: (\d+\.\d\d)%\| "
+                  r"mINP: (\d+\.\d\d)%$")
+
+
+def run(script, *args, cwd=ROOT, check=True):
+    out = subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd,
+                         capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{script} failed ({out.returncode}):\n{out.stdout[-3000:]}\n"
+                             f"{out.stderr[-3000:]}")
+    return out
+
+
+def outputs(tmp):
+    return ["--model_path", tmp / "save", "--log_path", tmp / "log",
+            "--vis_log_path", tmp / "log" / "vis"]
+
+
+def epoch_results(stdout):
+    """{epoch: {'POOL': line, 'FC': line}} from a training log."""
+    res, epoch = {}, None
+    for line in stdout.splitlines():
+        m = re.match(r"Test Epoch: (\d+)$", line)
+        if m:
+            epoch = int(m.group(1))
+        elif epoch is not None and LINE.match(line):
+            res.setdefault(epoch, {})[line.split(":")[0]] = line
+    return res
+
+
+
+
+def average_lines(stdout):
+    """The result lines after 'All Average:' (SYSU) or the trial header (RegDB)."""
+    lines = stdout.splitlines()
+    start = max(i for i, l in enumerate(lines) if l == "All Average:" or l.startswith("Test Trial"))
+    return {l.split(":")[0]: l for l in lines[start + 1:] if LINE.match(l)}
+
+
+def rank1(line):
+    return float(LINE.match(line).group(2)) / 100
+
+
+# ----------------------------------------------------------------------------- network
+def test_network_layout_and_outputs():
+    torch.manual_seed(0)
+    net = embed_net(6, arch="resnet50")
+    # non-local blocks after the last 2 blocks of layer2 and the last 3 of layer3
+    assert net.nl_after == [[], [2, 3], [3, 4, 5], []]
+    assert [len(getattr(net, f"NL_{i}")) for i in range(1, 5)] == [0, 2, 3, 0]
+    sd = net.state_dict()
+    assert sd["NL_2.0.theta.weight"].shape == (1, 512, 1, 1)     # the authors' one channel
+    assert sd["NL_3.2.W.0.weight"].shape == (1024, 1, 1, 1)
+    assert not net.bottleneck.bias.requires_grad and net.classifier.bias is None
+    assert embed_net(6, arch="resnet50", nl_width="half").NL_2[0].theta.weight.shape[0] == 256
+    base = embed_net(6, arch="resnet18", method="base")
+    assert not any(k.startswith("NL_") for k in base.state_dict())
+
+    small = embed_net(6, arch="resnet18")
+    assert small.nl_after == [[], [0, 1], [0, 1], []]
+    x1, x2 = torch.randn(3, 3, 96, 48), torch.randn(3, 3, 96, 48)
+    pooled, logits = small(x1, x2)
+    assert pooled.shape == (6, 512) and logits.shape == (6, 6)
+    small.eval()
+    with torch.no_grad():
+        pool, fc = small(x1, x2, modal=2)
+        fmap = small.forward_body(small.stem(x1, x2, 2))
+    assert torch.allclose(pool.norm(dim=1), torch.ones(3)) and torch.allclose(fc.norm(dim=1), torch.ones(3))
+    # GeM, p = 3, on the post-ReLU map, as the authors compute it
+    gem = (fmap.flatten(2).pow(3).mean(-1) + 1e-12).pow(1 / 3)
+    assert torch.allclose(pool, torch.nn.functional.normalize(gem, dim=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("inter", [1, 8])
+def test_non_local_matches_the_written_out_formula(inter):
+    """z = x + W(y), y_i = 1/N sum_j theta(x_i).phi(x_j) g(x_j) -- computed here with the
+    N x N affinity matrix, in the module with the cheaper association."""
+    from model_agw import Non_local
+    torch.manual_seed(1)
+    m = Non_local(16, inter).double().eval()
+    torch.nn.init.normal_(m.W[1].weight)                  # else the block is the identity
+    x = torch.randn(2, 16, 6, 3, dtype=torch.double)
+    n = 18
+    th, ph, g = (c(x).flatten(2) for c in (m.theta, m.phi, m.g))   # [B, I, N]
+    f = th.transpose(1, 2) @ ph / n                                  # [B, N, N]
+    y = (f @ g.transpose(1, 2)).transpose(1, 2).reshape(2, inter, 6, 3)
+    assert torch.allclose(m(x), x + m.W(y), atol=1e-10)
+    fresh = Non_local(16, inter).eval()
+    x = torch.randn(2, 16, 6, 3)
+    assert torch.equal(fresh(x), x)                       # zero-initialised BN: identity
+
+
+def test_authors_checkpoint_with_unused_stem_tensors_loads(tmp_path, capsys):
+    """The authors' networks keep whole ResNets in the stems and unused base conv1/fc, and
+    store numpy metrics; it loads with weights_only (allow-list) and skips the extras."""
+    torch.manual_seed(2)
+    src = embed_net(5, arch="resnet18")
+    sd = dict(src.state_dict())
+    for extra in ("visible_module.visible.layer1.0.conv1.weight", "thermal_module.thermal.fc.weight",
+                  "base_resnet.base.conv1.weight", "base_resnet.base.fc.bias"):
+        sd[extra] = torch.zeros(2, 2)
+    path = tmp_path / "sysu_agw_p4_n8_lr_0.1_seed_0_best.t"
+    torch.save({"net": sd, "epoch": 60, "cmc": np.linspace(0.5, 1, 20), "mAP": np.float64(0.4),
+                "mINP": np.float64(0.2)}, path)
+    net = embed_net(5, arch="resnet18")
+    args = finetune.get_args_parser("t").parse_args(["--resume", str(path)])
+    start, best = finetune.load_resume(net, args)
+    assert start == 61 and best["rank1"] == 0.5
+    assert "skipped 4 never-used" in capsys.readouterr().out
+    for k, v in src.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v), k
+
+
+def test_lr_schedule_and_parameter_groups():
+    args = finetune.get_args_parser("t").parse_args([])
+    lrs = [finetune.learning_rate(e, args, (20, 50)) for e in (0, 4, 9, 10, 19, 20, 49, 50, 79)]
+    assert lrs == pytest.approx([0.01, 0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    net = embed_net(4, arch="resnet18")
+    opt = finetune.build_optimizer(net, args, embed_net.NEW_MODULES)
+    assert [g["name"] for g in opt.param_groups] == ["backbone", "bottleneck", "classifier"]
+    assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    assert opt.defaults["weight_decay"] == 5e-4
+    finetune.adjust_learning_rate(opt, 30, args, (20, 50))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.01, 0.01])
+    n_all = sum(p.numel() for p in net.parameters())
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_all
+
+
+def _agw_train_module():
+    """AGW/train.py as a module (its name would clash with the top-level train.py)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("agw_train_script", TRAIN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("flags", [["--method", "agw"], ["--method", "agw", "--wrt_stable"],
+                                   ["--method", "base"]])
+def test_training_step_of_each_loss(flags):
+    """ID loss + WRT (the authors' form or --wrt_stable) or batch-hard triplet (base)."""
+    agw_train = _agw_train_module()
+    args = agw_train.get_parser().parse_args(["--arch", "resnet18", *flags])
+    torch.manual_seed(3)
+    net = embed_net(4, arch="resnet18", method=args.method)
+    step = agw_train.make_step(args)
+    x = torch.randn(8, 3, 96, 48)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    loss, logs = step(net, x, x.flip(3), labels, labels, 0, {})
+    assert set(logs) == {"id_loss", "tri_loss", "acc"} and torch.isfinite(loss)
+    assert torch.allclose(loss, logs["id_loss"] + logs["tri_loss"])
+    loss.backward()
+    assert net.base_resnet.base.layer1[0].conv1.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("stream", ["two", "one"])
+def test_mmgl_checkpoint_initialises_every_backbone_tensor(stream, tmp_path, capsys):
+    torch.manual_seed(0)
+    mmgl = model.MMGLNet("resnet18", stream)
+    path = tmp_path / f"sysu_{stream}_epoch_100.t"
+    torch.save(mmgl.state_dict(), path)     # what the pre-training script saves
+    src = mmgl.state_dict()
+    heads = {k for k in src if k.startswith(model.MMGLNet.HEAD_PREFIXES)}
+    assert heads
+
+    net = embed_net(7, arch="resnet18")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    args = finetune.get_args_parser("t").parse_args(["--resume", str(path)])
+    start, best = finetune.load_resume(net, args)
+    assert (start, best) == (0, None)       # a pre-training checkpoint starts a new run
+    n = len(net.backbone_keys())
+    printed = capsys.readouterr().out
+    assert f"loaded {n}/{n} backbone tensors" in printed
+    assert f"dropped {len(heads)} pre-training head tensors" in printed
+    own = net.state_dict()
+    for k in net.backbone_keys():
+        assert torch.equal(own[k], src[k]), k
+    for k in own:                           # non-local blocks, BNNeck, classifier untouched
+        if k not in src:
+            assert torch.equal(own[k], before[k]), k
+    report = model.load_backbone(net, src, log=lambda *_: None)
+    assert set(report["dropped_head"]) == heads
+    assert report["missing_backbone"] == report["mismatched"] == report["unexpected"] == []
+
+
+def test_finetune_checkpoint_with_other_method_is_refused(tmp_path):
+    agw = embed_net(5, arch="resnet18", method="agw")
+    path = tmp_path / "agw_best.t"
+    torch.save({"net": agw.state_dict(), "epoch": 4, "cmc": np.zeros(20), "mAP": 0.0}, path)
+    base = embed_net(5, arch="resnet18", method="base")
+    args = finetune.get_args_parser("t").parse_args(["--resume", str(path)])
+    with pytest.raises(finetune.UserError, match=r"unexpected \(NL_2\.0\..*--method"):
+        finetune.load_resume(base, args)
+    start, best = finetune.load_resume(embed_net(5, arch="resnet18"), args)
+    assert start == 5 and best["rank1"] == 0.0
+
+
+@pytest.mark.parametrize("case", ["matches_nothing", "missing", "not_a_checkpoint"])
+def test_bad_resume_is_one_error_line(case, sysu_small, tmp_path):
+    path = tmp_path / "ckpt.t"
+    if case == "matches_nothing":
+        torch.save({"encoder.weight": torch.zeros(3, 3), "head.bias": torch.zeros(3)}, path)
+    elif case == "not_a_checkpoint":
+        path.write_bytes(b"this is not a torch file")
+    out = run(TRAIN, "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS,
+              "--resume", path, *outputs(tmp_path), check=False)
+    assert out.returncode != 0
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in out.stderr
+    assert str(path) in err[0] or path.name in err[0]
+    assert not (tmp_path / "save").exists() or not any((tmp_path / "save").iterdir())
+
+
+def test_test_script_needs_resume(sysu_small):
+    out = run(TEST, "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS, check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: --resume CKPT is required: the checkpoint to test (a path, or a name under "
+        "--model_path)"]
+
+
+# ----------------------------------------------------------------------------- SYSU end to end
+@pytest.fixture(scope="module")
+def sysu_run(sysu_small, tmp_path_factory):
+    """One short AGW fine-tune on synthetic SYSU-MM01 from random initialisation, run from
+    inside AGW/ as the README says (cd AGW && python train.py ...)."""
+    tmp = tmp_path_factory.mktemp("agw_sysu")
+    out = run("train.py", "--dataset", "sysu", "--mode", "all", "--method", "agw",
+              "--data_path", sysu_small, *SMALL_ARGS, *LEARN_ARGS, *outputs(tmp),
+              cwd=ROOT / "AGW")
+    return tmp, out.stdout
+
+
+def test_finetune_learns_far_above_chance(sysu_run, sysu_small, capsys):
+    tmp, stdout = sysu_run
+    results = epoch_results(stdout)
+    epochs = int(LEARN_ARGS[LEARN_ARGS.index("--epochs") + 1])
+    assert sorted(results) == [2, 4, epochs - 1]
+    test_ids = len(open(sysu_small / "exp" / "test_id.txt").read().split(","))
+    chance = 1.0 / test_ids
+    best_r1 = max(rank1(r["FC"]) for r in results.values())
+    best_map = max(float(LINE.match(r["FC"]).group(6)) / 100 for r in results.values())
+    # The same network before fine-tuning (random initialisation, seed 0 as in the script):
+    # random convolutional features already match shapes somewhat (~13% Rank-1, ~21% mAP
+    # here); fine-tuning must clearly beat both it and chance.
+    args = finetune.get_args_parser("t").parse_args(["--data_path", str(sysu_small), *SMALL_ARGS])
+    finetune.prepare_args(args, ROOT / "AGW")
+    torch.manual_seed(0)
+    classes = int(np.load(sysu_small / "train_rgb_resized_label.npy").max()) + 1
+    untrained = finetune.test(embed_net(classes, arch="resnet18"), args, torch.device("cpu"),
+                              FEATURE_NAMES, per_trial=False)["FC"]
+    capsys.readouterr()
+    report = (f"fine-tuned FC Rank-1 {best_r1:.3f} mAP {best_map:.3f}; untrained Rank-1 "
+              f"{untrained[0][0]:.3f} mAP {untrained[1]:.3f}; chance {chance:.3f}")
+    assert best_r1 > 2 * chance, report
+    assert best_map > untrained[1] + 0.05 and best_r1 > untrained[0][0], report
+    # training accuracy went up
+    acc = [float(a) for a in re.findall(r"Accu: (\d+\.\d+)", stdout)]
+    assert acc[-1] > 2 * acc[0]
+
+
+def test_outputs_and_checkpoint_format(sysu_run):
+    tmp, stdout = sysu_run
+    run_name = "sysu_agw_p4_n8_lr_0.1_seed_0"
+    best = torch.load(tmp / "save" / f"{run_name}_best.t", weights_only=False)
+    assert {"net", "epoch", "cmc", "mAP", "mINP"} <= set(best)
+    assert not any(k.startswith("module.") for k in best["net"])
+    assert "NL_2.0.theta.weight" in best["net"] and best["net"]["NL_2.0.theta.weight"].shape[0] == 1
+    results = epoch_results(stdout)
+    assert rank1(results[best["epoch"]]["FC"]) == pytest.approx(best["cmc"][0], abs=5e-5)
+    assert max(rank1(r["FC"]) for r in results.values()) == pytest.approx(best["cmc"][0], abs=5e-5)
+    last = torch.load(tmp / "save" / f"{run_name}_last.pth", weights_only=False)
+    assert last["epoch"] == 5 and {"optimizer", "rng", "best"} <= set(last)
+    log = (tmp / "log" / f"{run_name}.txt").read_text()
+    assert "Test Epoch: 4" in log and "Best Epoch" in log
+    jsonl = (tmp / "log" / f"{run_name}.jsonl").read_text().splitlines()
+    assert len(jsonl) == 6
+    assert list((tmp / "log" / "vis" / run_name).glob("events.out.tfevents.*"))
+    for r in results.values():
+        for line in r.values():
+            assert LINE.match(line)
+
+
+def test_test_script_reproduces_training_metrics(sysu_run, sysu_small):
+    tmp, stdout = sysu_run
+    best = torch.load(tmp / "save" / "sysu_agw_p4_n8_lr_0.1_seed_0_best.t", weights_only=False)
+    # a checkpoint name under --model_path, as the authors' scripts take it
+    out = run(TEST, "--dataset", "sysu", "--mode", "all", "--data_path", sysu_small,
+              *SMALL_ARGS, "--model_path", tmp / "save",
+              "--resume", "sysu_agw_p4_n8_lr_0.1_seed_0_best.t")
+    assert out.stdout.count("Test Trial:") == 10
+    assert average_lines(out.stdout) == epoch_results(stdout)[best["epoch"]]
+    # every printed result line has the authors' format
+    lines = [l for l in out.stdout.splitlines() if l.startswith(("POOL", "FC"))]
+    assert len(lines) == 22 and all(LINE.match(l) for l in lines)
+
+
+# ----------------------------------------------------------------------------- RegDB, resume
+@pytest.fixture(scope="module")
+def regdb_run(regdb_small, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("agw_regdb")
+    args = ["--dataset", "regdb", "--trial", "1", "--data_path", regdb_small, *SMALL_ARGS,
+            "--lr", "0.1", "--warmup_epochs", "0", "--wrt_stable", "--print_freq", "100"]
+    out = run(TRAIN, *args, "--epochs", "2", *outputs(tmp))
+    return tmp, args, out.stdout
+
+
+def test_regdb_end_to_end_both_directions(regdb_run, regdb_small):
+    tmp, _, stdout = regdb_run
+    assert "Test Epoch: 1" in stdout
+    ckpt = tmp / "save" / "regdb_agw_p4_n8_lr_0.1_seed_0_trial_1_best.t"
+    v2t = run(TEST, "--dataset", "regdb", "--trial", "1", "--data_path", regdb_small,
+              *SMALL_ARGS, "--resume", ckpt).stdout
+    t2v = run(TEST, "--dataset", "regdb", "--trial", "1", "--tvsearch", "--data_path",
+              regdb_small, *SMALL_ARGS, "--resume", ckpt).stdout
+    assert "Test Trial: 1" in v2t and "(thermal to visible)" in t2v
+    a, b = average_lines(v2t), average_lines(t2v)
+    assert set(a) == set(b) == {"POOL", "FC"}
+    assert a == epoch_results(stdout)[1]       # same checkpoint, same numbers
+    assert a != b                                    # the other direction is another ranking
+
+
+def test_killed_run_resumes_exactly(regdb_run, tmp_path):
+    """Epoch 0 then --resume <run>_last.pth for epoch 1 gives what one 2-epoch run gave."""
+    ref_tmp, args, ref_stdout = regdb_run
+    run(TRAIN, *args, "--epochs", "1", *outputs(tmp_path))
+    last = tmp_path / "save" / "regdb_agw_p4_n8_lr_0.1_seed_0_trial_1_last.pth"
+    resumed = run(TRAIN, *args, "--epochs", "2", *outputs(tmp_path), "--resume", last).stdout
+    assert "continuing at epoch 1" in resumed
+    assert epoch_results(resumed)[1] == epoch_results(ref_stdout)[1]
