@@ -32,7 +32,7 @@ from utils import UserError
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("MMGL pre-training", add_help=True)
+    p = utils.ArgumentParser("train.py", description="MMGL self-supervised pre-training")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="sysu", help="sysu | regdb")
     g.add_argument("--data_path", default="", help="dataset folder (default data/SYSU-MM01 or data/RegDB under the repo)")

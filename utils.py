@@ -4,6 +4,7 @@ safe checkpoint I/O, progress bars and the distributed (torchrun) plumbing.
 Every script in the repository (pre-training, AGW/, DDAG/, tools) imports this module,
 so nothing here may depend on a particular method.
 """
+import argparse
 import datetime
 import json
 import os
@@ -39,6 +40,26 @@ def cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad value, bad choice) are ONE line
+    ``error: ...`` and exit 2 through :func:`cli`, like every other user error, instead of
+    a usage block. Help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except None ones (their help says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def resolve_path(path, default_rel=None):

@@ -148,6 +148,8 @@ def test_train_ratio_uses_a_seeded_fraction(sysu_small, tmp_path):
     (["--dataset", "market"], "--dataset must be one of"),
     (["--num_stripe", "5"], "--num_stripe"),
     (["--resume", "nope_last.pth"], "checkpoint not found"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--lr", "abc"], "invalid float value"),
 ])
 def test_bad_flags_are_one_error_line(args, needle, sysu_small, tmp_path):
     res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1", *args, check=False)
