@@ -185,10 +185,10 @@ def test_permutation_recovery_is_learnt(sysu_small, tmp_path):
     res = run_train(tmp_path, "--data_path", str(sysu_small), *LEARN_ARGS)
     accs = [float(line.split("perm_acc ")[1].split("%")[0]) for line in res.stdout.splitlines()
             if line.startswith("Epoch [")]
-    assert len(accs) == 8
-    final = np.mean(accs[-3:])  # each print measures one batch of 2 x 16 images: average 3
+    assert len(accs) == 6
+    final = np.mean(accs[-2:])  # each print measures one batch of 2 x 16 images: average 2
     assert final > 3 * 100 / 6, res.stdout[-2000:]  # > 3x chance (1/3! = 16.7%)
 
 
-LEARN_ARGS = [*TINY, "--num_stripe", "3", "--epochs", "4", "--batch-size", "16", "--lr", "0.1",
+LEARN_ARGS = [*TINY, "--num_stripe", "3", "--epochs", "3", "--batch-size", "16", "--lr", "0.1",
               "--warmup_epochs", "0", "--no-pcc", "--print_freq", "14", "--seed", "0", "--deterministic"]
