@@ -231,7 +231,8 @@ def _softmax_weights_stable(dist, mask):
 class TripletLoss_WRT(nn.Module):
     """Weighted regularisation triplet (AGW, Ye et al.): softmax(d_ap)-weighted positive
     distance (emphasising far positives) and softmax(-d_an)-weighted negative distance
-    (emphasising close negatives), SoftMarginLoss(d_an_w - d_ap_w, 1). No margin.
+    (emphasising close negatives), SoftMarginLoss(d_an_w - d_ap_w, 1) (computed as an
+    overflow-free softplus). No margin.
 
     ``stable=False`` (default) reproduces the authors' numerics (see
     :func:`_softmax_weights_authors`, SPEC §4); ``stable=True`` is the numerically sound
@@ -240,7 +241,6 @@ class TripletLoss_WRT(nn.Module):
     def __init__(self, stable=False):
         super().__init__()
         self.stable = stable
-        self.ranking_loss = nn.SoftMarginLoss()
 
     def forward(self, inputs, targets, normalize_feature=False):
         if normalize_feature:
@@ -252,6 +252,9 @@ class TripletLoss_WRT(nn.Module):
         weights = _softmax_weights_stable if self.stable else _softmax_weights_authors
         furthest_positive = (dist_ap * weights(dist_ap, is_pos)).sum(1)
         closest_negative = (dist_an * weights(-dist_an, is_neg)).sum(1)
-        loss = self.ranking_loss(closest_negative - furthest_positive,
-                                 torch.ones_like(furthest_positive))
+        # SoftMarginLoss(x, 1) = mean log(1 + exp(-x)), written as softplus(-x): the same
+        # value wherever torch's SoftMarginLoss is finite, but finite where it overflows
+        # (x < -88 in float32, i.e. large distances with a vanished negative term, which
+        # happens at step 0 when fine-tuning from a pre-trained backbone with big features)
+        loss = F.softplus(furthest_positive - closest_negative).mean()
         return loss, (closest_negative >= furthest_positive).sum()

@@ -419,3 +419,18 @@ def test_mmgl_training_step_reduces_loss():
         assert all(torch.isfinite(p.grad).all() for p in net.parameters())
         opt.step()
     assert total_loss().item() < first
+
+
+def test_wrt_stays_finite_where_soft_margin_overflows():
+    """Fine-tuning from a pre-trained backbone starts with large feature distances; the
+    authors' weights then drop the negative term and torch's SoftMarginLoss overflows to
+    inf (seen at step 0 of the quick start). Ours is finite and equal to SoftMarginLoss
+    wherever that is finite."""
+    torch.manual_seed(0)
+    x, t = torch.randn(16, 8), torch.arange(4).repeat_interleave(4)
+    wrt = loss.TripletLoss_WRT()
+    small, _ = wrt(x, t)
+    big, _ = wrt(x * 100, t)
+    assert torch.isfinite(big) and big > 100
+    dist = torch.cdist(x, x)
+    assert torch.isfinite(small) and small > 0 and dist.max() < 15
