@@ -44,25 +44,11 @@ DEFAULT_MILESTONES = (20, 50)  # AGW's lr steps
 
 
 # ============================================================================ arguments
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except None ones (their help says what happens)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are ONE line (``error: ...``, exit 2) like every other user
-    error of the project, instead of a usage block."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
-
-
 def get_args_parser(description, epochs=80, milestones=DEFAULT_MILESTONES):
     """The authors' fine-tuning flags (SPEC §4) plus ours. ``epochs``/``milestones`` are
     the method's defaults (AGW: 80, (20, 50))."""
-    p = _Parser(description=description, formatter_class=_HelpFormatter)
+    # one-line argparse errors (error: ..., exit 2), defaults shown in --help
+    p = utils.ArgumentParser(description=description)
     a = p.add_argument
     # --- the authors' flags
     a("--dataset", default="sysu", choices=DATASETS, help="dataset name")

@@ -17,7 +17,6 @@ so the authors' AGW checkpoints and MMGL pre-training checkpoints load directly.
 import sys
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
