@@ -344,6 +344,8 @@ class TestSet:
     """Query/gallery lists of the evaluation protocol for ``args`` (file lists at once, the
     decoded images on first use and then kept, so testing every 2 epochs decodes once)."""
 
+    __test__ = False  # not a pytest test class, whatever module imports it
+
     def __init__(self, args):
         self.args = args
         if args.dataset == "sysu":
