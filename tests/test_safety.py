@@ -106,3 +106,20 @@ def test_killed_run_resumes_from_its_last_epoch(sysu_small, tmp_path):
     assert f"continuing at epoch {done + 1}" in res.stdout
     assert (tmp_path / "sm" / f"{NAME}_epoch_3.t").is_file()
     assert torch.load(last, weights_only=False)["epoch"] == 2
+
+
+def test_gpu_that_is_not_there_warns_and_runs_on_cpu(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--dummy", *TINY[:6], "--gpu", "3",
+                          "--workers", "0", "--batch-size", "4", "--epochs", "1", "--iters_per_epoch", "1",
+                          *outs(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "warning: --gpu 3 asked for CUDA but none is available; running on the CPU" in res.stdout
+    assert "device cpu" in res.stdout
+
+
+def test_npy_of_the_wrong_size_is_one_error_line(sysu_small, tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data_path", str(sysu_small),
+                          "--arch", "resnet18", "--gpu", "cpu", "--epochs", "1", *outs(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"holds {SMALL_H}x{SMALL_W} images but --img_h/--img_w ask for 288x144" in res.stderr
