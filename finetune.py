@@ -377,11 +377,11 @@ class TestSet:
         return self._images
 
     def stats(self):
-        n_g = (f"{len(self.trial_index[0])} per trial, {len(self.g_paths)} in the "
-               f"{len(self.trial_index)} trials" if self.trial_index is not None
-               else str(len(self.g_paths)))
+        n_g = (f"{len(self.trial_index[0])} images per trial, {len(self.g_paths)} distinct over "
+               f"the {len(self.trial_index)} trials" if self.trial_index is not None
+               else f"{len(self.g_paths)} images")
         return (f"  query    | {len(np.unique(self.q_pids)):5d} ids | {len(self.q_paths)} images\n"
-                f"  gallery  | {len(np.unique(self.g_pids)):5d} ids | {n_g} images")
+                f"  gallery  | {len(np.unique(self.g_pids)):5d} ids | {n_g}")
 
 
 def extract_features(net, images_uint8, modal, args, device):
