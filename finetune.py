@@ -96,8 +96,8 @@ def get_args_parser(description, epochs=80, milestones=DEFAULT_MILESTONES):
       help="torchvision ImageNet ResNet weights file for the backbone (never downloaded)")
     a("--amp", action="store_true", help="mixed precision (bf16 where supported, else fp16 "
       "with loss scaling)")
-    a("--channels_last", default=None, action=argparse.BooleanOptionalAction,
-      help="channels-last memory layout (default: on for CUDA)")
+    a("--channels_last", default=True, action=argparse.BooleanOptionalAction,
+      help="channels-last (NHWC) memory layout for the network and its input (default on)")
     a("--compile", action="store_true", help="torch.compile the training network")
     a("--sync_bn", action="store_true", help="SyncBatchNorm under torchrun")
     a("--gather", action="store_true", help="under torchrun: triplet loss over the batches "
@@ -322,10 +322,6 @@ def amp_setup(args, device):
     return torch.bfloat16, None
 
 
-def use_channels_last(args, device):
-    return device.type == "cuda" if args.channels_last is None else bool(args.channels_last)
-
-
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
@@ -392,7 +388,7 @@ def extract_features(net, images_uint8, modal, args, device):
     was_training = net.training
     net.eval()
     amp_dtype, _ = amp_setup(args, device)
-    cl = use_channels_last(args, device)
+    cl = args.channels_last
     norm = data_loader.DeviceAugment(args.img_h, args.img_w, device=device)
     outs = None
     starts = range(0, len(images_uint8), args.test_batch)
@@ -495,7 +491,7 @@ def test_main(args, net, feature_names, tool_dir):
         if obj.get("epoch") is not None:
             print(f"==> checkpoint of epoch {obj['epoch']}")
     net.to(device)
-    if use_channels_last(args, device):
+    if args.channels_last:
         net.to(memory_format=torch.channels_last)
     return test(net, args, device, feature_names, tool_dir, testset=testset, tag=path.stem)
 
@@ -598,7 +594,7 @@ def train(args, net, step_fn, new_modules, method, milestones, feature_names, to
             else:
                 print("warning: --sync_bn needs CUDA (SyncBatchNorm has no CPU kernels); ignored")
         net.to(device)
-        cl = use_channels_last(args, device)
+        cl = args.channels_last
         if cl:
             net.to(memory_format=torch.channels_last)
         if callable(new_modules):

@@ -299,8 +299,8 @@ def main(args):
     # the stripe branch exists only when PCC trains it (an unused branch would break DDP)
     net = MMGLNet(args.arch, args.stream, num_stripe=args.num_stripe, part=args.pcc,
                   pretrained=args.pretrained or None).to(device)
-    channels_last = args.channels_last and device.type == "cuda"
-    if channels_last:  # NHWC kernels on tensor cores; on the CPU plain NCHW is faster
+    channels_last = args.channels_last
+    if channels_last:  # NHWC: tensor-core kernels on a GPU; on the CPU as fast or faster too
         net = net.to(memory_format=torch.channels_last)
     net = utils.wrap_ddp(net, device, args.sync_bn)
     model = torch.compile(net) if args.compile else net

@@ -19,7 +19,8 @@ arrays in memory (decoding is not timed on either side: the authors' way would d
 * ours (``finetune.test`` minus decoding): ``data_manager.sysu_gallery_trials`` (the union
   of the 10 trial galleries + an index per trial), every query and union image through
   ``finetune.extract_features`` ONCE (batched uint8 -> device normalise -> network; AMP
-  and channels_last as ``--amp``/``--channels_last``, default on for CUDA), then
+  and channels_last as ``--amp``/``--channels_last``: AMP default on for CUDA,
+  channels_last on, as test.py), then
   ``eval_metrics.evaluate_sysu_trials`` for each of the network's two features (POOL, FC).
 * the authors' way (their AGW/DDAG test.py): the query features once; then PER TRIAL
   ``process_gallery_sysu``, the trial's 301 gallery images through a DataLoader with
@@ -194,8 +195,8 @@ def get_parser():
                    "authors' way (default 0 on the CPU, 4 on CUDA)")
     p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction,
                    help="ours with mixed precision (default: on for CUDA); the authors' way is fp32")
-    p.add_argument("--channels_last", default=None, action=argparse.BooleanOptionalAction,
-                   help="ours channels-last (default: on for CUDA)")
+    p.add_argument("--channels_last", default=True, action=argparse.BooleanOptionalAction,
+                   help="ours channels-last, as the trainers' default (default: on)")
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--num_query", type=int, default=SYSU_QUERIES)
     p.add_argument("--num_ids", type=int, default=SYSU_TEST_IDS)
@@ -217,7 +218,7 @@ def resolve_defaults(args):
     cuda = args.device == "cuda"
     for name, cpu_value, cuda_value in (("arch", "resnet18", "resnet50"), ("img_h", 96, 288),
                                         ("img_w", 48, 144), ("workers", 0, 4),
-                                        ("amp", False, True), ("channels_last", False, True),
+                                        ("amp", False, True),
                                         ("threads", 1, 0)):
         if getattr(args, name) is None:
             setattr(args, name, cuda_value if cuda else cpu_value)

@@ -21,7 +21,9 @@ def test_bench_train_smallest_run_prints_every_row_and_the_headline():
                       "--num_pos", "2", "--steps", "1", "--warmup", "1", "--repeat", "1",
                       "--aug_batch", "8", "--aug_repeat", "1", "--workers", "1")
     text = "\n".join(lines)
-    for row in ("ref in-process", "ref DataLoader(1 workers)", "MMGL pre-training step (4+4 img)",
+    for row in ("1 core each (ours 1 thread, ref in-process)",
+                "1 cores each (ours 1 threads, ref DataLoader 1 workers)",
+                "ours 1 thread vs ref DataLoader 1 workers", "MMGL pre-training step (4+4 img)",
                 "AGW fine-tuning step (4+4 img)"):
         assert row in text, text
     # CPU headline: the data pipeline, as '<what>: N.Nx (A img/s vs B img/s)'
