@@ -293,7 +293,6 @@ class DeviceAugment:
             p = self.pad
             if h + 2 * p < self.img_h or w + 2 * p < self.img_w:
                 raise UserError(f"images of {h}x{w} cannot be cropped to {self.img_h}x{self.img_w}")
-            x = torch.nn.functional.pad(x, (0, 0, p, p, p, p))  # zero = black, like PIL Pad
             oy = torch.randint(0, h + 2 * p - self.img_h + 1, (b, 1), device=dev)
             ox = torch.randint(0, w + 2 * p - self.img_w + 1, (b, 1), device=dev)
             flip = torch.rand(b, 1, device=dev) < 0.5 if self.flip else torch.zeros(b, 1, dtype=torch.bool, device=dev)
@@ -301,7 +300,8 @@ class DeviceAugment:
             raise UserError(f"test images are {h}x{w}, expected {self.img_h}x{self.img_w}")
         elif perms is None:
             return self.normalize(x)
-        else:
+        else:  # only the stripe shuffle
+            p = 0
             oy = ox = torch.zeros(b, 1, dtype=torch.long, device=dev)
             flip = torch.zeros(b, 1, dtype=torch.bool, device=dev)
         src = None  # row order inside the crop: stripe i <- stripe perms[b, i]
@@ -312,11 +312,13 @@ class DeviceAugment:
             sh = self.img_h // k
             src = perms.to(dev).repeat_interleave(sh, dim=1) * sh + torch.arange(sh, device=dev).repeat(k)
         crop = self._crop_cpu if dev.type == "cpu" else self._crop_gather
-        return crop(x, oy, ox, flip, src)
+        return crop(x, p, oy, ox, flip, src)
 
-    def _crop_gather(self, x, oy, ox, flip, src):
-        """On an accelerator: the crop, flip and stripe shuffle are ONE gather."""
+    def _crop_gather(self, x, pad, oy, ox, flip, src):
+        """On an accelerator: the crop, flip and stripe shuffle are ONE gather from the
+        zero-padded batch (zero = black, like PIL's Pad); ``oy``/``ox`` index the padded image."""
         b, dev = x.shape[0], x.device
+        x = torch.nn.functional.pad(x, (0, 0, pad, pad, pad, pad))
         rows = torch.arange(self.img_h, device=dev).expand(b, -1) + oy
         cols = torch.arange(self.img_w, device=dev).expand(b, -1) + ox
         cols = torch.where(flip, cols.flip(1), cols)
@@ -325,17 +327,21 @@ class DeviceAugment:
         x = x[torch.arange(b, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
         return self.normalize(x)
 
-    def _crop_cpu(self, x, oy, ox, flip, src):
+    def _crop_cpu(self, x, pad, oy, ox, flip, src):
         """Same draws, same result as the gather path (a test checks bit-equality). On a
-        CPU a three-tensor advanced index is slow; instead each image is cropped (rows
-        picked in stripe order by one index_select), flipped, converted and normalised on
-        its own, so its ~0.5 MB of floats is still in cache for the normalisation."""
+        CPU a three-tensor advanced index is slow; instead each image is padded into one
+        reused buffer, cropped (rows picked in stripe order by one index_select), flipped,
+        converted and normalised on its own, so its ~0.5 MB of floats is still in cache
+        for the normalisation (~1.4x faster than padding and converting the whole batch)."""
         b, h, w = x.shape[0], self.img_h, self.img_w
         oy, ox, flip = oy.view(-1).tolist(), ox.view(-1).tolist(), flip.view(-1).tolist()
         out = torch.empty(b, h, w, 3)
+        padded = torch.zeros(x.shape[1] + 2 * pad, x.shape[2] + 2 * pad, 3, dtype=torch.uint8)
+        inner = padded[pad:pad + x.shape[1], pad:pad + x.shape[2]]   # the border stays black
         crop = torch.empty(h, w, 3, dtype=torch.uint8)
         for i in range(b):
-            cols = x[i, :, ox[i]:ox[i] + w]
+            inner.copy_(x[i])
+            cols = padded[:, ox[i]:ox[i] + w]
             if src is None:
                 crop.copy_(cols[oy[i]:oy[i] + h])
             else:

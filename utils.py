@@ -282,7 +282,6 @@ def save_checkpoint(obj, path):
 def _safe_globals():
     """What ``weights_only`` loading may rebuild besides tensors: the numpy scalars and
     arrays the authors' ``.t`` files hold (their ``cmc``/``mAP``), our RNG states."""
-    import numpy.core.multiarray as ma  # noqa: F401  (numpy<2 spelling, still importable)
     allowed = [np.dtype, np.ndarray, np.float64, np.float32, np.int64, np.int32,
                np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType,
                np.dtypes.Int32DType, np.dtypes.UInt32DType, np.dtypes.BoolDType]

@@ -7,6 +7,9 @@ fine-tuning scripts run on it with ``SMALL_ARGS``:
     subprocess.run([sys.executable, "AGW/train.py", "--dataset", "sysu",
                     "--data_path", str(sysu_small), *SMALL_ARGS, ...])
 """
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,3 +50,54 @@ def regdb_small(tmp_path_factory):
 def small_args():
     """SMALL_ARGS as a fixture (a fresh list each time it is requested)."""
     return list(SMALL_ARGS)
+
+
+# ----------------------------------------------------------------------------- script runs
+# One result line of the fine-tuning scripts (AGW: POOL/FC, DDAG: FC/FC_att).
+RESULT_LINE = re.compile(r"^(POOL|FC|FC_att):   Rank-1: (\d+\.\d\d)% \| Rank-5: (\d+\.\d\d)% \| "
+                         r"Rank-10: (\d+\.\d\d)%\| Rank-20: (\d+\.\d\d)%\| mAP: (\d+\.\d\d)%\| "
+                         r"mINP: (\d+\.\d\d)%$")
+
+
+def run_script(script, *args, cwd=ROOT, check=True, threads=None):
+    """Run a script in a fresh interpreter; ``threads=1`` makes CPU results bit-reproducible
+    (with more threads, OpenMP may hand out fewer threads on a busy machine and reduce sums
+    in another order)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    out = subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{script} failed ({out.returncode}):\n{out.stdout[-3000:]}\n"
+                             f"{out.stderr[-3000:]}")
+    return out
+
+
+def output_args(tmp):
+    """--model_path/--log_path/--vis_log_path under ``tmp``."""
+    return ["--model_path", tmp / "save", "--log_path", tmp / "log",
+            "--vis_log_path", tmp / "log" / "vis"]
+
+
+def epoch_results(stdout):
+    """{epoch: {feature name: result line}} from a training log's 'Test Epoch' blocks."""
+    res, epoch = {}, None
+    for line in stdout.splitlines():
+        m = re.match(r"Test Epoch: (\d+)$", line)
+        if m:
+            epoch = int(m.group(1))
+        elif epoch is not None and RESULT_LINE.match(line):
+            res.setdefault(epoch, {})[line.split(":")[0]] = line
+    return res
+
+
+def final_lines(stdout):
+    """{feature name: line} after the last 'All Average:' (SYSU) or 'Test Trial' (RegDB)."""
+    lines = stdout.splitlines()
+    start = max(i for i, ln in enumerate(lines)
+                if ln == "All Average:" or ln.startswith("Test Trial"))
+    return {ln.split(":")[0]: ln for ln in lines[start + 1:] if RESULT_LINE.match(ln)}
+
+
+def rank1(line):
+    """Rank-1 of a result line, as a fraction."""
+    return float(RESULT_LINE.match(line).group(2)) / 100

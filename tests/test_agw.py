@@ -3,9 +3,7 @@ its losses, MMGL checkpoints initialise the backbone, bad --resume files fail cl
 short fine-tune clearly beats chance and the untrained network, test.py reproduces what
 training printed, RegDB runs in both search directions, a killed run resumes exactly from
 its <run>_last.pth, and a NaN loss stops the run without saving."""
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,8 @@ sys.path.insert(0, str(ROOT / "AGW"))
 import finetune  # noqa: E402
 import model  # noqa: E402
 import utils  # noqa: E402
-from conftest import SMALL_ARGS  # noqa: E402
+from conftest import (RESULT_LINE, SMALL_ARGS, epoch_results, final_lines, output_args,  # noqa: E402
+                      rank1, run_script)
 from model_agw import FEATURE_NAMES, embed_net  # noqa: E402
 
 TRAIN, TEST = str(ROOT / "AGW" / "train.py"), str(ROOT / "AGW" / "test.py")
@@ -30,55 +29,21 @@ TRAIN, TEST = str(ROOT / "AGW" / "train.py"), str(ROOT / "AGW" / "test.py")
 # 21%); 3x chance needs ~12 epochs (28-30%), too long for the suite.
 LEARN_ARGS = ["--lr", "0.1", "--epochs", "6", "--warmup_epochs", "0", "--test_every", "2",
               "--print_freq", "100"]
-LINE = re.compile(r"^(POOL|FC):   Rank-1: (\d+\.\d\d)% \| Rank-5: (\d+\.\d\d)% \| "
-                  r"Rank-10: (\d+\.\d\d)%\| Rank-20: (\d+\.\d\d)%\| mAP: (\d+\.\d\d)%\| "
-                  r"mINP: (\d+\.\d\d)%$")
 
 
-def run(script, *args, cwd=ROOT, check=True, threads=None):
-    """Run a script; ``threads=1`` makes CPU results bit-reproducible (with more threads,
-    OpenMP may hand out fewer threads on a busy machine and reduce sums in another order)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
-    out = subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{script} failed ({out.returncode}):\n{out.stdout[-3000:]}\n"
-                             f"{out.stderr[-3000:]}")
-    return out
 
 
-def outputs(tmp):
-    return ["--model_path", tmp / "save", "--log_path", tmp / "log",
-            "--vis_log_path", tmp / "log" / "vis"]
 
 
-def epoch_results(stdout):
-    """{epoch: {'POOL': line, 'FC': line}} from a training log."""
-    res, epoch = {}, None
-    for line in stdout.splitlines():
-        m = re.match(r"Test Epoch: (\d+)$", line)
-        if m:
-            epoch = int(m.group(1))
-        elif epoch is not None and LINE.match(line):
-            res.setdefault(epoch, {})[line.split(":")[0]] = line
-    return res
 
 
-def average_lines(stdout):
-    """The result lines after 'All Average:' (SYSU) or the trial header (RegDB)."""
-    lines = stdout.splitlines()
-    start = max(i for i, ln in enumerate(lines)
-                if ln == "All Average:" or ln.startswith("Test Trial"))
-    return {ln.split(":")[0]: ln for ln in lines[start + 1:] if LINE.match(ln)}
 
 
 def numbers(lines):
     """{name: [Rank-1, Rank-5, Rank-10, Rank-20, mAP, mINP]} in percent."""
-    return {k: [float(x) for x in LINE.match(v).groups()[1:]] for k, v in lines.items()}
+    return {k: [float(x) for x in RESULT_LINE.match(v).groups()[1:]] for k, v in lines.items()}
 
 
-def rank1(line):
-    return float(LINE.match(line).group(2)) / 100
 
 
 # ----------------------------------------------------------------------------- network
@@ -245,8 +210,8 @@ def test_bad_resume_is_one_error_line(case, sysu_small, tmp_path):
         torch.save({"encoder.weight": torch.zeros(3, 3), "head.bias": torch.zeros(3)}, path)
     elif case == "not_a_checkpoint":
         path.write_bytes(b"this is not a torch file")
-    out = run(TRAIN, "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS,
-              "--resume", path, *outputs(tmp_path), check=False)
+    out = run_script(TRAIN, "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS,
+              "--resume", path, *output_args(tmp_path), check=False)
     assert out.returncode != 0
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in out.stderr
@@ -255,7 +220,7 @@ def test_bad_resume_is_one_error_line(case, sysu_small, tmp_path):
 
 
 def test_test_script_needs_resume(sysu_small):
-    out = run(TEST, "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS, check=False)
+    out = run_script(TEST, "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS, check=False)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "error: --resume CKPT is required: the checkpoint to test (a path, or a name under "
@@ -268,8 +233,8 @@ def sysu_run(sysu_small, tmp_path_factory):
     """One short AGW fine-tune on synthetic SYSU-MM01 from random initialisation, run from
     inside AGW/ as the README says (cd AGW && python train.py ...)."""
     tmp = tmp_path_factory.mktemp("agw_sysu")
-    out = run("train.py", "--dataset", "sysu", "--mode", "all", "--method", "agw",
-              "--data_path", sysu_small, *SMALL_ARGS, *LEARN_ARGS, *outputs(tmp),
+    out = run_script("train.py", "--dataset", "sysu", "--mode", "all", "--method", "agw",
+              "--data_path", sysu_small, *SMALL_ARGS, *LEARN_ARGS, *output_args(tmp),
               cwd=ROOT / "AGW")
     return tmp, out.stdout
 
@@ -282,7 +247,7 @@ def test_finetune_beats_chance_and_the_untrained_network(sysu_run, sysu_small, c
     test_ids = len((sysu_small / "exp" / "test_id.txt").read_text().split(","))
     chance = 1.0 / test_ids
     best_r1 = max(rank1(r["FC"]) for r in results.values())
-    best_map = max(float(LINE.match(r["FC"]).group(6)) / 100 for r in results.values())
+    best_map = max(float(RESULT_LINE.match(r["FC"]).group(6)) / 100 for r in results.values())
     # The same network before fine-tuning (random initialisation, seed 0 as in the script):
     # random convolutional features already match shapes somewhat (~13% Rank-1, ~21% mAP
     # here); fine-tuning must clearly beat both it and chance.
@@ -322,25 +287,25 @@ def test_outputs_and_checkpoint_format(sysu_run):
     assert list((tmp / "log" / "vis" / run_name).glob("events.out.tfevents.*"))
     for r in results.values():
         for line in r.values():
-            assert LINE.match(line)
+            assert RESULT_LINE.match(line)
 
 
 def test_test_script_reproduces_training_metrics(sysu_run, sysu_small):
     tmp, stdout = sysu_run
     best = utils.load_checkpoint(tmp / "save" / "sysu_agw_p4_n8_lr_0.1_seed_0_best.t")
     # a checkpoint name under --model_path, as the authors' scripts take it
-    out = run(TEST, "--dataset", "sysu", "--mode", "all", "--data_path", sysu_small,
+    out = run_script(TEST, "--dataset", "sysu", "--mode", "all", "--data_path", sysu_small,
               *SMALL_ARGS, "--model_path", tmp / "save",
               "--resume", "sysu_agw_p4_n8_lr_0.1_seed_0_best.t")
     assert out.stdout.count("Test Trial:") == 10
     # the same numbers (to float noise: multi-threaded CPU sums may differ in the last bits)
-    got, printed = numbers(average_lines(out.stdout)), numbers(epoch_results(stdout)[best["epoch"]])
+    got, printed = numbers(final_lines(out.stdout)), numbers(epoch_results(stdout)[best["epoch"]])
     assert set(got) == set(printed) == {"POOL", "FC"}
     for k in got:
         assert got[k] == pytest.approx(printed[k], abs=0.3), (got, printed)
     # every printed result line has the authors' format
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("POOL", "FC"))]
-    assert len(lines) == 22 and all(LINE.match(ln) for ln in lines)
+    assert len(lines) == 22 and all(RESULT_LINE.match(ln) for ln in lines)
 
 
 # ----------------------------------------------------------------------------- RegDB, resume
@@ -350,7 +315,7 @@ def regdb_run(regdb_small, tmp_path_factory):
     args = ["--dataset", "regdb", "--trial", "1", "--data_path", regdb_small, *SMALL_ARGS,
             "--lr", "0.1", "--warmup_epochs", "0", "--wrt_stable", "--print_freq", "100"]
     # one thread: the RegDB checks compare numbers exactly
-    out = run(TRAIN, *args, "--epochs", "2", *outputs(tmp), threads=1)
+    out = run_script(TRAIN, *args, "--epochs", "2", *output_args(tmp), threads=1)
     return tmp, args, out.stdout
 
 
@@ -358,12 +323,12 @@ def test_regdb_end_to_end_both_directions(regdb_run, regdb_small):
     tmp, _, stdout = regdb_run
     assert "Test Epoch: 1" in stdout
     ckpt = tmp / "save" / "regdb_agw_p4_n8_lr_0.1_seed_0_trial_1_best.t"
-    v2t = run(TEST, "--dataset", "regdb", "--trial", "1", "--data_path", regdb_small,
+    v2t = run_script(TEST, "--dataset", "regdb", "--trial", "1", "--data_path", regdb_small,
               *SMALL_ARGS, "--resume", ckpt, threads=1).stdout
-    t2v = run(TEST, "--dataset", "regdb", "--trial", "1", "--tvsearch", "--data_path",
+    t2v = run_script(TEST, "--dataset", "regdb", "--trial", "1", "--tvsearch", "--data_path",
               regdb_small, *SMALL_ARGS, "--resume", ckpt, threads=1).stdout
     assert "Test Trial: 1" in v2t and "(thermal to visible)" in t2v
-    a, b = average_lines(v2t), average_lines(t2v)
+    a, b = final_lines(v2t), final_lines(t2v)
     assert set(a) == set(b) == {"POOL", "FC"}
     assert a == epoch_results(stdout)[1]       # same checkpoint, same numbers
     assert a != b                                    # the other direction is another ranking
@@ -372,9 +337,9 @@ def test_regdb_end_to_end_both_directions(regdb_run, regdb_small):
 def test_killed_run_resumes_exactly(regdb_run, tmp_path):
     """Epoch 0 then --resume <run>_last.pth for epoch 1 gives what one 2-epoch run gave."""
     ref_tmp, args, ref_stdout = regdb_run
-    run(TRAIN, *args, "--epochs", "1", *outputs(tmp_path), threads=1)
+    run_script(TRAIN, *args, "--epochs", "1", *output_args(tmp_path), threads=1)
     last = tmp_path / "save" / "regdb_agw_p4_n8_lr_0.1_seed_0_trial_1_last.pth"
-    resumed = run(TRAIN, *args, "--epochs", "2", *outputs(tmp_path), "--resume", last,
+    resumed = run_script(TRAIN, *args, "--epochs", "2", *output_args(tmp_path), "--resume", last,
                   threads=1).stdout
     assert "continuing at epoch 1" in resumed
     assert epoch_results(resumed)[1] == epoch_results(ref_stdout)[1]
@@ -385,7 +350,7 @@ def test_nan_loss_stops_the_run_without_saving(regdb_small, tmp_path):
     args = agw_train.get_parser().parse_args(
         ["--dataset", "regdb", "--data_path", str(regdb_small), *SMALL_ARGS,
          "--batch-size", "4", "--num_pos", "2", "--print_freq", "1",
-         *map(str, outputs(tmp_path))])
+         *map(str, output_args(tmp_path))])
     step = agw_train.make_step(args)
 
     def exploding(net, x_rgb, x_ir, y_rgb, y_ir, epoch, state):

@@ -2,7 +2,6 @@
 the train/test scripts end to end on synthetic SYSU-MM01 and RegDB (CPU, ResNet-18, 96x48)."""
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,52 +17,23 @@ sys.path.insert(0, str(ROOT / "DDAG"))
 import finetune  # noqa: E402
 import model  # noqa: E402
 import train_ddag  # noqa: E402
-from conftest import SMALL_ARGS  # noqa: E402
+from conftest import (RESULT_LINE, SMALL_ARGS, epoch_results, final_lines, output_args,  # noqa: E402
+                      rank1, run_script)
 from loss import TripletLoss  # noqa: E402
 from model_ddag import IWPA, GraphAttentionLayer, build_adjacency, embed_net  # noqa: E402
 from utils import UserError  # noqa: E402
 
 TRAIN, TEST = str(ROOT / "DDAG" / "train_ddag.py"), str(ROOT / "DDAG" / "test_ddag.py")
-LINE = re.compile(r"^(FC|FC_att):   Rank-1: (\d+\.\d\d)% \| Rank-5: (\d+\.\d\d)% \| "
-                  r"Rank-10: (\d+\.\d\d)%\| Rank-20: (\d+\.\d\d)%\| mAP: (\d+\.\d\d)%\| "
-                  r"mINP: (\d+\.\d\d)%$")
 
 
-def run(script, *args, cwd=ROOT, check=True):
-    out = subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd,
-                         capture_output=True, text=True, timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{script} failed ({out.returncode}):\n{out.stdout[-3000:]}\n"
-                             f"{out.stderr[-3000:]}")
-    return out
 
 
-def outputs(tmp):
-    return ["--model_path", tmp / "save", "--log_path", tmp / "log",
-            "--vis_log_path", tmp / "log" / "vis"]
 
 
-def epoch_results(stdout):
-    """{epoch: {'FC': line, 'FC_att': line}} from a training log."""
-    res, epoch = {}, None
-    for line in stdout.splitlines():
-        m = re.match(r"Test Epoch: (\d+)$", line)
-        if m:
-            epoch = int(m.group(1))
-        elif epoch is not None and LINE.match(line):
-            res.setdefault(epoch, {})[line.split(":")[0]] = line
-    return res
 
 
-def final_lines(stdout):
-    """The result lines after 'All Average:' (SYSU) or the 'Test Trial' header (RegDB)."""
-    lines = stdout.splitlines()
-    start = max(i for i, l in enumerate(lines) if l == "All Average:" or l.startswith("Test Trial"))
-    return {l.split(":")[0]: l for l in lines[start + 1:] if LINE.match(l)}
 
 
-def rank1(line):
-    return float(LINE.match(line).group(2)) / 100
 
 
 # ----------------------------------------------------------------------------- network
@@ -308,8 +278,8 @@ def sysu_run(sysu_small, tmp_path_factory):
     """One short DDAG fine-tune (IWPA + graph) on synthetic SYSU-MM01 from random
     initialisation, run from inside DDAG/ as the README says."""
     tmp = tmp_path_factory.mktemp("ddag_sysu")
-    out = run("train_ddag.py", "--dataset", "sysu", "--wpa", "--graph", "--data_path", sysu_small,
-              *SMALL_ARGS, *LEARN_ARGS, *outputs(tmp), cwd=ROOT / "DDAG")
+    out = run_script("train_ddag.py", "--dataset", "sysu", "--wpa", "--graph", "--data_path", sysu_small,
+              *SMALL_ARGS, *LEARN_ARGS, *output_args(tmp), cwd=ROOT / "DDAG")
     return tmp, out.stdout
 
 
@@ -352,7 +322,7 @@ def test_test_script_reproduces_training_metrics(sysu_run, sysu_small):
     tmp, stdout = sysu_run
     best = torch.load(tmp / "save" / f"{RUN}_best.t", weights_only=False)
     # from the repository root, the checkpoint named under --model_path
-    out = run(TEST, "--dataset", "sysu", "--mode", "all", "--wpa", "--graph",
+    out = run_script(TEST, "--dataset", "sysu", "--mode", "all", "--wpa", "--graph",
               "--data_path", sysu_small, *SMALL_ARGS, "--model_path", tmp / "save",
               "--resume", f"{RUN}_best.t")
     assert out.stdout.count("Test Trial:") == 10
@@ -363,7 +333,7 @@ def test_test_script_reproduces_training_metrics(sysu_run, sysu_small):
     assert len(nums(got)) == len(nums(printed)) > 0
     assert nums(got) == pytest.approx(nums(printed), abs=0.3), (got, printed)
     lines = [l for l in out.stdout.splitlines() if l.startswith("FC")]
-    assert len(lines) == 22 and all(LINE.match(l) for l in lines)
+    assert len(lines) == 22 and all(RESULT_LINE.match(l) for l in lines)
 
 
 # ----------------------------------------------------------------------------- RegDB
@@ -379,7 +349,7 @@ def regdb_run(regdb_small, tmp_path_factory):
     torch.save(model.MMGLNet("resnet18", "two").state_dict(), mmgl)
     args = ["--dataset", "regdb", "--trial", "1", "--wpa", "--graph", "--data_path", regdb_small,
             *SMALL_ARGS, "--lr", "0.1", "--print_freq", "100"]
-    out = run(TRAIN, *args, "--epochs", "1", "--resume", mmgl, *outputs(tmp))
+    out = run_script(TRAIN, *args, "--epochs", "1", "--resume", mmgl, *output_args(tmp))
     return tmp, args, out.stdout
 
 
@@ -391,7 +361,7 @@ def test_regdb_end_to_end(regdb_run, regdb_small):
     n = len(embed_net(8, 2, arch="resnet18").backbone_keys())
     assert f"loaded {n}/{n} backbone tensors" in stdout      # from the MMGL checkpoint
     assert set(epoch_results(stdout)[0]) == {"FC", "FC_att"}
-    out = run(TEST, "--dataset", "regdb", "--trial", "1", "--tvsearch", "--wpa", "--graph",
+    out = run_script(TEST, "--dataset", "regdb", "--trial", "1", "--tvsearch", "--wpa", "--graph",
               "--data_path", regdb_small, *SMALL_ARGS, "--resume",
               tmp / "save" / f"{REGDB_RUN}_best.t").stdout
     assert "Test Trial: 1 (thermal to visible)" in out
@@ -416,13 +386,13 @@ def test_authors_checkpoint_format_loads(regdb_run, regdb_small, tmp_path):
     path = tmp_path / "regdb_G_P_3_drop_0.2_4_8_lr_0.1_seed_0_trial_1_best.t"
     torch.save({"net": sd, "cmc": np.asarray(ours["cmc"]), "mAP": np.float64(ours["mAP"]),
                 "epoch": 0}, path)
-    out = run(TEST, "--dataset", "regdb", "--trial", "1", "--data_path", regdb_small,
+    out = run_script(TEST, "--dataset", "regdb", "--trial", "1", "--data_path", regdb_small,
               *SMALL_ARGS, "--resume", path).stdout
     assert "note: the checkpoint has IWPA: --wpa assumed" in out
     assert "skipped 4 never-used" in out
     assert final_lines(out) == epoch_results(stdout)[0]
     # train_ddag.py --test-only takes the same path
-    out = run(TRAIN, "--test-only", "--dataset", "regdb", "--trial", "1", "--data_path",
+    out = run_script(TRAIN, "--test-only", "--dataset", "regdb", "--trial", "1", "--data_path",
               regdb_small, *SMALL_ARGS, "--resume", path).stdout
     assert final_lines(out) == epoch_results(stdout)[0]
 

@@ -28,7 +28,7 @@ def free_port():
 
 def launch(script, args, nproc, cwd=ROOT, timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args]
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args]
     if nproc == 1:
         cmd = [sys.executable, str(script), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
