@@ -514,7 +514,7 @@ def get_parser():
     p.add_argument("--repeat", type=int, default=2, help="alternating timed runs per "
                    "implementation; the best is kept (default 2)")
     p.add_argument("--aug_batch", type=int, default=64, help="images per augmented batch")
-    p.add_argument("--aug_repeat", type=int, default=5, help="timed batches per implementation "
+    p.add_argument("--aug_repeat", type=int, default=20, help="timed batches per implementation "
                    "in the data-pipeline part (best kept; loader: their total)")
     p.add_argument("--workers", type=int, default=None, help="reference DataLoader workers "
                    "(default 2 on the CPU, 4 on CUDA as the authors' scripts; 0: in-process)")
