@@ -282,7 +282,8 @@ class DeviceAugment:
     def normalize(self, x):
         """uint8 NHWC [B, img_h, img_w, 3] -> normalised float NCHW (channels_last), no
         randomness."""
-        return self._normalize_(x.to(torch.float32, memory_format=torch.contiguous_format)).permute(0, 3, 1, 2)
+        f = x.to(torch.float32, memory_format=torch.contiguous_format)
+        return self._normalize_(f).permute(0, 3, 1, 2)
 
     def __call__(self, x, train=True, perms=None):
         """``x``: uint8 [B, H, W, 3]. ``perms``: optional [B, K] stripe permutations;
