@@ -486,7 +486,8 @@ def _compare_steps(name, ours, reference, args, device, rows, extra, epoch_steps
                  f"{sps[1]:.2f} step/s = {ips[1]:,.1f} img/s", sps[0] / sps[1]))
     if device.type == "cuda":
         extra.append(f"{name}: peak GPU memory {peak[0]:.2f} GiB (ours) vs {peak[1]:.2f} GiB "
-                     f"(reference) at batch {args.batch_size}+{args.batch_size}")
+                     f"(reference) at batch {args.batch_size}+{args.batch_size}; each includes "
+                     f"the other side's resident weights and momentum (an upper bound)")
         hours = [PROJECT_EPOCHS * epoch_steps / s / 3600 for s in sps]
         extra.append(f"{name}: {PROJECT_EPOCHS} SYSU-MM01 epochs ({epoch_steps} steps each) "
                      f"projected {hours[0]:.2f} h (ours) vs {hours[1]:.2f} h (reference)")
