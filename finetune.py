@@ -310,22 +310,6 @@ def adjust_learning_rate(optimizer, epoch, args, milestones=None):
 
 
 # ============================================================================ devices / AMP
-def amp_setup(args, device):
-    """(autocast dtype or None, GradScaler or None): bf16 where supported (no scaling
-    needed), else fp16 with a GradScaler; --amp on the CPU uses bf16 autocast."""
-    if not args.amp:
-        return None, None
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, None
-        return torch.float16, torch.amp.GradScaler("cuda")
-    return torch.bfloat16, None
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
 def gather_for_loss(feat, labels, args):
     """With --gather under torchrun: the features and labels of every rank's batch
     (gradient-correct all_gather), so a batch-wise loss (the triplet's hardest negatives)
@@ -387,12 +371,12 @@ def extract_features(net, images_uint8, modal, args, device):
     net = utils.unwrap(net)
     was_training = net.training
     net.eval()
-    amp_dtype, _ = amp_setup(args, device)
+    amp_dtype, _ = utils.amp_setup(args.amp, device)
     cl = args.channels_last
     norm = data_loader.DeviceAugment(args.img_h, args.img_w, device=device)
     outs = None
     starts = range(0, len(images_uint8), args.test_batch)
-    with torch.inference_mode(), autocast(device, amp_dtype):
+    with torch.inference_mode(), utils.autocast(device, amp_dtype):
         for s in utils.progress(starts, desc=f"extracting {'RGB' if modal == 1 else 'IR'}"):
             # a copy: slices of a read-only memmap cannot back a tensor
             x = torch.from_numpy(np.array(images_uint8[s:s + args.test_batch]))
@@ -600,7 +584,7 @@ def train(args, net, step_fn, new_modules, method, milestones, feature_names, to
         if callable(new_modules):
             new_modules = new_modules(net)
         optimizer = build_optimizer(net, args, new_modules)
-        amp_dtype, scaler = amp_setup(args, device)
+        amp_dtype, scaler = utils.amp_setup(args.amp, device)
         start_epoch, best = 0, None
         if args.resume:
             start_epoch, best = load_resume(net, args, optimizer, scaler, state, loaded=resume)
@@ -664,7 +648,7 @@ def train(args, net, step_fn, new_modules, method, milestones, feature_names, to
                                           model_dir / f"{run}_epoch_{epoch}.t")
                 utils.save_checkpoint({"net": utils.unwrap(net).state_dict(),
                                        "optimizer": optimizer.state_dict(),
-                                       "scaler": scaler.state_dict() if scaler else None,
+                                       "scaler": scaler.state_dict(),
                                        "epoch": epoch, "best": best, "rng": utils.get_rng_state(),
                                        "state": dict(state), "args": _plain(vars(args))},
                                       last_path)
@@ -696,8 +680,7 @@ def _train_epoch(net, loader, aug, optimizer, scaler, amp_dtype, cl, step_fn, ep
     net.train()
     meters = _Meters()
     steps = len(loader)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    bad_value = torch.zeros((), device=device)
+    watch = utils.NonFiniteWatch(device)
     t0 = t_last = time.time()
     last_printed = -1
     for step, (rgb, ir, y_rgb, y_ir) in enumerate(loader):
@@ -706,30 +689,19 @@ def _train_epoch(net, loader, aug, optimizer, scaler, amp_dtype, cl, step_fn, ep
         x_rgb, x_ir = aug(rgb), aug(ir)
         if not cl:
             x_rgb, x_ir = x_rgb.contiguous(), x_ir.contiguous()
-        with autocast(device, amp_dtype):
+        with utils.autocast(device, amp_dtype):
             loss, logs = step_fn(net, x_rgb, x_ir, y_rgb, y_ir, epoch, state)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        # NaN/inf guard without a host sync per step: remember the first bad step on the
-        # device and look at it at print time (the last step of an epoch always prints,
-        # so it is checked before anything is saved).
-        new_bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
-        first_bad = torch.where(new_bad, torch.full_like(first_bad, step), first_bad)
-        bad_value = torch.where(new_bad, loss.detach().float(), bad_value)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        # NaN/inf guard without a host sync per step, checked at print time (the last step
+        # of an epoch always prints, so it is checked before anything is saved)
+        watch.update(loss, step)
         meters.update({"total_loss": loss, **logs})
 
         if step % args.print_freq == 0 or step == steps - 1:
-            fb = int(first_bad.item())
-            if fb >= 0:
-                good = last_path if last_path.is_file() else "none saved yet"
-                raise UserError(f"loss became {bad_value.item()} at epoch {epoch} step {fb}; "
-                                f"nothing was saved; last good checkpoint: {good}")
+            watch.check(epoch, last_path if last_path.is_file() else None)
             last, avg = meters.read()
             now = time.time()
             t_step = (now - t_last) / (step - last_printed)

@@ -138,12 +138,6 @@ def lr_at(epoch, args):
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def amp_dtype(device):
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
-
-
 def mmgl_losses(out, perms, args):
     """Eq. (global) + Eq. (local) of the paper for one batch.
 
@@ -179,10 +173,9 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, wr
     net.train()
     n_steps = len(loader) if not args.iters_per_epoch else min(len(loader), args.iters_per_epoch)
     sums, count = None, 0
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    watch = utils.NonFiniteWatch(device)
     t0 = time.time()
     t_print = t0
-    use_amp = args.amp
     for step, (rgb, ir, _, _) in enumerate(loader):
         if step >= n_steps:
             break
@@ -193,7 +186,7 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, wr
         perms = random_perms(rgb.shape[0], args.num_stripe, device=device)
         x_rgb = aug(rgb, train=True, perms=perms).contiguous(memory_format=state["memory_format"])
         x_ir = aug(ir, train=True, perms=perms).contiguous(memory_format=state["memory_format"])
-        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
+        with utils.autocast(device, state["amp_dtype"]):
             out = net(x_rgb, x_ir)
         losses = mmgl_losses(out, perms, args)
         optimizer.zero_grad(set_to_none=True)
@@ -204,15 +197,11 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, wr
         detached = torch.stack([v.detach().float() for v in losses.values()])
         sums = detached if sums is None else sums + detached
         count += 1
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached[-1]),
-                                torch.full_like(first_bad, step), first_bad)
+        watch.update(losses["loss"], step)
         state["global_step"] += 1
         last = step == n_steps - 1
         if (step + 1) % args.print_freq == 0 or last:
-            bad = int(first_bad)  # the one sync per print interval
-            if bad >= 0:
-                raise UserError(f"loss became non-finite at epoch {epoch} step {bad}; stopped. The last "
-                                f"good checkpoint is untouched: {state.get('last_ckpt') or 'none written yet'}")
+            watch.check(epoch, state.get("last_ckpt"))  # the one sync per print interval
             if utils.is_distributed():  # print the mean over ranks, not rank 0's share
                 utils.get_dist().all_reduce(sums)
                 sums = sums / utils.get_world_size()
@@ -307,9 +296,8 @@ def main(args):
 
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_at(e, args))
-    use_scaler = args.amp and device.type == "cuda" and amp_dtype(device) == torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    state = {"global_step": 0, "start_epoch": 0, "last_ckpt": None,
+    amp_dtype, scaler = utils.amp_setup(args.amp, device)
+    state = {"global_step": 0, "start_epoch": 0, "last_ckpt": None, "amp_dtype": amp_dtype,
              "memory_format": torch.channels_last if channels_last else torch.contiguous_format}
     last_path = Path(args.model_path) / f"{name}_last.pth"
 

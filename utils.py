@@ -245,6 +245,51 @@ def select_device(gpu):
     return torch.device("cuda", idx)
 
 
+# ----------------------------------------------------------------------------- training steps
+def amp_setup(enabled, device):
+    """``--amp`` -> (autocast dtype or None, GradScaler). bf16 where the device supports it
+    (no loss scaling needed; always on the CPU), else fp16 with an active GradScaler. The
+    scaler is a pass-through when it is not needed, so the step code is the same either way."""
+    import torch
+    dtype = None
+    if enabled:
+        fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        dtype = torch.float16 if fp16 else torch.bfloat16
+    return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def autocast(device, dtype):
+    """Autocast to ``dtype`` on ``device``; a no-op context when ``dtype`` is None."""
+    import torch
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+class NonFiniteWatch:
+    """Remembers the first step whose loss is not finite, on the device, without a host
+    sync per step; ``check`` (called at print time, the one sync there) stops the run."""
+
+    def __init__(self, device):
+        import torch
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.value = torch.zeros((), device=device)
+
+    def update(self, loss, step):
+        import torch
+        loss = loss.detach().float()
+        new = ~torch.isfinite(loss) & (self.step < 0)
+        self.step = torch.where(new, torch.full_like(self.step, step), self.step)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self, epoch, last_good):
+        """Raise UserError if a loss was not finite; ``last_good``: the checkpoint that the
+        stop leaves untouched (None: none written yet)."""
+        step = int(self.step)
+        if step >= 0:
+            raise UserError(f"loss became {self.value.item()} at epoch {epoch} step {step}; "
+                            f"stopped before saving; last good checkpoint: "
+                            f"{last_good or 'none saved yet'}")
+
+
 def get_rng_state():
     import torch
     state = {"python": random.getstate(), "numpy": np.random.get_state(),

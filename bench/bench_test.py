@@ -51,6 +51,7 @@ import data_manager  # noqa: E402
 import eval_metrics  # noqa: E402
 import finetune  # noqa: E402
 import utils  # noqa: E402
+from bench import common  # noqa: E402
 from bench.bench_train import reference_to_tensor  # noqa: E402
 from bench.reference_eval import _reference_eval_sysu  # noqa: E402
 
@@ -185,18 +186,12 @@ class ImageStore:
 # ============================================================================ main
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--arch", default=None, help="resnet18 | resnet50 (default: resnet18 on the "
-                   "CPU, resnet50 on CUDA)")
+    common.add_device_args(p, reference="the authors' way")
     p.add_argument("--img_h", type=int, default=None, help="(default 96 on the CPU, 288 on CUDA)")
     p.add_argument("--img_w", type=int, default=None, help="(default 48 on the CPU, 144 on CUDA)")
     p.add_argument("--test-batch", "--test_batch", dest="test_batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the "
                    "authors' way (default 0 on the CPU, 4 on CUDA)")
-    p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction,
-                   help="ours with mixed precision (default: on for CUDA); the authors' way is fp32")
-    p.add_argument("--channels_last", default=True, action=argparse.BooleanOptionalAction,
-                   help="ours channels-last, as the trainers' default (default: on)")
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--num_query", type=int, default=SYSU_QUERIES)
     p.add_argument("--num_ids", type=int, default=SYSU_TEST_IDS)
@@ -204,47 +199,25 @@ def get_parser():
                    help="(id, RGB camera) gallery folders = single-shot gallery size")
     p.add_argument("--files_per_folder", type=int, default=20)
     p.add_argument("--repeat", type=int, default=1, help="alternating timed runs each; best kept")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 "
-                   "on the CPU, so the result does not hinge on oversubscribed cores of a shared "
-                   "machine, and each side's main process gets one core; 0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def resolve_defaults(args):
-    utils.choice_check("--device", args.device, ("cpu", "cuda"))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise utils.UserError("--device cuda but no CUDA device is available")
-    cuda = args.device == "cuda"
-    for name, cpu_value, cuda_value in (("arch", "resnet18", "resnet50"), ("img_h", 96, 288),
-                                        ("img_w", 48, 144), ("workers", 0, 4),
-                                        ("amp", False, True),
-                                        ("threads", 1, 0)):
-        if getattr(args, name) is None:
-            setattr(args, name, cuda_value if cuda else cpu_value)
-    utils.choice_check("--arch", args.arch, ("resnet18", "resnet50"))
-    for name in ("img_h", "img_w", "test_batch", "trials", "num_query", "num_ids", "folders",
-                 "files_per_folder", "repeat"):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    common.resolve_defaults(
+        args, {"img_h": (96, 288), "img_w": (48, 144), "workers": (0, 4)},
+        at_least_1=("img_h", "img_w", "test_batch", "trials", "num_query", "num_ids", "folders",
+                    "files_per_folder", "repeat"), at_least_0=("workers",))
     if args.num_query < 2 * args.num_ids:
         raise utils.UserError(f"--num_query must be at least 2 x --num_ids ({2 * args.num_ids})")
     if not args.num_ids <= args.folders <= 4 * args.num_ids:
         raise utils.UserError(f"--folders must be between --num_ids and 4 x --num_ids, got "
                               f"{args.folders}")
-    for name in ("workers", "threads"):
-        if getattr(args, name) < 0:
-            raise utils.UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     return args
 
 
 def main():
     args = resolve_defaults(get_parser().parse_args())
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device, where = common.start(args)
     sys.path.append(str(ROOT / "AGW"))   # after the root: AGW/train.py must not shadow train.py
     from model_agw import embed_net
 
@@ -262,8 +235,6 @@ def main():
         ref_net.load_state_dict(net.state_dict())
         if args.channels_last:
             net.to(memory_format=torch.channels_last)
-        where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                 else f"CPU, {torch.get_num_threads()} torch threads")
         print(f"SYSU test benchmark on {args.device} ({where}); torch {torch.__version__}")
         print(f"AGW embed_net {args.arch} at {args.img_h}x{args.img_w}, test batch "
               f"{args.test_batch}; {len(q_paths)} queries, {args.trials} single-shot trials of "

@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT))
 import finetune  # noqa: E402
 import train  # noqa: E402  (the top-level MMGL train.py; AGW/train.py is loaded by path below)
 import utils  # noqa: E402
+from bench import common  # noqa: E402
 from data_loader import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, IdentitySampler,  # noqa: E402
                          UnpairedSampler, make_loader, random_perms)
 from loss import TripletLoss_WRT  # noqa: E402
@@ -331,10 +332,9 @@ def bench_mmgl(args, device, rows, extra):
     lr = args.lr * train.lr_at(0, ours_args)                # epoch 0 of the warm-up
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     ref_opt = torch.optim.SGD(ref_net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    use_scaler = ours_args.amp and device.type == "cuda" and train.amp_dtype(device) == torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    amp_dtype, scaler = utils.amp_setup(ours_args.amp, device)       # as train.main does
     aug = DeviceAugment(args.img_h, args.img_w, device=device)
-    state = {"global_step": 0,
+    state = {"global_step": 0, "amp_dtype": amp_dtype,
              "memory_format": torch.channels_last if channels_last else torch.contiguous_format}
     epoch = [0]
 
@@ -416,7 +416,7 @@ def bench_agw(args, device, rows, extra):
     ref_opt = finetune.build_optimizer(ref_net, fargs, embed_net.NEW_MODULES)
     lr = finetune.adjust_learning_rate(opt, 0, fargs)
     finetune.adjust_learning_rate(ref_opt, 0, fargs)
-    amp_dtype, scaler = finetune.amp_setup(fargs, device)
+    amp_dtype, scaler = utils.amp_setup(fargs.amp, device)
     step_fn = agw.make_step(fargs)
     aug = DeviceAugment(args.img_h, args.img_w, pad=PAD, device=device)
     epoch = [0]
@@ -497,9 +497,7 @@ def _compare_steps(name, ours, reference, args, device, rows, extra, epoch_steps
 # ============================================================================ main
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--arch", default=None, help="resnet18 | resnet50 (default: resnet18 on "
-                   "the CPU, resnet50 on CUDA)")
+    common.add_device_args(p, reference="the reference")
     p.add_argument("--img_h", type=int, default=None, help="training-step image height "
                    "(default 144 on the CPU, 288 on CUDA)")
     p.add_argument("--img_w", type=int, default=None, help="(default 72 on the CPU, 144 on CUDA)")
@@ -519,39 +517,17 @@ def get_parser():
                    "in the data-pipeline part (best kept; loader: their total)")
     p.add_argument("--workers", type=int, default=None, help="reference DataLoader workers "
                    "(default 2 on the CPU, 4 on CUDA as the authors' scripts; 0: in-process)")
-    p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction,
-                   help="ours with mixed precision (default: on for CUDA); the reference is fp32")
-    p.add_argument("--channels_last", default=True, action=argparse.BooleanOptionalAction,
-                   help="ours channels-last, as the trainers' default (default: on)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 "
-                   "on the CPU, so the result does not hinge on oversubscribed cores of a shared "
-                   "machine, and each side's main process gets one core; 0: torch's default)")
     p.add_argument("--parts", default="aug,mmgl,agw", help="comma list of aug, mmgl, agw")
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def resolve_defaults(args):
     """Fill the device-dependent defaults and check the values."""
-    utils.choice_check("--device", args.device, ("cpu", "cuda"))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise utils.UserError("--device cuda but no CUDA device is available")
-    cuda = args.device == "cuda"
-    for name, cpu_value, cuda_value in (("arch", "resnet18", "resnet50"), ("img_h", 144, 288),
-                                        ("img_w", 72, 144), ("batch_size", 8, 32),
-                                        ("steps", 3, 20), ("warmup", 1, 5), ("workers", 2, 4),
-                                        ("amp", False, True),
-                                        ("threads", 1, 0)):
-        if getattr(args, name) is None:
-            setattr(args, name, cuda_value if cuda else cpu_value)
-    utils.choice_check("--arch", args.arch, ("resnet18", "resnet50"))
-    for name in ("img_h", "img_w", "batch_size", "num_pos", "steps", "repeat", "aug_batch",
-                 "aug_repeat"):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup", "workers", "threads"):
-        if getattr(args, name) < 0:
-            raise utils.UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    common.resolve_defaults(
+        args, {"img_h": (144, 288), "img_w": (72, 144), "batch_size": (8, 32), "steps": (3, 20),
+               "warmup": (1, 5), "workers": (2, 4)},
+        at_least_1=("img_h", "img_w", "batch_size", "num_pos", "steps", "repeat", "aug_batch",
+                    "aug_repeat"), at_least_0=("warmup", "workers"))
     if args.img_h % args.num_stripe or AUG_H % args.num_stripe:
         raise utils.UserError(f"--num_stripe {args.num_stripe} must divide --img_h {args.img_h} "
                               f"and {AUG_H}")
@@ -563,14 +539,8 @@ def resolve_defaults(args):
 
 def main():
     args = resolve_defaults(get_parser().parse_args())
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device, where = common.start(args)
     torch.manual_seed(args.seed)
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} torch threads")
     print(f"train benchmark on {args.device} ({where}); torch {torch.__version__}")
     print(f"steps: {args.arch}, {args.img_h}x{args.img_w}, batch {args.batch_size} RGB + "
           f"{args.batch_size} IR, ours amp={'on' if args.amp else 'off'} channels_last="

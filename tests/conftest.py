@@ -14,9 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import finetune  # noqa: E402
+import model  # noqa: E402
 
 # Small CPU settings for end-to-end runs: ResNet-18 at 96x48, no loader workers.
 SMALL_H, SMALL_W = 96, 48
@@ -101,3 +105,30 @@ def final_lines(stdout):
 def rank1(line):
     """Rank-1 of a result line, as a fraction."""
     return float(RESULT_LINE.match(line).group(2)) / 100
+
+
+# ----------------------------------------------------------------------------- fine-tuning init
+def check_mmgl_initialises_backbone(net, parse_args, stream, tmp_path, capsys, seed):
+    """Save an MMGL pre-training state_dict (``stream`` two/one) as the pre-training script
+    does and ``--resume`` a fine-tuning ``net`` from it (``parse_args(path)`` gives the
+    script's args): a NEW run (epoch 0, no best), every backbone tensor copied, the
+    pre-training heads dropped and reported, the method's own modules untouched."""
+    torch.manual_seed(seed)
+    mmgl = model.MMGLNet("resnet18", stream)
+    path = tmp_path / f"sysu_{stream}_epoch_100.t"
+    torch.save(mmgl.state_dict(), path)
+    src = mmgl.state_dict()
+    heads = {k for k in src if k.startswith(model.MMGLNet.HEAD_PREFIXES)}
+    assert heads
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert finetune.load_resume(net, parse_args(str(path))) == (0, None)
+    n = len(net.backbone_keys())
+    printed = capsys.readouterr().out
+    assert f"loaded {n}/{n} backbone tensors" in printed
+    assert f"dropped {len(heads)} pre-training head tensors" in printed
+    own, backbone = net.state_dict(), set(net.backbone_keys())
+    for k in own:
+        assert torch.equal(own[k], src[k] if k in backbone else before[k]), k
+    report = model.load_backbone(net, src, log=lambda *_: None)
+    assert set(report["dropped_head"]) == heads
+    assert report["missing_backbone"] == report["mismatched"] == report["unexpected"] == []

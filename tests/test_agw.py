@@ -16,10 +16,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "AGW"))
 
 import finetune  # noqa: E402
-import model  # noqa: E402
 import utils  # noqa: E402
-from conftest import (RESULT_LINE, SMALL_ARGS, epoch_results, final_lines, output_args,  # noqa: E402
-                      rank1, run_script)
+from conftest import (RESULT_LINE, SMALL_ARGS, check_mmgl_initialises_backbone,  # noqa: E402
+                      epoch_results, final_lines, output_args, rank1, run_script)
 from model_agw import FEATURE_NAMES, embed_net  # noqa: E402
 
 TRAIN, TEST = str(ROOT / "AGW" / "train.py"), str(ROOT / "AGW" / "test.py")
@@ -163,32 +162,11 @@ def test_training_step_of_each_loss(flags):
 # ----------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("stream", ["two", "one"])
 def test_mmgl_checkpoint_initialises_every_backbone_tensor(stream, tmp_path, capsys):
-    torch.manual_seed(0)
-    mmgl = model.MMGLNet("resnet18", stream)
-    path = tmp_path / f"sysu_{stream}_epoch_100.t"
-    torch.save(mmgl.state_dict(), path)     # what the pre-training script saves
-    src = mmgl.state_dict()
-    heads = {k for k in src if k.startswith(model.MMGLNet.HEAD_PREFIXES)}
-    assert heads
-
-    net = embed_net(7, arch="resnet18")
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    args = finetune.get_args_parser("t").parse_args(["--resume", str(path)])
-    start, best = finetune.load_resume(net, args)
-    assert (start, best) == (0, None)       # a pre-training checkpoint starts a new run
-    n = len(net.backbone_keys())
-    printed = capsys.readouterr().out
-    assert f"loaded {n}/{n} backbone tensors" in printed
-    assert f"dropped {len(heads)} pre-training head tensors" in printed
-    own = net.state_dict()
-    for k in net.backbone_keys():
-        assert torch.equal(own[k], src[k]), k
-    for k in own:                           # non-local blocks, BNNeck, classifier untouched
-        if k not in src:
-            assert torch.equal(own[k], before[k]), k
-    report = model.load_backbone(net, src, log=lambda *_: None)
-    assert set(report["dropped_head"]) == heads
-    assert report["missing_backbone"] == report["mismatched"] == report["unexpected"] == []
+    # non-local blocks, BNNeck and classifier keep their initialisation
+    check_mmgl_initialises_backbone(
+        embed_net(7, arch="resnet18"),
+        lambda path: finetune.get_args_parser("t").parse_args(["--resume", path]),
+        stream, tmp_path, capsys, seed=0)
 
 
 def test_finetune_checkpoint_with_other_method_is_refused(tmp_path):
@@ -211,7 +189,7 @@ def test_bad_resume_is_one_error_line(case, sysu_small, tmp_path):
     elif case == "not_a_checkpoint":
         path.write_bytes(b"this is not a torch file")
     out = run_script(TRAIN, "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS,
-              "--resume", path, *output_args(tmp_path), check=False)
+                     "--resume", path, *output_args(tmp_path), check=False)
     assert out.returncode != 0
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in out.stderr
@@ -234,8 +212,8 @@ def sysu_run(sysu_small, tmp_path_factory):
     inside AGW/ as the README says (cd AGW && python train.py ...)."""
     tmp = tmp_path_factory.mktemp("agw_sysu")
     out = run_script("train.py", "--dataset", "sysu", "--mode", "all", "--method", "agw",
-              "--data_path", sysu_small, *SMALL_ARGS, *LEARN_ARGS, *output_args(tmp),
-              cwd=ROOT / "AGW")
+                     "--data_path", sysu_small, *SMALL_ARGS, *LEARN_ARGS, *output_args(tmp),
+                     cwd=ROOT / "AGW")
     return tmp, out.stdout
 
 
@@ -295,8 +273,8 @@ def test_test_script_reproduces_training_metrics(sysu_run, sysu_small):
     best = utils.load_checkpoint(tmp / "save" / "sysu_agw_p4_n8_lr_0.1_seed_0_best.t")
     # a checkpoint name under --model_path, as the authors' scripts take it
     out = run_script(TEST, "--dataset", "sysu", "--mode", "all", "--data_path", sysu_small,
-              *SMALL_ARGS, "--model_path", tmp / "save",
-              "--resume", "sysu_agw_p4_n8_lr_0.1_seed_0_best.t")
+                     *SMALL_ARGS, "--model_path", tmp / "save",
+                     "--resume", "sysu_agw_p4_n8_lr_0.1_seed_0_best.t")
     assert out.stdout.count("Test Trial:") == 10
     # the same numbers (to float noise: multi-threaded CPU sums may differ in the last bits)
     got, printed = numbers(final_lines(out.stdout)), numbers(epoch_results(stdout)[best["epoch"]])
@@ -324,9 +302,9 @@ def test_regdb_end_to_end_both_directions(regdb_run, regdb_small):
     assert "Test Epoch: 1" in stdout
     ckpt = tmp / "save" / "regdb_agw_p4_n8_lr_0.1_seed_0_trial_1_best.t"
     v2t = run_script(TEST, "--dataset", "regdb", "--trial", "1", "--data_path", regdb_small,
-              *SMALL_ARGS, "--resume", ckpt, threads=1).stdout
+                     *SMALL_ARGS, "--resume", ckpt, threads=1).stdout
     t2v = run_script(TEST, "--dataset", "regdb", "--trial", "1", "--tvsearch", "--data_path",
-              regdb_small, *SMALL_ARGS, "--resume", ckpt, threads=1).stdout
+                     regdb_small, *SMALL_ARGS, "--resume", ckpt, threads=1).stdout
     assert "Test Trial: 1" in v2t and "(thermal to visible)" in t2v
     a, b = final_lines(v2t), final_lines(t2v)
     assert set(a) == set(b) == {"POOL", "FC"}
@@ -340,7 +318,7 @@ def test_killed_run_resumes_exactly(regdb_run, tmp_path):
     run_script(TRAIN, *args, "--epochs", "1", *output_args(tmp_path), threads=1)
     last = tmp_path / "save" / "regdb_agw_p4_n8_lr_0.1_seed_0_trial_1_last.pth"
     resumed = run_script(TRAIN, *args, "--epochs", "2", *output_args(tmp_path), "--resume", last,
-                  threads=1).stdout
+                         threads=1).stdout
     assert "continuing at epoch 1" in resumed
     assert epoch_results(resumed)[1] == epoch_results(ref_stdout)[1]
 
@@ -358,7 +336,7 @@ def test_nan_loss_stops_the_run_without_saving(regdb_small, tmp_path):
         state["calls"] = state.get("calls", 0) + 1
         return (loss * float("nan") if state["calls"] == 2 else loss), logs
 
-    expected = (r"^loss became nan at epoch 0 step 1; nothing was saved; "
+    expected = (r"^loss became nan at epoch 0 step 1; stopped before saving; "
                 r"last good checkpoint: none saved yet")
     with pytest.raises(finetune.UserError, match=expected):
         finetune.train(args, agw_train.builder(args), exploding, embed_net.NEW_MODULES, "agw",

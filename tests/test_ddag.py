@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "DDAG"))
 import finetune  # noqa: E402
 import model  # noqa: E402
 import train_ddag  # noqa: E402
-from conftest import (RESULT_LINE, SMALL_ARGS, epoch_results, final_lines, output_args,  # noqa: E402
-                      rank1, run_script)
+from conftest import (RESULT_LINE, SMALL_ARGS, check_mmgl_initialises_backbone,  # noqa: E402
+                      epoch_results, final_lines, output_args, rank1, run_script)
 from loss import TripletLoss  # noqa: E402
 from model_ddag import IWPA, GraphAttentionLayer, build_adjacency, embed_net  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -197,29 +197,10 @@ def test_iwpa_init():
 
 @pytest.mark.parametrize("stream", ["two", "one"])
 def test_mmgl_checkpoint_initialises_backbone(stream, tmp_path, capsys):
-    torch.manual_seed(4)
-    mmgl = model.MMGLNet("resnet18", stream)
-    path = tmp_path / f"sysu_{stream}_epoch_100.t"
-    torch.save(mmgl.state_dict(), path)          # what the pre-training script saves
-    src = mmgl.state_dict()
-    heads = {k for k in src if k.startswith(model.MMGLNet.HEAD_PREFIXES)}
     net = embed_net(low_dim=32, class_num=7, arch="resnet18")
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    args = train_ddag.get_parser().parse_args(["--resume", str(path), "--wpa", "--graph"])
-    assert finetune.load_resume(net, args) == (0, None)   # a new fine-tuning run
-    n = len(net.backbone_keys())
-    printed = capsys.readouterr().out
-    assert f"loaded {n}/{n} backbone tensors" in printed
-    assert f"dropped {len(heads)} pre-training head tensors" in printed
-    own = net.state_dict()
-    for k in own:
-        if k in net.backbone_keys():
-            assert torch.equal(own[k], src[k]), k
-        else:                                    # DDAG's own modules keep their init
-            assert torch.equal(own[k], before[k]), k
-    report = model.load_backbone(net, src, log=lambda *_: None)
-    assert set(report["dropped_head"]) == heads
-    assert report["missing_backbone"] == report["mismatched"] == report["unexpected"] == []
+    check_mmgl_initialises_backbone(
+        net, lambda path: train_ddag.get_parser().parse_args(["--resume", path, "--wpa", "--graph"]),
+        stream, tmp_path, capsys, seed=4)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -278,8 +259,8 @@ def sysu_run(sysu_small, tmp_path_factory):
     """One short DDAG fine-tune (IWPA + graph) on synthetic SYSU-MM01 from random
     initialisation, run from inside DDAG/ as the README says."""
     tmp = tmp_path_factory.mktemp("ddag_sysu")
-    out = run_script("train_ddag.py", "--dataset", "sysu", "--wpa", "--graph", "--data_path", sysu_small,
-              *SMALL_ARGS, *LEARN_ARGS, *output_args(tmp), cwd=ROOT / "DDAG")
+    out = run_script("train_ddag.py", "--dataset", "sysu", "--wpa", "--graph", "--data_path",
+                     sysu_small, *SMALL_ARGS, *LEARN_ARGS, *output_args(tmp), cwd=ROOT / "DDAG")
     return tmp, out.stdout
 
 
@@ -323,8 +304,8 @@ def test_test_script_reproduces_training_metrics(sysu_run, sysu_small):
     best = torch.load(tmp / "save" / f"{RUN}_best.t", weights_only=False)
     # from the repository root, the checkpoint named under --model_path
     out = run_script(TEST, "--dataset", "sysu", "--mode", "all", "--wpa", "--graph",
-              "--data_path", sysu_small, *SMALL_ARGS, "--model_path", tmp / "save",
-              "--resume", f"{RUN}_best.t")
+                     "--data_path", sysu_small, *SMALL_ARGS, "--model_path", tmp / "save",
+                     "--resume", f"{RUN}_best.t")
     assert out.stdout.count("Test Trial:") == 10
     got, printed = final_lines(out.stdout), epoch_results(stdout)[best["epoch"]]
     # a fresh process on a busy 2-thread CPU can differ in the last float bits (see
@@ -362,8 +343,8 @@ def test_regdb_end_to_end(regdb_run, regdb_small):
     assert f"loaded {n}/{n} backbone tensors" in stdout      # from the MMGL checkpoint
     assert set(epoch_results(stdout)[0]) == {"FC", "FC_att"}
     out = run_script(TEST, "--dataset", "regdb", "--trial", "1", "--tvsearch", "--wpa", "--graph",
-              "--data_path", regdb_small, *SMALL_ARGS, "--resume",
-              tmp / "save" / f"{REGDB_RUN}_best.t").stdout
+                     "--data_path", regdb_small, *SMALL_ARGS, "--resume",
+                     tmp / "save" / f"{REGDB_RUN}_best.t").stdout
     assert "Test Trial: 1 (thermal to visible)" in out
     t2v = final_lines(out)
     assert set(t2v) == {"FC", "FC_att"} and t2v != epoch_results(stdout)[0]
@@ -387,13 +368,13 @@ def test_authors_checkpoint_format_loads(regdb_run, regdb_small, tmp_path):
     torch.save({"net": sd, "cmc": np.asarray(ours["cmc"]), "mAP": np.float64(ours["mAP"]),
                 "epoch": 0}, path)
     out = run_script(TEST, "--dataset", "regdb", "--trial", "1", "--data_path", regdb_small,
-              *SMALL_ARGS, "--resume", path).stdout
+                     *SMALL_ARGS, "--resume", path).stdout
     assert "note: the checkpoint has IWPA: --wpa assumed" in out
     assert "skipped 4 never-used" in out
     assert final_lines(out) == epoch_results(stdout)[0]
     # train_ddag.py --test-only takes the same path
     out = run_script(TRAIN, "--test-only", "--dataset", "regdb", "--trial", "1", "--data_path",
-              regdb_small, *SMALL_ARGS, "--resume", path).stdout
+                     regdb_small, *SMALL_ARGS, "--resume", path).stdout
     assert final_lines(out) == epoch_results(stdout)[0]
 
 
