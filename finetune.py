@@ -477,7 +477,16 @@ def test_main(args, net, feature_names, tool_dir):
     net.to(device)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
-    return test(net, args, device, feature_names, tool_dir, testset=testset, tag=path.stem)
+    writer = None
+    if args.visrank:   # the rank lists go to TensorBoard too, under <vis_log_path>/<ckpt>_test
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(str(Path(args.vis_log_path) / f"{path.stem}_test"))
+    try:
+        return test(net, args, device, feature_names, tool_dir, testset=testset, tag=path.stem,
+                    writer=writer)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 # ============================================================================ training

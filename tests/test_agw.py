@@ -312,6 +312,23 @@ def test_regdb_end_to_end_both_directions(regdb_run, regdb_small):
     assert a != b                                    # the other direction is another ranking
 
 
+def test_test_script_visrank_writes_pngs_and_tensorboard(regdb_run, regdb_small, tmp_path):
+    tmp, _, _ = regdb_run
+    ckpt = tmp / "save" / "regdb_agw_p4_n8_lr_0.1_seed_0_trial_1_best.t"
+    out = run_script(TEST, "--dataset", "regdb", "--trial", "1", "--data_path", regdb_small,
+                     *SMALL_ARGS, "--resume", ckpt, "--visrank", "3", *output_args(tmp_path))
+    folder = tmp_path / "log" / "vis_rank" / ckpt.stem
+    pngs = sorted(folder.glob("q*_id*.png"))
+    assert len(pngs) == 8 and f"wrote 8 rank lists (FC, top 3) to {folder}" in out.stdout
+    # query + 3 gallery thumbnails side by side
+    from PIL import Image
+    from visrank import BORDER, GAP, THUMB_H, THUMB_W
+    cell_w = THUMB_W + 2 * BORDER
+    assert Image.open(pngs[0]).size == (4 * cell_w + 3 * GAP + GAP, THUMB_H + 2 * BORDER)
+    events = list((tmp_path / "log" / "vis" / f"{ckpt.stem}_test").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 1000   # the 8 images are in it
+
+
 def test_killed_run_resumes_exactly(regdb_run, tmp_path):
     """Epoch 0 then --resume <run>_last.pth for epoch 1 gives what one 2-epoch run gave."""
     ref_tmp, args, ref_stdout = regdb_run
