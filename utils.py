@@ -12,7 +12,6 @@ import random
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -218,17 +217,25 @@ def set_seed(seed, deterministic=False):
         torch.backends.cudnn.deterministic = True
 
 
+def _cuda_usable(gpu):
+    """Whether ``--gpu`` asks for CUDA and CUDA is there; one warning line when it asks for
+    CUDA that is absent (the run goes on on the CPU)."""
+    import torch
+    if gpu.lower() in ("", "cpu", "-1"):
+        return False
+    if not torch.cuda.is_available():
+        print(f"warning: --gpu {gpu} asked for CUDA but none is available; running on the CPU")
+        return False
+    return True
+
+
 def select_device(gpu):
     """``--gpu`` -> torch.device. '' / 'cpu' / '-1' mean CPU. A GPU index asks for CUDA;
     if CUDA is absent or the index does not exist we warn and use the CPU (never crash,
     never silently pretend). Under torchrun the local rank picks the GPU."""
     import torch
     gpu = "" if gpu is None else str(gpu).strip()
-    if gpu.lower() in ("", "cpu", "-1"):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        warnings.warn(f"--gpu {gpu} asked for CUDA but no CUDA device is available; using the CPU")
-        print(f"warning: --gpu {gpu} asked for CUDA but none is available; running on the CPU")
+    if not _cuda_usable(gpu):
         return torch.device("cpu")
     if is_distributed():
         idx = int(os.environ.get("LOCAL_RANK", 0))
@@ -387,7 +394,7 @@ def init_distributed(gpu):
     import torch.distributed as dist
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return select_device(gpu)
-    want_cuda = str(gpu).strip().lower() not in ("", "cpu", "-1") and torch.cuda.is_available()
+    want_cuda = _cuda_usable("" if gpu is None else str(gpu).strip())
     if want_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend="nccl" if want_cuda else "gloo")

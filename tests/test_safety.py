@@ -117,6 +117,8 @@ def test_gpu_that_is_not_there_warns_and_runs_on_cpu(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "warning: --gpu 3 asked for CUDA but none is available; running on the CPU" in res.stdout
     assert "device cpu" in res.stdout
+    # one warning line, not a second one from the warnings module on stderr
+    assert (res.stdout + res.stderr).count("asked for CUDA") == 1, res.stderr
 
 
 def test_npy_of_the_wrong_size_is_one_error_line(sysu_small, tmp_path):
