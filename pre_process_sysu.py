@@ -18,7 +18,6 @@ when BOTH modalities succeeded, so an interrupted or failed run never leaves a
 half-written array for training to read. A corrupt or unreadable image is an error naming
 it; ``--skip-bad`` leaves such images out and reports them.
 """
-import argparse
 import os
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 
 from data_manager import (SYSU_IR_CAMS, SYSU_RGB_CAMS, iter_decoded, list_sysu_images,
                           sysu_root, sysu_split_ids)
-from utils import UserError, cli, progress, resolve_path
+from utils import ArgumentParser, UserError, cli, progress, resolve_path
 
 MODALITIES = (("rgb", SYSU_RGB_CAMS["all"]), ("ir", SYSU_IR_CAMS))
 
@@ -165,7 +164,7 @@ def print_stats(stats):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Resize the SYSU-MM01 training images (train_id + "
+    p = ArgumentParser(description="Resize the SYSU-MM01 training images (train_id + "
                                             "val_id) into memory-mappable .npy arrays.")
     p.add_argument("--data_path", default=None,
                    help="SYSU-MM01 folder (default: data/SYSU-MM01 under the repository root)")

@@ -21,7 +21,6 @@ similarities do contain exact ties, which a quicksort may order either way.
 The headline speed-up is the TOTAL reference time over the TOTAL vectorised time
 of the three cases (dominated by the multi-shot case, the slowest one).
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -96,10 +95,10 @@ def _same(a, b, atol=1e-10):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = utils.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=5,
-                    help="timed runs per implementation and case; the best is kept (default 5)")
-    ap.add_argument("--dtype", default="float32", help="feature/distance dtype (default float32)")
+                    help="timed runs per implementation and case; the best is kept")
+    ap.add_argument("--dtype", default="float32", help="feature/distance dtype")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.repeat < 1:

@@ -33,7 +33,6 @@ mean Rank-1 / mAP of the two ways are printed as a check (identical up to float 
 when both run fp32; with AMP the features differ slightly). One timed run each (the test
 is long enough); ``--repeat`` alternates more and keeps the best.
 """
-import argparse
 import sys
 import tempfile
 import time
@@ -185,7 +184,7 @@ class ImageStore:
 
 # ============================================================================ main
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = utils.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_device_args(p, reference="the authors' way")
     p.add_argument("--img_h", type=int, default=None, help="(default 96 on the CPU, 288 on CUDA)")
     p.add_argument("--img_w", type=int, default=None, help="(default 48 on the CPU, 144 on CUDA)")

@@ -45,7 +45,6 @@ The last line is the headline: on CUDA the pre-training step throughput; on the 
 data pipeline (there, network compute dominates both training steps equally, so their
 ratio says little about the pipeline).
 """
-import argparse
 import contextlib
 import gc
 import importlib.util
@@ -496,7 +495,7 @@ def _compare_steps(name, ours, reference, args, device, rows, extra, epoch_steps
 
 # ============================================================================ main
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = utils.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_device_args(p, reference="the reference")
     p.add_argument("--img_h", type=int, default=None, help="training-step image height "
                    "(default 144 on the CPU, 288 on CUDA)")
@@ -511,7 +510,7 @@ def get_parser():
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on "
                    "the CPU, 5 on CUDA)")
     p.add_argument("--repeat", type=int, default=2, help="alternating timed runs per "
-                   "implementation; the best is kept (default 2)")
+                   "implementation; the best is kept")
     p.add_argument("--aug_batch", type=int, default=64, help="images per augmented batch")
     p.add_argument("--aug_repeat", type=int, default=20, help="timed batches per implementation "
                    "in the data-pipeline part (best kept; loader: their total)")

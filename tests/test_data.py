@@ -8,7 +8,6 @@ published protocol (global ``random.seed(trial)`` + ``random.choice`` in nested 
 import hashlib
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ sys.path.insert(0, str(REPO))
 import data_manager as dm  # noqa: E402
 from pre_process_sysu import preprocess_sysu  # noqa: E402
 from tools.make_synthetic import _split_counts, make_regdb, make_sysu  # noqa: E402
+from conftest import run_script  # noqa: E402
 from utils import UserError  # noqa: E402
 
 RGB_CAMS, IR_CAMS = (1, 2, 4, 5), (3, 6)
@@ -29,11 +29,6 @@ NPY = [f"train_{m}_resized_{k}.npy" for m in ("rgb", "ir") for k in ("img", "lab
 
 
 # ----------------------------------------------------------------------------- helpers
-def run_script(*args):
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
-
-
 def assert_one_line_error(res, *must_contain):
     assert res.returncode != 0, res.stdout + res.stderr
     assert "Traceback" not in res.stderr, res.stderr
@@ -95,7 +90,8 @@ def sysu(tmp_path_factory):
 @pytest.fixture(scope="module")
 def preprocessed(sysu):
     root, _ = sysu
-    res = run_script(REPO / "pre_process_sysu.py", "--data_path", root, "--workers", "2")
+    res = run_script(REPO / "pre_process_sysu.py", "--data_path", root, "--workers", "2",
+                     check=False)
     assert res.returncode == 0, res.stderr
     return root, res.stdout
 
@@ -229,12 +225,13 @@ def test_preprocess_corrupt_image_and_skip_bad(tiny):
     data = Path(good).read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
 
-    res = run_script(REPO / "pre_process_sysu.py", "--data_path", tiny, "--workers", "2")
+    res = run_script(REPO / "pre_process_sysu.py", "--data_path", tiny, "--workers", "2",
+                     check=False)
     line = assert_one_line_error(res, garbage, "--skip-bad")
     assert "1 more" in line
     assert not any((tiny / f).exists() for f in NPY) and not list(tiny.glob(".*tmp*"))
 
-    res = run_script(REPO / "pre_process_sysu.py", "--data_path", tiny, "--skip-bad")
+    res = run_script(REPO / "pre_process_sysu.py", "--data_path", tiny, "--skip-bad", check=False)
     assert res.returncode == 0, res.stderr
     assert "skipped 2 unreadable images" in res.stdout
     assert str(garbage) in res.stdout and str(truncated) in res.stdout
@@ -254,13 +251,21 @@ def test_preprocess_corrupt_image_and_skip_bad(tiny):
         dm.load_images([good, str(garbage)], workers=2)
 
 
+def test_bad_flags_of_the_data_tools_are_one_error_line(tmp_path):
+    res = run_script(REPO / "tools" / "make_synthetic.py", "--dataset", "x", "--out", tmp_path,
+                     check=False)
+    assert_one_line_error(res, "invalid choice: 'x'", "make_synthetic.py --help")
+    res = run_script(REPO / "pre_process_sysu.py", "--img_h", "tall", check=False)
+    assert_one_line_error(res, "--img_h", "invalid int value", "pre_process_sysu.py --help")
+
+
 def test_missing_dataset_and_split_files(tiny, tmp_path):
     missing = tmp_path / "nowhere"
-    res = run_script(REPO / "pre_process_sysu.py", "--data_path", missing)
+    res = run_script(REPO / "pre_process_sysu.py", "--data_path", missing, check=False)
     assert_one_line_error(res, "dataset folder not found", missing, "cam1..cam6")
 
     (tiny / "exp" / "val_id.txt").unlink()
-    res = run_script(REPO / "pre_process_sysu.py", "--data_path", tiny)
+    res = run_script(REPO / "pre_process_sysu.py", "--data_path", tiny, check=False)
     assert_one_line_error(res, tiny / "exp" / "val_id.txt")
 
     test_file = tiny / "exp" / "test_id.txt"

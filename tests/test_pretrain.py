@@ -1,7 +1,6 @@
 """MMGL pre-training (train.py): stripe shuffling, checkpoint format, exact resume, errors,
 and that the permutation task is really learnt on synthetic data."""
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_H, SMALL_W
+from conftest import SMALL_H, SMALL_W, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -22,12 +21,8 @@ TINY = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), 
 
 
 def run_train(tmp, *args, check=True):
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model_path", str(tmp / "sm"),
-           "--log_path", str(tmp / "log"), "--vis_log_path", str(tmp / "log" / "vis"), *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if check and res.returncode != 0:
-        raise AssertionError(f"train.py failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
+    return run_script(ROOT / "train.py", "--model_path", tmp / "sm", "--log_path", tmp / "log",
+                      "--vis_log_path", tmp / "log" / "vis", *args, check=check)
 
 
 def load_agw_net():

@@ -20,7 +20,6 @@ Deterministic by ``seed`` (same seed -> identical bytes). Usage:
     python tools/make_synthetic.py --dataset sysu --out data/SYSU-MM01 --num_ids 40 --seed 0
     python tools/make_synthetic.py --dataset both          # data/SYSU-MM01 and data/RegDB
 """
-import argparse
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import REPO_ROOT, UserError, cli  # noqa: E402
+from utils import REPO_ROOT, ArgumentParser, UserError, cli  # noqa: E402
 
 MARKER = "synthetic.json"   # written into every generated set; lets us replace our own output
 SYSU_RGB_CAMS = (1, 2, 4, 5)
@@ -370,7 +369,7 @@ def make_regdb(out_dir, num_ids=20, seed=0, imgs_per_id=10, trials=10, size=(64,
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a synthetic SYSU-MM01 and/or RegDB in the "
+    p = ArgumentParser(description="Write a synthetic SYSU-MM01 and/or RegDB in the "
                                             "real layouts (for the quick start and the tests).")
     p.add_argument("--dataset", default="sysu", choices=["sysu", "regdb", "both"])
     p.add_argument("--out", default=None,
@@ -379,7 +378,7 @@ def main(argv=None):
     p.add_argument("--num_ids", type=int, default=None, help="identities (default: sysu 40, regdb 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--imgs_per_cam", type=int, nargs=2, default=(3, 6), metavar=("LO", "HI"),
-                   help="SYSU: images per (id, camera) folder, inclusive range (default 3 6)")
+                   help="SYSU: images per (id, camera) folder, inclusive range")
     p.add_argument("--imgs_per_id", type=int, default=10, help="RegDB: images per id and modality")
     args = p.parse_args(argv)
 
