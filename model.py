@@ -180,31 +180,18 @@ class Body(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-class VisibleModule(nn.Module):
-    def __init__(self, stem):
+class Named(nn.Module):
+    """One child module under a fixed attribute name. It only exists for the state_dict keys
+    of the authors' AGW networks: visible_module.visible.*, thermal_module.thermal.*,
+    base_resnet.base.*."""
+
+    def __init__(self, name, child):
         super().__init__()
-        self.visible = stem
+        self.child_name = name
+        self.add_module(name, child)
 
     def forward(self, x):
-        return self.visible(x)
-
-
-class ThermalModule(nn.Module):
-    def __init__(self, stem):
-        super().__init__()
-        self.thermal = stem
-
-    def forward(self, x):
-        return self.thermal(x)
-
-
-class BaseResnet(nn.Module):
-    def __init__(self, body):
-        super().__init__()
-        self.base = body
-
-    def forward(self, x):
-        return self.base(x)
+        return getattr(self, self.child_name)(x)
 
 
 class TwoStreamBackbone(nn.Module):
@@ -225,10 +212,10 @@ class TwoStreamBackbone(nn.Module):
         utils.choice_check("--stream", stream, ("two", "one"))
         self.arch, self.stream, self.last_stride = arch, stream, last_stride
         vis = Stem()
-        self.visible_module = VisibleModule(vis)
-        self.thermal_module = ThermalModule(Stem() if stream == "two" else vis)
+        self.visible_module = Named("visible", vis)
+        self.thermal_module = Named("thermal", Stem() if stream == "two" else vis)
         layers, self.out_dim = _build_layers(arch, last_stride)
-        self.base_resnet = BaseResnet(Body(*layers))
+        self.base_resnet = Named("base", Body(*layers))
         _init_weights(self)
         if pretrained:
             load_imagenet(self, pretrained)

@@ -34,52 +34,49 @@ def _pad_flat(curve, length):
     return curve
 
 
+def _average(per_query, length):
+    """Mean CMC (cut or padded to ``length``), mAP and mINP over the ``(cmc, hits)`` of the
+    valid queries."""
+    rows = [(_pad_flat(cmc, length), *_ap_inp(hits)) for cmc, hits in per_query]
+    if not rows:
+        raise ValueError("no valid query")
+    cmc, ap, inp = zip(*rows)
+    return np.mean(cmc, axis=0), float(np.mean(ap)), float(np.mean(inp))
+
+
 def _reference_eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20,
                          sort_kind="stable"):
     distmat = np.asarray(distmat)
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
     q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
-    num_q, num_g = distmat.shape
-    length = min(max_rank, num_g)
-    all_cmc, all_ap, all_inp = [], [], []
-    for i in range(num_q):
-        order = np.argsort(distmat[i], kind=sort_kind)
-        # SYSU rule: a cam-3 query never sees cam-2 gallery images (any id).
-        remove = (q_camids[i] == 3) & (g_camids[order] == 2)
-        ranked = g_pids[order][~remove]
-        hits = (ranked == q_pids[i]).astype(np.int64)
-        if not hits.any():
-            continue                      # id absent from the kept gallery: skipped
-        # CMC over the ranked list of unique ids, first occurrence kept.
-        _, first_idx = np.unique(ranked, return_index=True)
-        unique_ranked = np.array([ranked[j] for j in sorted(first_idx)])
-        cmc = np.minimum((unique_ranked == q_pids[i]).cumsum(), 1).astype(np.float64)
-        all_cmc.append(_pad_flat(cmc, length))
-        ap, inp = _ap_inp(hits)
-        all_ap.append(ap)
-        all_inp.append(inp)
-    if not all_cmc:
-        raise ValueError("no valid query")
-    return np.mean(all_cmc, axis=0), float(np.mean(all_ap)), float(np.mean(all_inp))
+
+    def per_query():
+        for i in range(len(distmat)):
+            order = np.argsort(distmat[i], kind=sort_kind)
+            # SYSU rule: a cam-3 query never sees cam-2 gallery images (any id).
+            remove = (q_camids[i] == 3) & (g_camids[order] == 2)
+            ranked = g_pids[order][~remove]
+            hits = (ranked == q_pids[i]).astype(np.int64)
+            if not hits.any():
+                continue                      # id absent from the kept gallery: skipped
+            # CMC over the ranked list of unique ids, first occurrence kept.
+            _, first_idx = np.unique(ranked, return_index=True)
+            unique_ranked = np.array([ranked[j] for j in sorted(first_idx)])
+            yield np.minimum((unique_ranked == q_pids[i]).cumsum(), 1).astype(np.float64), hits
+
+    return _average(per_query(), min(max_rank, distmat.shape[1]))
 
 
 def _reference_eval_regdb(distmat, q_pids, g_pids, max_rank=20, sort_kind="stable"):
     distmat = np.asarray(distmat)
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
-    num_q, num_g = distmat.shape
-    length = min(max_rank, num_g)
-    all_cmc, all_ap, all_inp = [], [], []
-    for i in range(num_q):
-        order = np.argsort(distmat[i], kind=sort_kind)
-        hits = (g_pids[order] == q_pids[i]).astype(np.int64)
-        if not hits.any():
-            continue
-        # Standard (market-style) CMC over the raw ranking.
-        cmc = np.minimum(hits.cumsum(), 1).astype(np.float64)
-        all_cmc.append(_pad_flat(cmc, length))
-        ap, inp = _ap_inp(hits)
-        all_ap.append(ap)
-        all_inp.append(inp)
-    if not all_cmc:
-        raise ValueError("no valid query")
-    return np.mean(all_cmc, axis=0), float(np.mean(all_ap)), float(np.mean(all_inp))
+
+    def per_query():
+        for i in range(len(distmat)):
+            order = np.argsort(distmat[i], kind=sort_kind)
+            hits = (g_pids[order] == q_pids[i]).astype(np.int64)
+            if hits.any():
+                # Standard (market-style) CMC over the raw ranking.
+                yield np.minimum(hits.cumsum(), 1).astype(np.float64), hits
+
+    return _average(per_query(), min(max_rank, distmat.shape[1]))
