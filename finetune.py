@@ -154,19 +154,6 @@ def prepare_args(args, tool_dir):
 
 
 # ============================================================================ checkpoints
-def resolve_resume(args):
-    """--resume as given (relative to the cwd), else as a name under --model_path (the
-    authors' convention)."""
-    given = Path(args.resume).expanduser()
-    candidates = ([given] if given.is_absolute()
-                  else [given.resolve(), Path(args.model_path) / given])
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise UserError(f"--resume {args.resume}: no such checkpoint file (looked at "
-                    + " and ".join(str(c) for c in candidates) + ")")
-
-
 def checkpoint_kind(obj):
     """'last' (our resumable <run>_last.pth), 'finetune' ({'net': state_dict, 'epoch', ...},
     the authors' .t format) or 'pretrain' (anything else: a plain state_dict such as an
@@ -214,8 +201,16 @@ def load_finetune_state(net, state_dict, source, hint="--method/--arch/--dataset
 
 def read_resume(args):
     """(path, loaded object) of --resume; UserError if it is missing or unreadable."""
-    path = resolve_resume(args)
+    path = utils.find_checkpoint(args.resume, args.model_path)
     return path, utils.load_checkpoint(path, trust=args.trust_checkpoint)
+
+
+def read_test_checkpoint(args):
+    """read_resume for the test scripts, where --resume is required."""
+    if not args.resume:
+        raise UserError("--resume CKPT is required: the checkpoint to test (a path, or a name "
+                        "under --model_path)")
+    return read_resume(args)
 
 
 def load_resume(net, args, optimizer=None, scaler=None, state=None, loaded=None):
@@ -451,15 +446,13 @@ def _save_rank_lists(ts, qf, gf, name, args, tag, writer, step):
     print(f"wrote {len(written)} rank lists ({name}, top {args.visrank}) to {out_dir}")
 
 
-def test_main(args, net, feature_names, tool_dir):
+def test_main(args, net, feature_names, tool_dir, loaded=None):
     """What the method's test script runs: load --resume (required) into ``net`` (a
     network, or a builder ``class_num -> network`` that gets the checkpoint's identity
-    count), test, print. Returns the metrics dict of :func:`test`."""
+    count), test, print. ``loaded``: read_test_checkpoint(args) if the script already read
+    it. Returns the metrics dict of :func:`test`."""
     prepare_args(args, tool_dir)
-    if not args.resume:
-        raise UserError("--resume CKPT is required: the checkpoint to test (a path, or a name "
-                        "under --model_path)")
-    path, obj = read_resume(args)
+    path, obj = loaded or read_test_checkpoint(args)
     device = utils.select_device(args.gpu)
     utils.set_seed(args.seed, args.deterministic)
     if not isinstance(net, nn.Module):

@@ -302,9 +302,7 @@ def main(args):
     last_path = Path(args.model_path) / f"{name}_last.pth"
 
     if args.resume:
-        path = Path(args.resume)
-        if not path.is_file() and (Path(args.model_path) / args.resume).is_file():
-            path = Path(args.model_path) / args.resume
+        path = utils.find_checkpoint(args.resume, args.model_path)
         ckpt = utils.load_checkpoint(path, trust=args.trust_checkpoint)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "optimizer" not in ckpt:
             raise UserError(f"{path} is not a resumable pre-training checkpoint (expected a "

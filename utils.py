@@ -345,6 +345,18 @@ def _safe_globals():
     return allowed
 
 
+def find_checkpoint(resume, model_path):
+    """``--resume`` as given (relative to the cwd), else as a name under ``--model_path``
+    (the authors' convention); UserError naming every place looked at."""
+    given = Path(resume).expanduser()
+    candidates = [given] if given.is_absolute() else [given.resolve(), Path(model_path) / given]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise UserError(f"--resume {resume}: no such checkpoint file (looked at "
+                    + " and ".join(str(c) for c in candidates) + ")")
+
+
 def load_checkpoint(path, trust=False):
     """Load a checkpoint with ``torch.load(weights_only=True)`` and an allow-list for
     numpy scalars. Anything else (an arbitrary pickled object) is refused unless the

@@ -19,23 +19,18 @@ sys.path.insert(0, str(TOOL_DIR.parent))
 
 import finetune  # noqa: E402
 import model  # noqa: E402
-import utils  # noqa: E402
 from model_ddag import add_model_args, builder, checkpoint_layout  # noqa: E402
-from utils import UserError, cli  # noqa: E402
+from utils import cli  # noqa: E402
 
 
 def run(args):
     finetune.prepare_args(args, TOOL_DIR)
-    if not args.resume:
-        raise UserError("--resume CKPT is required: the checkpoint to test (a path, or a name "
-                        "under --model_path)")
-    obj = utils.load_checkpoint(finetune.resolve_resume(args), trust=args.trust_checkpoint)
-    sd = model.extract_state_dict(obj, args.resume)
-    del obj
-    layout = checkpoint_layout(sd, args)
+    loaded = finetune.read_test_checkpoint(args)   # read once: the layout, then the weights
+    layout = checkpoint_layout(model.extract_state_dict(loaded[1], args.resume), args)
     names = ("FC", "FC_att") if layout.get("wpa", args.wpa) else ("FC",)
     # no --pretrained ImageNet load: every tensor comes from the checkpoint
-    return finetune.test_main(args, builder(args, pretrained=None, **layout), names, TOOL_DIR)
+    return finetune.test_main(args, builder(args, pretrained=None, **layout), names, TOOL_DIR,
+                              loaded=loaded)
 
 
 def main():

@@ -142,7 +142,7 @@ def test_train_ratio_uses_a_seeded_fraction(sysu_small, tmp_path):
     (["--stream", "three"], "--stream must be one of"),
     (["--dataset", "market"], "--dataset must be one of"),
     (["--num_stripe", "5"], "--num_stripe"),
-    (["--resume", "nope_last.pth"], "checkpoint not found"),
+    (["--resume", "nope_last.pth"], "--resume nope_last.pth: no such checkpoint file"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--lr", "abc"], "invalid float value"),
 ])
