@@ -265,6 +265,8 @@ def main(args):
     args.model_path = str(utils.resolve_path(args.model_path))
     args.log_path = str(utils.resolve_path(args.log_path))
     args.vis_log_path = str(utils.resolve_path(args.vis_log_path))
+    # a missing --resume file fails here, before any log or data work
+    resume_path = utils.find_checkpoint(args.resume, args.model_path) if args.resume else None
     name = run_name(args)
     writer = None
     if utils.is_main_process():
@@ -301,23 +303,22 @@ def main(args):
              "memory_format": torch.channels_last if channels_last else torch.contiguous_format}
     last_path = Path(args.model_path) / f"{name}_last.pth"
 
-    if args.resume:
-        path = utils.find_checkpoint(args.resume, args.model_path)
-        ckpt = utils.load_checkpoint(path, trust=args.trust_checkpoint)
+    if resume_path:
+        ckpt = utils.load_checkpoint(resume_path, trust=args.trust_checkpoint)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "optimizer" not in ckpt:
-            raise UserError(f"{path} is not a resumable pre-training checkpoint (expected a "
+            raise UserError(f"{resume_path} is not a resumable pre-training checkpoint (expected a "
                             f"<run>_last.pth written by train.py)")
         try:
             utils.unwrap(net).load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise UserError(f"{path} does not match this network (--arch/--stream/--num_stripe?): "
+            raise UserError(f"{resume_path} does not match this network (--arch/--stream/--num_stripe?): "
                             f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        state.update(global_step=ckpt["global_step"], start_epoch=ckpt["epoch"] + 1, last_ckpt=str(path))
+        state.update(global_step=ckpt["global_step"], start_epoch=ckpt["epoch"] + 1, last_ckpt=str(resume_path))
         utils.set_rng_state(ckpt["rng"])
-        print(f"resumed {path}: continuing at epoch {state['start_epoch']}")
+        print(f"resumed {resume_path}: continuing at epoch {state['start_epoch']}")
 
     aug = DeviceAugment(args.img_h, args.img_w, device=device)
     for epoch in range(state["start_epoch"], args.epochs):
