@@ -526,7 +526,7 @@ def _data_stats(data, testset):
 
 
 def train(args, net, step_fn, new_modules, method, milestones, feature_names, tool_dir,
-          on_epoch_end=None, state=None, best_by=None, find_unused_parameters=False):
+          on_epoch_end=None, state=None, best_by=None):
     """The whole fine-tuning run.
 
     net: the network, or a builder ``class_num -> network`` (called with the training
@@ -573,12 +573,6 @@ def train(args, net, step_fn, new_modules, method, milestones, feature_names, to
 
         if not isinstance(net, nn.Module):
             net = net(data.num_classes)
-        world = utils.get_world_size()
-        if world > 1 and args.sync_bn:
-            if device.type == "cuda":
-                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-            else:
-                print("warning: --sync_bn needs CUDA (SyncBatchNorm has no CPU kernels); ignored")
         net.to(device)
         cl = args.channels_last
         if cl:
@@ -593,11 +587,10 @@ def train(args, net, step_fn, new_modules, method, milestones, feature_names, to
         elif not args.pretrained:
             print("note: no --resume and no --pretrained: the backbone starts from random weights")
 
-        train_net = net  # `net` stays the bare module: tested and saved
-        if world > 1:
-            train_net = nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=find_unused_parameters)
+        # `net` stays the bare module (tested and saved); SyncBN conversion, when asked for,
+        # swaps its BatchNorm children in place and keeps their parameters, so the optimizer
+        # built above still holds the right tensors
+        train_net = utils.wrap_ddp(net, device, args.sync_bn)
         if args.compile:
             train_net = torch.compile(train_net)
 
