@@ -139,6 +139,49 @@ def load_train_data(dataset, data_path, trial=1, img_h=288, img_w=144, workers=0
     raise UserError(f"--dataset must be sysu or regdb, got {dataset!r}")
 
 
+class PermHeldout:
+    """The fixed held-out set of the permutation-accuracy evaluation (``train.py``).
+
+    Images the pre-training never trains on: SYSU-MM01's test-split ids (RGB cameras
+    1,2,4,5 and IR cameras 3,6; pre-training reads train_id + val_id only), or RegDB's test
+    list of the trial. ``n`` images per modality are drawn by a seeded generator, and each
+    gets a fixed permutation from a second one, so the same data folder, ``n`` and
+    ``seed`` give the same images and permutations in every run.
+
+    ``rgb``/``ir``: uint8 [n, H, W, 3]; ``rgb_perms``/``ir_perms``: int64 [n, K];
+    ``rgb_paths``/``ir_paths``: the image files."""
+
+    def __init__(self, dataset, data_path, num_stripe, img_h, img_w, n=300, seed=0, trial=1,
+                 workers=0):
+        from data_manager import (SYSU_IR_CAMS, SYSU_RGB_CAMS, list_sysu_images,
+                                  load_images, process_test_regdb, sysu_root, sysu_split_ids)
+        if dataset == "sysu":
+            root = sysu_root(data_path)
+            ids = sysu_split_ids(root, "test")
+            lists = {"rgb": list_sysu_images(root, ids, SYSU_RGB_CAMS["all"])[0],
+                     "ir": list_sysu_images(root, ids, SYSU_IR_CAMS)[0]}
+        elif dataset == "regdb":
+            lists = {"rgb": process_test_regdb(data_path, trial, "visible")[0],
+                     "ir": process_test_regdb(data_path, trial, "thermal")[0]}
+        else:
+            raise UserError(f"--dataset must be sysu or regdb, got {dataset!r}")
+        pick, perm_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
+        for m, paths in lists.items():
+            if not paths:
+                raise UserError(f"no {m} test images in {data_path} for the held-out "
+                                f"permutation accuracy (--val_images 0 turns it off)")
+            keep = np.sort(pick.choice(len(paths), min(n, len(paths)), replace=False))
+            setattr(self, f"{m}_paths", [str(paths[i]) for i in keep])
+            setattr(self, f"{m}", load_images(getattr(self, f"{m}_paths"), img_w=img_w,
+                                               img_h=img_h, workers=workers))
+            setattr(self, f"{m}_perms", np.stack([perm_rng.permutation(num_stripe)
+                                                  for _ in keep]).astype(np.int64))
+
+    def stats(self):
+        return (f"held-out permutation set: {len(self.rgb)} RGB + {len(self.ir)} IR test "
+                f"images with fixed permutations")
+
+
 # ----------------------------------------------------------------------------- samplers
 class _EpochBatches(Sampler):
     """Base for samplers that yield whole batches ``(rgb_idx, ir_idx)`` for one epoch.

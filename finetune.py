@@ -698,6 +698,8 @@ def _train_epoch(net, loader, aug, optimizer, scaler, amp_dtype, cl, step_fn, ep
         if step % args.print_freq == 0 or step == steps - 1:
             watch.check(epoch, last_path if last_path.is_file() else None)
             last, avg = meters.read()
+            if step == 0:   # the epoch's first-step values go into its JSON line (step0_*)
+                first = {f"step0_{k}": v for k, v in last.items()}
             now = time.time()
             t_step = (now - t_last) / (step - last_printed)
             t_avg = (now - t0) / (step + 1)
@@ -707,7 +709,7 @@ def _train_epoch(net, loader, aug, optimizer, scaler, amp_dtype, cl, step_fn, ep
             print(_fmt_step(epoch, step, steps, t_step, t_avg, eta, lr, last, avg))
             t_last, last_printed = now, step
     _, avg = meters.read()
-    return {k: utils.reduce_mean(v) for k, v in avg.items()}
+    return {k: utils.reduce_mean(v) for k, v in {**avg, **first}.items()}
 
 
 def _log_epoch(writer, jlog, epoch, lr, meters, metrics, feature_names):

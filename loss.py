@@ -113,48 +113,67 @@ def _soft_nn(query, pool, temp, exclude=None):
     return torch.softmax(sim, dim=-1) @ pool
 
 
-def _info_nce_symmetric(a, b, temp, gather=None, offset=0):
+def _info_nce_symmetric(a, b, temp, gather=None, offset=0, groups=0):
     """InfoNCE with positives on the diagonal, both directions (a->b and b->a).
 
     With ``gather`` (DDP), the keys are the rows of all ranks and the local row i's
     positive is global row ``offset + i``: every rank's mean over its queries, averaged
-    by DDP, is then the single-process loss over the whole batch."""
+    by DDP, is then the single-process loss over the whole batch. ``groups`` = K > 0: row
+    r belongs to group r % K (stripe index k) and only keys of the query's own group are
+    candidates (negatives from the same part only)."""
+    def ce(q, keys, labels):
+        logits = q @ keys.t() / temp
+        if groups:
+            other = (labels[:, None] % groups) != (torch.arange(keys.shape[0], device=q.device) % groups)
+            logits = logits.masked_fill(other, float("-inf"))
+        return F.cross_entropy(logits, labels)
     if gather is None:
-        logits = a @ b.t() / temp
         labels = torch.arange(a.shape[0], device=a.device)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+        return 0.5 * (ce(a, b, labels) + ce(b, a, labels))
     labels = offset + torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(a @ gather(b).t() / temp, labels)
-                  + F.cross_entropy(b @ gather(a).t() / temp, labels))
+    return 0.5 * (ce(a, gather(b), labels) + ce(b, gather(a), labels))
 
 
 def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, renorm=True,
-             gather=None):
-    """Part-aware cycle-contrastive loss (MMGL's local granularity; SPEC §3.4).
+             gather=None, pool="all", form="pair"):
+    """Part-aware cycle-contrastive loss (MMGL's local granularity, paper §III-C).
 
     z_rgb, z_ir: [B, K, D] L2-normalised stripe embeddings. For every query stripe q
-    (each stripe of each image, both modalities):
-      q_x = soft nearest neighbour of q in the OTHER modality's stripe pool,
-      q_s = soft nearest neighbour of q in its OWN modality's pool without the K
-            stripes of q's own image (else q would simply find itself),
-    each sum_u softmax_u(q.u / t) u. (q_x_i, q_s_i) is a positive pair and (q_x_i, q_s_j),
-    j != i, are negatives over all queries of that modality: a symmetric InfoNCE at
-    temperature t, averaged over the two modalities. So a stripe's cross-modal
-    neighbour must agree with its intra-modal one -- the "cycle" across modalities.
+    (each stripe of each image, both modalities) q_x is its soft nearest neighbour in the
+    OTHER modality's stripe pool, sum_u softmax_u(q.u / t) u. Then (``form``):
 
-    OUR READINGS (the paper leaves them open): the same t serves the soft-NN and the
-    InfoNCE; q_x and q_s are L2-normalised again before the InfoNCE (``renorm``),
-    because a softmax mixture of unit vectors is shorter than 1 and InfoNCE at t=0.07
-    assumes cosine similarities; the pools are all B*K stripes of a modality regardless
-    of stripe position.
+    * ``pair`` (our first reading): q_s is q's soft nearest neighbour in its OWN modality's
+      pool without the K stripes of q's own image (else q would simply find itself);
+      (q_x_i, q_s_i) is a positive pair and (q_x_i, q_s_j), j != i, are negatives over all
+      queries of that modality: a symmetric InfoNCE at temperature t. A stripe's
+      cross-modal neighbour must agree with its intra-modal one.
+    * ``cycle`` (cycle-back, as in temporal cycle-consistency): q_x is matched back against
+      q's own modality's pool, softmax(q_x.u / t), and the cycle must return to q itself:
+      cross-entropy with q as the target, every other stripe of that modality a negative.
+
+    ``pool`` (what "part-aware" restricts): ``all`` searches every B*K stripe of a modality
+    regardless of its index k; ``part`` only stripes with the same index k as the query
+    (with stripes in original order, the same body part; in shuffled order, the same row),
+    for the neighbours AND the contrast's negatives. Why it matters: with ``all``, stripes
+    of the same body part in other images are negatives, so the loss pushes body-part
+    information OUT of the stripe features, the very information the permutation task
+    needs; with ``part`` that information is constant inside every contrast set.
+
+    Both forms average over the two modalities. OUR READINGS (the paper leaves them open):
+    the same t serves the soft-NN and the InfoNCE; q_x and q_s are L2-normalised again
+    before the InfoNCE (``renorm``), because a softmax mixture of unit vectors is shorter
+    than 1 and InfoNCE at t=0.07 assumes cosine similarities.
 
     Distributed: ``pool_rgb``/``pool_ir`` are the all-rank gathered embeddings
     [B_all, K, D] (utils.all_gather_with_grad) used as the neighbour pools; the local
     queries are rows ``offset .. offset+B-1`` of them (``offset`` = this rank's first
-    image), which the own-image exclusion needs. With ``gather`` (a gradient-correct
-    all-gather of [N, D] rows) the InfoNCE negatives are the q_s / q_x of all ranks too,
-    so N ranks compute the loss of one process holding the whole batch.
+    image), which the own-image exclusion and the cycle target need. With ``gather`` (a
+    gradient-correct all-gather of [N, D] rows) the pair form's InfoNCE negatives are the
+    q_s / q_x of all ranks too, so N ranks compute the loss of one process holding the
+    whole batch.
     """
+    if pool not in ("all", "part") or form not in ("pair", "cycle"):
+        raise ValueError(f"pcc_loss: pool must be all|part and form pair|cycle, got {pool!r}, {form!r}")
     K, D = z_rgb.shape[1], z_rgb.shape[2]
     pool_rgb = z_rgb if pool_rgb is None else pool_rgb
     pool_ir = z_ir if pool_ir is None else pool_ir
@@ -167,14 +186,33 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
         if n_img < 2:
             raise ValueError("pcc_loss needs at least 2 images per modality "
                              "(the own-modality pool excludes the query's image)")
-        q_img = offset + torch.arange(z.shape[0], device=q.device).repeat_interleave(K)
-        p_img = torch.arange(n_img, device=q.device).repeat_interleave(K)
-        same_image = q_img[:, None] == p_img[None, :]
-        q_x = _soft_nn(q, p_other, temp)
-        q_s = _soft_nn(q, p_own, temp, exclude=same_image)
+        dev = q.device
+        q_img = offset + torch.arange(z.shape[0], device=dev).repeat_interleave(K)
+        p_img = torch.arange(n_img, device=dev).repeat_interleave(K)
+        other_part = None
+        if pool == "part":   # exclude stripes of another index k
+            q_k, p_k = torch.arange(K, device=dev).repeat(z.shape[0]), torch.arange(K, device=dev).repeat(n_img)
+            other_part = q_k[:, None] != p_k[None, :]
+            p_other_k = torch.arange(K, device=dev).repeat(other_pool.shape[0])
+            q_x = _soft_nn(q, p_other, temp, exclude=q_k[:, None] != p_other_k[None, :])
+        else:
+            q_x = _soft_nn(q, p_other, temp)
+        if form == "cycle":
+            q_x = F.normalize(q_x, dim=-1) if renorm else q_x
+            logits = q_x @ p_own.t() / temp
+            if other_part is not None:
+                logits = logits.masked_fill(other_part, float("-inf"))
+            target = q_img * K + torch.arange(K, device=dev).repeat(z.shape[0])
+            loss = loss + F.cross_entropy(logits, target)
+            continue
+        exclude = q_img[:, None] == p_img[None, :]
+        if other_part is not None:
+            exclude = exclude | other_part
+        q_s = _soft_nn(q, p_own, temp, exclude=exclude)
         if renorm:
             q_x, q_s = F.normalize(q_x, dim=-1), F.normalize(q_s, dim=-1)
-        loss = loss + _info_nce_symmetric(q_x, q_s, temp, gather, offset * K)
+        loss = loss + _info_nce_symmetric(q_x, q_s, temp, gather, offset * K,
+                                          groups=K if pool == "part" else 0)
     return loss / 2
 
 

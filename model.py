@@ -255,7 +255,9 @@ class MMGLNet(TwoStreamBackbone):
     * Global granularity: GAP(F) -> ``fc1`` (Linear out_dim->hidden_dim, ReLU) -> ``fc2``
       (Linear hidden_dim->K*K) -> logits [N, K, K]; row i = shuffled position i,
       column j = original stripe j (see ``loss.perm_matrix``). The head's hidden width
-      (1024) and the ReLU are OUR READING (the paper gives neither).
+      (1024) and the ReLU are OUR READING (the paper gives neither). ``perm_feat='stripes'``
+      (a diagnostic, not the paper's figure) feeds ``fc1`` the K stripe-pooled features
+      concatenated instead of GAP(F), so the head knows which row each feature came from.
     * Local granularity: F pooled into K horizontal stripes -> ``local_conv_list[k]``
       (1x1 conv out_dim->proj_dim, with bias, no BN/ReLU so the embedding is not
       confined to the positive orthant) -> L2 normalised [N, K, proj_dim].
@@ -266,29 +268,46 @@ class MMGLNet(TwoStreamBackbone):
     DDP would otherwise need find_unused_parameters for).
     """
 
-    HEAD_PREFIXES = ("fc1.", "fc2.", "local_conv_list")
+    HEAD_PREFIXES = ("fc1.", "fc2.", "local_conv_list", "perm_bn.")
 
     def __init__(self, arch="resnet50", stream="two", num_stripe=6, proj_dim=256,
-                 pretrained=None, hidden_dim=1024, part=True, last_stride=1):
+                 pretrained=None, hidden_dim=1024, part=True, last_stride=1, perm_feat="gap",
+                 perm_bn=False):
         super().__init__(arch, stream, last_stride, pretrained)
         if num_stripe < 2:
             raise UserError(f"--num_stripe must be at least 2, got {num_stripe}")
-        self.num_stripe, self.proj_dim = num_stripe, proj_dim
-        self.fc1 = nn.Linear(self.out_dim, hidden_dim)
+        utils.choice_check("--perm_feat", perm_feat, ("gap", "stripes"))
+        self.num_stripe, self.proj_dim, self.perm_feat = num_stripe, proj_dim, perm_feat
+        in_dim = self.out_dim * (num_stripe if perm_feat == "stripes" else 1)
+        # perm_bn: BatchNorm1d on the pooled feature before fc1 (like AGW's BNNeck after its
+        # pooling), so every channel reaches the head at unit scale
+        self.perm_bn = nn.BatchNorm1d(in_dim) if perm_bn else None
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, num_stripe * num_stripe)
         self.local_conv_list = (nn.ModuleList(nn.Conv2d(self.out_dim, proj_dim, 1)
                                               for _ in range(num_stripe))
                                 if part else None)
 
     def perm_head(self, fmap):
-        pooled = fmap.mean(dim=(2, 3))
+        if self.perm_feat == "stripes":   # [N, C, K] -> [N, C*K]: row position kept
+            pooled = F.adaptive_avg_pool2d(fmap, (self.num_stripe, 1)).flatten(1)
+        else:
+            pooled = fmap.mean(dim=(2, 3))
+        if self.perm_bn is not None:
+            pooled = self.perm_bn(pooled)
         logits = self.fc2(F.relu(self.fc1(pooled)))
         return logits.view(-1, self.num_stripe, self.num_stripe)
 
-    def stripe_embed(self, fmap):
-        """K stripe embeddings [N, K, proj_dim], L2-normalised (float32)."""
+    def stripe_embed(self, fmap, perms=None):
+        """K stripe embeddings [N, K, proj_dim], L2-normalised (float32). With ``perms``
+        ([N, K], the shuffle each image got) the stripes are first put back in ORIGINAL
+        order, so ``local_conv_list[k]`` projects body part k wherever it was shuffled to
+        (``--pcc_order original``); without, stripe k is shuffled position k."""
         K = self.num_stripe
         stripes = F.adaptive_avg_pool2d(fmap, (K, 1)).flatten(2)           # [N, C, K]
+        if perms is not None:   # original part j sits at shuffled position argsort(perms)[j]
+            inv = perms.argsort(dim=1).to(stripes.device)
+            stripes = stripes.gather(2, inv[:, None, :].expand_as(stripes))
         # K separate 1x1 convs on a 1x1 map are K linear maps; one batched einsum does all
         # of them at once instead of K small kernels.
         w = torch.stack([m.weight.flatten(1) for m in self.local_conv_list])  # [K, P, C]
@@ -296,11 +315,12 @@ class MMGLNet(TwoStreamBackbone):
         z = torch.einsum("nck,kpc->nkp", stripes, w.to(stripes.dtype)) + b.to(stripes.dtype)
         return F.normalize(z.float(), dim=-1)
 
-    def forward(self, x_rgb, x_ir=None, modal=0, pcc=None):
+    def forward(self, x_rgb, x_ir=None, modal=0, pcc=None, perms=None):
         """Inputs: normalised float NCHW, already stripe-shuffled. modal 0 stacks RGB
         then IR along the batch dim of every output. Returns a dict with 'perm_logits'
         [N, K, K] (float32) and, unless the local branch is off (``pcc=False`` or built
-        without it), 'stripes' [N, K, proj_dim]."""
+        without it), 'stripes' [N, K, proj_dim] (in original order when ``perms`` [N, K]
+        is given, see :meth:`stripe_embed`)."""
         fmap = self.forward_body(self.stem(x_rgb, x_ir, modal))
         out = {"perm_logits": self.perm_head(fmap).float()}
         if pcc is None:
@@ -308,7 +328,7 @@ class MMGLNet(TwoStreamBackbone):
         if pcc:
             if self.local_conv_list is None:
                 raise ValueError("this MMGLNet was built with part=False (no stripe branch)")
-            out["stripes"] = self.stripe_embed(fmap)
+            out["stripes"] = self.stripe_embed(fmap, perms)
         return out
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import utils
-from data_loader import DeviceAugment, UnpairedSampler, load_train_data, make_loader, random_perms
+from data_loader import DeviceAugment, PermHeldout, UnpairedSampler, load_train_data, make_loader, random_perms
 from loss import gumbel_sinkhorn, pcc_loss, perm_accuracy, perm_matrix, perm_mse_loss
 from model import MMGLNet
 from utils import UserError
@@ -48,7 +48,12 @@ def get_args_parser():
     g.add_argument("--stream", default="two", help="two: modality-specific stems; one: all shared")
     g.add_argument("--pretrained", default="", help="local torchvision-format ImageNet ResNet file (never downloaded)")
     g.add_argument("--num_stripe", default=6, type=int, help="K horizontal stripes (K! permutations)")
+    g.add_argument("--perm_feat", default="gap", help="what the permutation head sees: gap (the paper's "
+                   "figure: the globally pooled feature) | stripes (the K stripe-pooled features, "
+                   "concatenated: a diagnostic/ablation)")
     g = p.add_argument_group("global granularity: permutation recovery")
+    g.add_argument("--perm_bn", action="store_true", help="BatchNorm1d on the pooled feature before fc1 "
+                   "(our reading, off by default: the paper's figure shows none)")
     g.add_argument("--sinkhorn_iters", default=20, type=int)
     g.add_argument("--sinkhorn_temp", default=1.0, type=float)
     g.add_argument("--gumbel_samples", default=10, type=int)
@@ -60,6 +65,13 @@ def get_args_parser():
                    help="PCC loss on the stripe features (--no-pcc for the ablation)")
     g.add_argument("--cl_weight", default=0.5, type=float)
     g.add_argument("--cl_temp", default=0.07, type=float)
+    g.add_argument("--pcc_form", default="pair", help="pair: the cross-modal and the intra-modal soft "
+                   "nearest neighbours of a stripe are the positive pair | cycle: the cross-modal neighbour, "
+                   "matched back into the stripe's own modality, must find the stripe itself")
+    g.add_argument("--pcc_pool", default="all", help="neighbour pools: all stripes | part: only stripes "
+                   "with the same index k (see --pcc_order)")
+    g.add_argument("--pcc_order", default="shuffled", help="stripe index k is the shuffled position "
+                   "(shuffled) or the body part, i.e. the stripes put back in order (original)")
     g.add_argument("--gather", action="store_true", help="under DDP, PCC neighbours/negatives from all ranks")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", default=0.1, type=float)
@@ -82,6 +94,9 @@ def get_args_parser():
     g.add_argument("--vis_log_path", default="log/vis_log/")
     g.add_argument("--save_epoch", default=10, type=int, help="write <run>_epoch_<E>.t every this many epochs")
     g.add_argument("--print_freq", default=50, type=int)
+    g.add_argument("--val_images", default=300, type=int,
+                   help="held-out test images per modality for the permutation accuracy printed after "
+                        "every epoch (0: off)")
     g.add_argument("--resume", default="", help="<run>_last.pth (path or name under --model_path)")
     g.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
                    help="allow full unpickling of --resume (only for files you trust)")
@@ -92,8 +107,14 @@ def check_args(args):
     utils.choice_check("--dataset", args.dataset, ("sysu", "regdb"))
     utils.choice_check("--stream", args.stream, ("two", "one"))
     utils.choice_check("--arch", args.arch, ("resnet50", "resnet18"))
+    utils.choice_check("--perm_feat", args.perm_feat, ("gap", "stripes"))
+    utils.choice_check("--pcc_form", args.pcc_form, ("pair", "cycle"))
+    utils.choice_check("--pcc_pool", args.pcc_pool, ("all", "part"))
+    utils.choice_check("--pcc_order", args.pcc_order, ("shuffled", "original"))
     if args.num_stripe < 2 or args.img_h % args.num_stripe:
         raise UserError(f"--num_stripe must be >= 2 and divide --img_h {args.img_h}, got {args.num_stripe}")
+    if args.val_images < 0:
+        raise UserError(f"--val_images must be >= 0, got {args.val_images}")
     for name in ("batch_size", "epochs", "sinkhorn_iters", "gumbel_samples", "save_epoch", "print_freq"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -110,6 +131,14 @@ def run_name(args):
         name += f"_trial_{args.trial}"
     if args.arch != "resnet50":
         name += f"_{args.arch}"
+    if args.perm_feat != "gap":
+        name += f"_{args.perm_feat}"
+    if args.perm_bn:
+        name += "_permbn"
+    readings = [v for v, d in ((args.pcc_form, "pair"), (args.pcc_pool, "all"), (args.pcc_order, "shuffled"))
+                if v != d]
+    if args.pcc and readings:
+        name += "_pcc_" + "_".join(readings)
     if args.train_ratio < 1.0:
         name += f"_ratio_{args.train_ratio}"
     return name
@@ -158,9 +187,10 @@ def mmgl_losses(out, perms, args):
         if args.gather and utils.is_distributed():
             pool_rgb, pool_ir = utils.all_gather_with_grad(z_rgb), utils.all_gather_with_grad(z_ir)
             losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, pool_rgb=pool_rgb, pool_ir=pool_ir,
-                                     offset=utils.get_rank() * b, gather=utils.all_gather_with_grad)
+                                     offset=utils.get_rank() * b, gather=utils.all_gather_with_grad,
+                                     pool=args.pcc_pool, form=args.pcc_form)
         else:
-            losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp)
+            losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, pool=args.pcc_pool, form=args.pcc_form)
         total = total + args.cl_weight * losses["pcc"]
     losses["loss"] = total
     return losses
@@ -187,7 +217,7 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, wr
         x_rgb = aug(rgb, train=True, perms=perms).contiguous(memory_format=state["memory_format"])
         x_ir = aug(ir, train=True, perms=perms).contiguous(memory_format=state["memory_format"])
         with utils.autocast(device, state["amp_dtype"]):
-            out = net(x_rgb, x_ir)
+            out = net(x_rgb, x_ir, perms=perms.repeat(2, 1) if args.pcc_order == "original" else None)
         losses = mmgl_losses(out, perms, args)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
@@ -218,7 +248,7 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, wr
                 parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
                 print(f"Epoch [{epoch}][{step + 1}/{n_steps}] time {utils.format_time(elapsed)} "
                       f"eta {utils.format_time(eta)} lr {lr:.4g} loss {means['loss']:.4f} ({parts}) "
-                      f"perm_acc {acc:.2%} stripe_acc {stripe_acc:.2%} {ips:.0f} img/s")
+                      f"train-batch perm_acc {acc:.2%} stripe_acc {stripe_acc:.2%} {ips:.0f} img/s")
                 if writer is not None:
                     gs = state["global_step"]
                     for k, v in means.items():
@@ -232,6 +262,40 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, wr
     if writer is not None and utils.is_main_process():
         log_images(writer, x_rgb, x_ir, out, perms, args, state["global_step"])
     return state["epoch_stats"]
+
+
+@torch.no_grad()
+def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
+    """Held-out permutation accuracy: every held-out image shuffled by its FIXED
+    permutation, no augmentation, no Gumbel noise, BN in eval mode; decoded as in training
+    (noise-free Sinkhorn, Hungarian). Returns val_perm_acc / val_stripe_acc (both
+    modalities), the same per modality (``_rgb``, ``_ir``) and val_perm_mse (the noise-free
+    MSE against the true matrices, which moves before the accuracy does)."""
+    net = utils.unwrap(net)
+    was_training = net.training
+    net.eval()
+    logits, perms = [], []
+    stats = {}
+    for modal, m in ((1, "rgb"), (2, "ir")):
+        imgs, p_all = getattr(heldout, m), torch.from_numpy(getattr(heldout, f"{m}_perms"))
+        out = []
+        for i in range(0, len(imgs), batch):
+            p = p_all[i:i + batch].to(device)
+            x = aug(torch.from_numpy(imgs[i:i + batch]).to(device), train=False, perms=p)
+            with utils.autocast(device, amp_dtype):
+                out.append(net(x, x, modal=modal, pcc=False)["perm_logits"].float())
+        out = torch.cat(out)
+        acc, stripe = perm_accuracy(out, p_all, n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
+        stats[f"val_perm_acc_{m}"], stats[f"val_stripe_acc_{m}"] = acc, stripe
+        logits.append(out)
+        perms.append(p_all.to(device))
+    logits, perms = torch.cat(logits), torch.cat(perms)
+    stats["val_perm_acc"], stats["val_stripe_acc"] = perm_accuracy(
+        logits, perms, n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
+    soft = gumbel_sinkhorn(logits, args.sinkhorn_iters, args.sinkhorn_temp, training=False)
+    stats["val_perm_mse"] = perm_mse_loss(soft, perm_matrix(perms)).item()
+    net.train(was_training)
+    return stats
 
 
 def log_images(writer, x_rgb, x_ir, out, perms, args, step):
@@ -283,13 +347,20 @@ def main(args):
         data_path = utils.resolve_path(args.data_path, default)
         data = load_train_data(args.dataset, data_path, args.trial, args.img_h, args.img_w, args.workers)
         data.subsample(args.train_ratio, args.seed)
+    # held-out permutation accuracy: test-split images only, fixed permutations
+    heldout = None
+    if utils.is_main_process() and not args.dummy and args.val_images:
+        heldout = PermHeldout(args.dataset, data_path, args.num_stripe, args.img_h, args.img_w,
+                              n=args.val_images, seed=0, trial=args.trial, workers=args.workers)
     if utils.is_main_process():
-        utils.print_run_header(args, device, [data.stats(), f"run name: {name}"])
+        utils.print_run_header(args, device, [data.stats(), heldout.stats() if heldout else
+                                              "held-out permutation accuracy: off", f"run name: {name}"])
 
     # ---- model: AGW-compatible backbone + permutation head + stripe projections
     # the stripe branch exists only when PCC trains it (an unused branch would break DDP)
     net = MMGLNet(args.arch, args.stream, num_stripe=args.num_stripe, part=args.pcc,
-                  pretrained=args.pretrained or None).to(device)
+                  pretrained=args.pretrained or None, perm_feat=args.perm_feat,
+                  perm_bn=args.perm_bn).to(device)
     channels_last = args.channels_last
     if channels_last:  # NHWC: tensor-core kernels on a GPU; on the CPU as fast or faster too
         net = net.to(memory_format=torch.channels_last)
@@ -336,9 +407,15 @@ def main(args):
                                    "epoch": epoch, "global_step": state["global_step"],
                                    "rng": utils.get_rng_state(), "args": vars(args)}, last_path)
             state["last_ckpt"] = str(last_path)
-            json_log.write(epoch=epoch, time=time.time() - t0, **stats)
-            print(f"Epoch {epoch} done in {utils.format_time(time.time() - t0)}; "
-                  f"perm_acc {stats['perm_acc']:.2%}; saved {', '.join(saved + [str(last_path)])}")
+            val = evaluate_perm(net, heldout, aug, args, device, amp_dtype) if heldout else {}
+            json_log.write(epoch=epoch, step=state["global_step"], time=time.time() - t0, **stats, **val)
+            for k, v in val.items():
+                writer.add_scalar(f"val/{k[4:]}", v, state["global_step"])
+            held = (f"held-out perm_acc {val['val_perm_acc']:.2%} (RGB {val['val_perm_acc_rgb']:.2%}, "
+                    f"IR {val['val_perm_acc_ir']:.2%}) stripe_acc {val['val_stripe_acc']:.2%} "
+                    f"mse {val['val_perm_mse']:.4f}; " if val else "")
+            print(f"Epoch {epoch} done in {utils.format_time(time.time() - t0)}; {held}"
+                  f"training-batch perm_acc {stats['perm_acc']:.2%}; saved {', '.join(saved + [str(last_path)])}")
         utils.barrier()
     if writer is not None:
         writer.close()

@@ -47,7 +47,9 @@ def make_step(args):
         loss_id = criterion_id(logits.float(), labels)
         loss_tri, _ = criterion_tri(*finetune.gather_for_loss(feat, labels, args))
         acc = (logits.argmax(1) == labels).float().mean()
-        return loss_id + loss_tri, {"id_loss": loss_id, "tri_loss": loss_tri, "acc": acc}
+        # feat_norm: the pooled features' mean L2 norm (what the triplet distances scale with)
+        return loss_id + loss_tri, {"id_loss": loss_id, "tri_loss": loss_tri,
+                                    "feat_norm": feat.detach().float().norm(dim=1).mean(), "acc": acc}
 
     return step
 

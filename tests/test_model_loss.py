@@ -153,6 +153,62 @@ def test_pcc_gradients_and_pool_offsets():
         loss.pcc_loss(z_rgb[:1], z_ir[:1])
 
 
+def test_pcc_cycle_form_hand_case():
+    """cycle: the cross-modal soft neighbour of q, matched back into q's own modality, must
+    find q. Two images, one stripe, orthogonal directions: RGB a/b, IR exactly a/b, so q_x
+    = q (up to the soft-NN mixture) and the loss is the cross-entropy of its
+    back-match, computed here by hand."""
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    z = torch.stack([a, b])[:, None, :]   # [B=2, K=1, D=2]
+    t = 0.5
+    w = torch.softmax(torch.tensor([1.0, 0.0]) / t, 0)      # q=a against the pool (a, b)
+    q_x = F.normalize(w[0] * a + w[1] * b, dim=0)
+    expected = F.cross_entropy((q_x @ torch.stack([a, b]).t() / t)[None], torch.tensor([0]))
+    # by symmetry every query (a or b, RGB or IR) has the same loss
+    assert loss.pcc_loss(z, z.clone(), t, form="cycle").item() == pytest.approx(expected.item(), rel=1e-5)
+    # consistent modalities beat random ones, as for the pair form
+    z_rgb = _structured(seed=0)
+    z_ir = F.normalize(z_rgb + 0.02 * torch.randn(z_rgb.shape, generator=torch.Generator().manual_seed(9)), dim=-1)
+    random_ir = F.normalize(torch.randn(z_rgb.shape, generator=torch.Generator().manual_seed(3)), dim=-1)
+    assert loss.pcc_loss(z_rgb, z_ir, form="cycle") + 0.15 < loss.pcc_loss(z_rgb, random_ir, form="cycle")
+
+
+def test_pcc_part_pool_searches_only_the_same_index():
+    """pool='part': a query of index k only sees stripes of index k, as neighbours and as
+    negatives, so the loss is exactly the mean over k of the loss of each index on its
+    own (both forms), and differs from pool='all'."""
+    z_rgb, z_ir = _structured(seed=4), _structured(seed=5)
+    for form in ("pair", "cycle"):
+        per_k = [loss.pcc_loss(z_rgb[:, k:k + 1], z_ir[:, k:k + 1], form=form) for k in range(6)]
+        whole = loss.pcc_loss(z_rgb, z_ir, form=form, pool="part")
+        assert whole.item() == pytest.approx(torch.stack(per_k).mean().item(), rel=1e-5)
+    for form in ("pair", "cycle"):
+        full = loss.pcc_loss(z_rgb, z_ir, form=form, pool="all")
+        part = loss.pcc_loss(z_rgb, z_ir, form=form, pool="part")
+        assert torch.isfinite(part) and not torch.allclose(full, part)
+    with pytest.raises(ValueError):
+        loss.pcc_loss(z_rgb, z_ir, pool="row")
+
+
+def test_stripe_embed_in_original_order():
+    """--pcc_order original: stripe j of the output is the stripe the shuffle moved away
+    from position j, i.e. body part j, whatever row it sits at (checked with one shared
+    projection, so only the order differs)."""
+    torch.manual_seed(0)
+    net = model.MMGLNet("resnet18", "two", num_stripe=6)
+    with torch.no_grad():
+        for m in net.local_conv_list[1:]:
+            m.weight.copy_(net.local_conv_list[0].weight)
+            m.bias.copy_(net.local_conv_list[0].bias)
+    fmap = torch.randn(3, net.out_dim, 6, 3)
+    perms = torch.stack([torch.randperm(6) for _ in range(3)])
+    shuffled = net.stripe_embed(fmap)
+    original = net.stripe_embed(fmap, perms)
+    for b in range(3):
+        for i in range(6):   # shuffled position i holds original part perms[b, i]
+            assert torch.allclose(original[b, perms[b, i]], shuffled[b, i], atol=1e-6)
+
+
 # ============================================================================ ReID losses
 # Four 2-D points on a line: x = 0, 1 (id 0) and 3, 5 (id 1). Distances:
 # d01=1, d02=3, d03=5, d12=2, d13=4, d23=2 (diagonal sqrt(1e-12) = 1e-6).
