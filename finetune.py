@@ -305,6 +305,14 @@ def adjust_learning_rate(optimizer, epoch, args, milestones=None):
 
 
 # ============================================================================ devices / AMP
+def feature_scale(feat):
+    """{'feat_norm': mean L2 norm, 'feat_dist': mean pairwise Euclidean distance} of a batch
+    of pooled features (device scalars, logged per step; the triplet losses scale with them)."""
+    f = feat.detach().float()
+    n = f.shape[0]
+    return {"feat_norm": f.norm(dim=1).mean(), "feat_dist": torch.cdist(f, f).sum() / max(1, n * (n - 1))}
+
+
 def gather_for_loss(feat, labels, args):
     """With --gather under torchrun: the features and labels of every rank's batch
     (gradient-correct all_gather), so a batch-wise loss (the triplet's hardest negatives)

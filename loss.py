@@ -71,14 +71,17 @@ def perm_matrix(perms):
     return F.one_hot(perms.long(), perms.shape[-1]).float()
 
 
-def perm_mse_loss(soft_perm, target_perm):
+def perm_mse_loss(soft_perm, target_perm, reduction="mean"):
     """MSE between soft permutations [S*B, K, K] (S Gumbel samples, sample-major) and the
-    ground-truth matrices [B, K, K], averaged over every entry (the paper's MSE
-    objective for permutation recovery)."""
+    ground-truth matrices [B, K, K] (the paper's objective for permutation recovery):
+    ``mean`` averages over every entry; ``matrix`` sums over the K x K entries of each
+    matrix (the squared Frobenius distance) and averages over matrices, K*K times more."""
     n, b = soft_perm.shape[0], target_perm.shape[0]
     if n % b:
         raise ValueError(f"{n} soft permutations do not tile {b} targets")
     target = target_perm.to(soft_perm.dtype).repeat(n // b, 1, 1)
+    if reduction == "matrix":
+        return (soft_perm - target).pow(2).sum(dim=(1, 2)).mean()
     return F.mse_loss(soft_perm, target)
 
 
@@ -135,7 +138,7 @@ def _info_nce_symmetric(a, b, temp, gather=None, offset=0, groups=0):
 
 
 def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, renorm=True,
-             gather=None, pool="all", form="pair"):
+             gather=None, pool="all", form="pair", detach_pool=False):
     """Part-aware cycle-contrastive loss (MMGL's local granularity, paper §III-C).
 
     z_rgb, z_ir: [B, K, D] L2-normalised stripe embeddings. For every query stripe q
@@ -158,6 +161,10 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
     of the same body part in other images are negatives, so the loss pushes body-part
     information OUT of the stripe features, the very information the permutation task
     needs; with ``part`` that information is constant inside every contrast set.
+
+    ``detach_pool``: the neighbour pools (and the cycle's back-match keys) are constants,
+    as support sets are in nearest-neighbour contrastive methods (NNCLR); the gradient
+    reaches each stripe only as a query.
 
     Both forms average over the two modalities. OUR READINGS (the paper leaves them open):
     the same t serves the soft-NN and the InfoNCE; q_x and q_s are L2-normalised again
@@ -182,6 +189,8 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
         q = z.float().reshape(-1, D)
         p_own = own_pool.float().reshape(-1, D)
         p_other = other_pool.float().reshape(-1, D)
+        if detach_pool:   # neighbours as targets: the gradient reaches only the queries
+            p_own, p_other = p_own.detach(), p_other.detach()
         n_img = own_pool.shape[0]
         if n_img < 2:
             raise ValueError("pcc_loss needs at least 2 images per modality "

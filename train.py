@@ -58,6 +58,8 @@ def get_args_parser():
     g.add_argument("--sinkhorn_temp", default=1.0, type=float)
     g.add_argument("--gumbel_samples", default=10, type=int)
     g.add_argument("--gumbel_noise", default=1.0, type=float)
+    g.add_argument("--perm_reduction", default="mean", help="MSE over the entries (mean) or summed over "
+                   "each K x K matrix (matrix: the squared Frobenius distance, K*K times larger)")
     g = p.add_argument_group("local granularity: part-aware cycle-contrastive (PCC)")
     g.add_argument("--part", default=True, action=argparse.BooleanOptionalAction,
                    help="stripe (part) feature branch; --no-part drops it and PCC with it")
@@ -70,6 +72,8 @@ def get_args_parser():
                    "matched back into the stripe's own modality, must find the stripe itself")
     g.add_argument("--pcc_pool", default="all", help="neighbour pools: all stripes | part: only stripes "
                    "with the same index k (see --pcc_order)")
+    g.add_argument("--pcc_detach_pool", action="store_true", help="neighbour pools as constants (no "
+                   "gradient through the neighbours, as NNCLR's support set)")
     g.add_argument("--pcc_order", default="shuffled", help="stripe index k is the shuffled position "
                    "(shuffled) or the body part, i.e. the stripes put back in order (original)")
     g.add_argument("--gather", action="store_true", help="under DDP, PCC neighbours/negatives from all ranks")
@@ -109,12 +113,19 @@ def check_args(args):
     utils.choice_check("--arch", args.arch, ("resnet50", "resnet18"))
     utils.choice_check("--perm_feat", args.perm_feat, ("gap", "stripes"))
     utils.choice_check("--pcc_form", args.pcc_form, ("pair", "cycle"))
+    utils.choice_check("--perm_reduction", args.perm_reduction, ("mean", "matrix"))
     utils.choice_check("--pcc_pool", args.pcc_pool, ("all", "part"))
     utils.choice_check("--pcc_order", args.pcc_order, ("shuffled", "original"))
     if args.num_stripe < 2 or args.img_h % args.num_stripe:
         raise UserError(f"--num_stripe must be >= 2 and divide --img_h {args.img_h}, got {args.num_stripe}")
-    if args.val_images < 0:
-        raise UserError(f"--val_images must be >= 0, got {args.val_images}")
+    for name in ("val_images", "workers", "warmup_epochs", "iters_per_epoch"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.warmup_epochs > args.epochs:
+        print(f"warning: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the lr never "
+              f"reaches --lr {args.lr} (it stops at {args.lr * args.epochs / args.warmup_epochs:.3g})")
     for name in ("batch_size", "epochs", "sinkhorn_iters", "gumbel_samples", "save_epoch", "print_freq"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -135,8 +146,12 @@ def run_name(args):
         name += f"_{args.perm_feat}"
     if args.perm_bn:
         name += "_permbn"
+    if args.perm_reduction != "mean":
+        name += f"_mse_{args.perm_reduction}"
     readings = [v for v, d in ((args.pcc_form, "pair"), (args.pcc_pool, "all"), (args.pcc_order, "shuffled"))
                 if v != d]
+    if args.pcc_detach_pool:
+        readings.append("detach")
     if args.pcc and readings:
         name += "_pcc_" + "_".join(readings)
     if args.train_ratio < 1.0:
@@ -179,7 +194,7 @@ def mmgl_losses(out, perms, args):
     for i, m in enumerate(("rgb", "ir")):
         soft = gumbel_sinkhorn(out["perm_logits"][i * b:(i + 1) * b].float(), args.sinkhorn_iters,
                                args.sinkhorn_temp, args.gumbel_samples, args.gumbel_noise)
-        losses[f"perm_{m}"] = perm_mse_loss(soft, target.float())
+        losses[f"perm_{m}"] = perm_mse_loss(soft, target.float(), args.perm_reduction)
     total = losses["perm_rgb"] + losses["perm_ir"]
     if args.pcc:
         z = out["stripes"].float()
@@ -188,9 +203,10 @@ def mmgl_losses(out, perms, args):
             pool_rgb, pool_ir = utils.all_gather_with_grad(z_rgb), utils.all_gather_with_grad(z_ir)
             losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, pool_rgb=pool_rgb, pool_ir=pool_ir,
                                      offset=utils.get_rank() * b, gather=utils.all_gather_with_grad,
-                                     pool=args.pcc_pool, form=args.pcc_form)
+                                     pool=args.pcc_pool, form=args.pcc_form, detach_pool=args.pcc_detach_pool)
         else:
-            losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, pool=args.pcc_pool, form=args.pcc_form)
+            losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, pool=args.pcc_pool, form=args.pcc_form,
+                                     detach_pool=args.pcc_detach_pool)
         total = total + args.cl_weight * losses["pcc"]
     losses["loss"] = total
     return losses

@@ -47,9 +47,10 @@ def make_step(args):
         loss_id = criterion_id(logits.float(), labels)
         loss_tri, _ = criterion_tri(*finetune.gather_for_loss(feat, labels, args))
         acc = (logits.argmax(1) == labels).float().mean()
-        # feat_norm: the pooled features' mean L2 norm (what the triplet distances scale with)
-        return loss_id + loss_tri, {"id_loss": loss_id, "tri_loss": loss_tri,
-                                    "feat_norm": feat.detach().float().norm(dim=1).mean(), "acc": acc}
+        # feat_norm / feat_dist: the pooled features' mean L2 norm and mean pairwise distance
+        # (what the triplet loss scales with)
+        return loss_id + loss_tri, {"id_loss": loss_id, "tri_loss": loss_tri, **finetune.feature_scale(feat),
+                                    "acc": acc}
 
     return step
 

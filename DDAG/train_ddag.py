@@ -58,8 +58,7 @@ def make_step(args):
         x_pool, logits, part_logits, log_probs = net(x_rgb, x_ir, adj=adj)
         loss_id = F.cross_entropy(logits.float(), labels)
         loss_tri, _ = triplet(*finetune.gather_for_loss(x_pool, labels, args))
-        logs = {"id_loss": loss_id, "tri_loss": loss_tri,
-                "feat_norm": x_pool.detach().float().norm(dim=1).mean()}
+        logs = {"id_loss": loss_id, "tri_loss": loss_tri, **finetune.feature_scale(x_pool)}
         loss = loss_id + loss_tri
         if part_logits is not None:
             logs["part_loss"] = F.cross_entropy(part_logits.float(), labels)

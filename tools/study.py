@@ -33,20 +33,37 @@ PRETRAIN = {
     "gap_k6_pcc": ([], "GAP, K=6, PCC (paper default)"),
     "gap_k6_nopcc": (["--no-pcc"], "GAP, K=6, no PCC"),
     "stripes_k6_pcc": (["--perm_feat", "stripes"], "stripes head, K=6, PCC"),
+    "stripes_k6_nopcc": (["--perm_feat", "stripes", "--no-pcc"], "stripes head, K=6, no PCC"),
     "gap_k3_pcc": (["--num_stripe", "3"], "GAP, K=3, PCC"),
+    # readings of the loss balance (all GAP, K=6, PCC on at the paper's weight unless named)
+    "gap_k6_pcc_cw0.05": (["--cl_weight", "0.05"], "GAP, K=6, PCC at weight 0.05 (diagnostic)"),
+    "gap_k6_pcc_cw0": (["--cl_weight", "0"], "GAP, K=6, PCC branch built, weight 0 (control)"),
+    "gap_k6_pcc_cycle": (["--pcc_form", "cycle"], "GAP, K=6, PCC cycle form"),
+    "gap_k6_pcc_part_orig": (["--pcc_pool", "part", "--pcc_order", "original"],
+                             "GAP, K=6, PCC within body part"),
+    "gap_k6_pcc_cycle_part_orig": (["--pcc_form", "cycle", "--pcc_pool", "part", "--pcc_order", "original"],
+                                   "GAP, K=6, PCC cycle form within body part"),
+    "gap_k6_pcc_detach": (["--pcc_detach_pool"], "GAP, K=6, PCC with constant neighbour pools"),
+    "gap_k6_pcc_permbn": (["--perm_bn"], "GAP + BN, K=6, PCC"),
+    "gap_k6_pcc_mse_matrix": (["--perm_reduction", "matrix"], "GAP, K=6, PCC, MSE summed per matrix"),
 }
+DEFAULT_CONFIGS = "gap_k6_pcc,gap_k6_nopcc,stripes_k6_pcc,stripes_k6_nopcc,gap_k3_pcc"
+READINGS = ("gap_k6_pcc,gap_k6_nopcc,gap_k6_pcc_cw0,gap_k6_pcc_cw0.05,gap_k6_pcc_cycle,gap_k6_pcc_part_orig,"
+            "gap_k6_pcc_cycle_part_orig,gap_k6_pcc_detach,gap_k6_pcc_permbn,gap_k6_pcc_mse_matrix")
 SIZE = ["--img_h", "96", "--img_w", "48"]
 
 
 def get_args_parser():
     p = ArgumentParser("study.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="study", help="output folder (relative: to the repository)")
-    p.add_argument("--num_ids", default=150, type=int, help="identities of the synthetic set")
+    p.add_argument("--num_ids", default=60, type=int, help="identities of the synthetic set (60: 42 "
+                   "training and 18 test ids)")
     p.add_argument("--data_seed", default=0, type=int)
     p.add_argument("--epochs", default=30, type=int, help="pre-training epochs of every configuration")
     p.add_argument("--batch-size", dest="batch_size", default=16, type=int,
                    help="pre-training images per modality per step")
-    p.add_argument("--configs", default=",".join(PRETRAIN), help="pre-training configurations to run")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="pre-training configurations to run, or "
+                   "'readings' for the screen of loss-balance readings (known: " + ", ".join(PRETRAIN) + ")")
     p.add_argument("--ft_epochs", default=10, type=int, help="AGW/DDAG fine-tuning epochs")
     p.add_argument("--seeds", default=3, type=int, help="AGW seeds per initialisation")
     p.add_argument("--ddag_seeds", default=1, type=int, help="DDAG seeds per initialisation (0: skip)")
@@ -178,8 +195,9 @@ def finetune_table(out, method, feature):
         tri = sum(f["step0_tri_loss"] for f in first) / len(first)
         idl = sum(f["step0_id_loss"] for f in first) / len(first)
         norm = sum(f["step0_feat_norm"] for f in first) / len(first)
+        dist = sum(f["step0_feat_dist"] for f in first) / len(first)
         rows.append(f"| {method.upper()} | {init} | {len(finals)} | {_mean_std(r1)} ({per_seed}) | "
-                    f"{_mean_std(mAP)} | {idl:.2f} | {tri:.2f} | {norm:.1f} |")
+                    f"{_mean_std(mAP)} | {idl:.2f} | {tri:.2f} | {norm:.1f} / {dist:.1f} |")
     return rows
 
 
@@ -235,17 +253,18 @@ def report(out, pre, chosen, args):
     lines += ["", f"Chance: whole permutation 1/{k}! , stripe 1/{k}. The held-out set is test-split "
               "identities only, each image with a fixed permutation; no augmentation, no Gumbel noise.",
               "", "![pre-training curves](pretrain_curves.png)", ""]
-    if chosen:
+    rows = finetune_table(out, "agw", "FC") + finetune_table(out, "ddag", "FC_att")
+    if chosen and rows:
         acc = [x for x in pre[chosen]["log"] if "val_perm_acc" in x][-1]["val_perm_acc"]
         lines += ["## Fine-tuning: MMGL init vs random init", "",
                   f"MMGL checkpoint: `{chosen}` ({PRETRAIN[chosen][1]}), held-out permutation "
                   f"accuracy {100 * acc:.1f}%. Same budget for both: {args.ft_epochs} epochs, lr 0.1, no "
                   "warm-up. Rank-1/mAP: each run's final test (mean over the 10 gallery trials), "
-                  "then mean ± std over seeds (per-seed Rank-1 in brackets). First step: the losses and "
-                  "the pooled features' mean L2 norm of the very first training step.", "",
+                  "then mean ± std over seeds (per-seed Rank-1 in brackets). First step: the losses, the "
+                  "pooled features' mean L2 norm and mean pairwise distance of the very first training step.", "",
                   "| method | init | seeds | Rank-1 % | mAP % | first-step ID loss | first-step triplet "
-                  "loss | first-step feature norm |", "|---|---|---|---|---|---|---|---|"]
-        lines += finetune_table(out, "agw", "FC") + finetune_table(out, "ddag", "FC_att")
+                  "loss | first-step feature norm / pairwise distance |", "|---|---|---|---|---|---|---|---|"]
+        lines += rows
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -253,6 +272,8 @@ def report(out, pre, chosen, args):
 def main(args):
     out = Path(args.out)
     out = out if out.is_absolute() else REPO_ROOT / out
+    if args.configs == "readings":
+        args.configs = READINGS
     for name in args.configs.split(","):
         if name not in PRETRAIN:
             raise UserError(f"--configs: unknown configuration {name!r} (known: {', '.join(PRETRAIN)})")
