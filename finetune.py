@@ -143,6 +143,9 @@ def prepare_args(args, tool_dir):
     for name, flag in positive.items():
         if getattr(args, name) < 1:
             raise UserError(f"{flag} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size < 2:
+        raise UserError(f"--batch-size must be >= 2 identities per step: with {args.batch_size} the "
+                        f"triplet loss has no negative and the ID loss no contrast")
     for name in ("workers", "test_every", "warmup_epochs", "visrank", "pad"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -570,13 +573,15 @@ def train(args, net, step_fn, new_modules, method, milestones, feature_names, to
     best_path, last_path = model_dir / f"{run}_best.t", model_dir / f"{run}_last.pth"
     log_file, old_stdout, writer = None, sys.stdout, None
     try:
-        if rank0:
-            log_file = utils.setup_log(args.log_path, run)
+        if rank0:  # a wrong output folder fails now, not at the first save
+            utils.check_writable(args.model_path, args.log_path, args.vis_log_path)
         else:  # one log: the other ranks stay silent (their errors still reach stderr)
             sys.stdout = open(os.devnull, "w")
         data = data_loader.load_train_data(args.dataset, args.data_path, args.trial,
                                            args.img_h, args.img_w, args.workers)
         testset = TestSet(args)
+        if rank0:  # the log starts once the data is in: a run that cannot start leaves none
+            log_file = utils.setup_log(args.log_path, run)
         utils.print_run_header(args, device, extra=_data_stats(data, testset))
 
         if not isinstance(net, nn.Module):

@@ -134,6 +134,10 @@ def check_args(args):
     return args
 
 
+# the flags that decide the network's tensors (a _last.pth resumes only with the same ones)
+NETWORK_FLAGS = ("arch", "stream", "num_stripe", "perm_feat", "perm_bn", "pcc", "part")
+
+
 def run_name(args):
     """Like the authors' ``sysu_two_cw_0.5_ct_0.07_so_20_spm_10`` (+ epoch suffix)."""
     name = f"{args.dataset}_{args.stream}_cw_{args.cl_weight if args.pcc else 0}_ct_{args.cl_temp}" \
@@ -349,11 +353,8 @@ def main(args):
     resume_path = utils.find_checkpoint(args.resume, args.model_path) if args.resume else None
     name = run_name(args)
     writer = None
-    if utils.is_main_process():
-        utils.setup_log(args.log_path, name)
-        json_log = utils.JsonLog(Path(args.log_path) / f"{name}.jsonl")
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(str(Path(args.vis_log_path) / name))
+    if utils.is_main_process():  # a wrong output folder fails now, not at the first save
+        utils.check_writable(args.model_path, args.log_path, args.vis_log_path)
 
     # ---- data: uint8 arrays (memory-mapped for SYSU); unpaired batches, no labels used
     if args.dummy:
@@ -369,6 +370,11 @@ def main(args):
         heldout = PermHeldout(args.dataset, data_path, args.num_stripe, args.img_h, args.img_w,
                               n=args.val_images, seed=0, trial=args.trial, workers=args.workers)
     if utils.is_main_process():
+        # the logs start once the data is in, so a run that cannot start leaves none behind
+        utils.setup_log(args.log_path, name)
+        json_log = utils.JsonLog(Path(args.log_path) / f"{name}.jsonl")
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(str(Path(args.vis_log_path) / name))
         utils.print_run_header(args, device, [data.stats(), heldout.stats() if heldout else
                                               "held-out permutation accuracy: off", f"run name: {name}"])
 
@@ -397,9 +403,12 @@ def main(args):
                             f"<run>_last.pth written by train.py)")
         try:
             utils.unwrap(net).load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UserError(f"{resume_path} does not match this network (--arch/--stream/--num_stripe?): "
-                            f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}")
+        except RuntimeError:
+            saved = ckpt.get("args") or {}
+            differ = [f"--{k} {saved[k]} (this run: {getattr(args, k)})" for k in NETWORK_FLAGS
+                      if k in saved and saved[k] != getattr(args, k)]
+            raise UserError(f"{resume_path} does not match this network: it was written with "
+                            + (", ".join(differ) if differ else "another network layout")) from None
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])

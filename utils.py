@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -316,19 +317,49 @@ def set_rng_state(state):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def _free_space(path):
+    """Free space on the filesystem holding ``path`` (or its nearest existing parent), as text."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{shutil.disk_usage(p).free / 2**20:.0f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
 def save_checkpoint(obj, path):
-    """Write atomically: a crash mid-save leaves the previous file intact."""
+    """Write atomically: a crash or a full disk mid-save leaves the previous file intact and
+    no temporary file behind; a write failure is one UserError naming the path."""
     import torch
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # torch reports a short write as RuntimeError
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"cannot write checkpoint {path} ({reason}); {_free_space(path.parent)}; "
+                        f"the previous checkpoint there, if any, is unchanged") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def check_writable(*folders):
+    """Create each output folder and write/remove a probe file in it, so a wrong
+    --model_path/--log_path fails before any training instead of at the first save."""
+    for folder in folders:
+        folder = Path(folder)
+        probe = folder / f".write_test_{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"output folder {folder} is not writable ({e.strerror or e})") from None
 
 
 def _safe_globals():
@@ -361,19 +392,27 @@ def load_checkpoint(path, trust=False):
     """Load a checkpoint with ``torch.load(weights_only=True)`` and an allow-list for
     numpy scalars. Anything else (an arbitrary pickled object) is refused unless the
     user passes ``--trust-checkpoint`` (``trust=True``)."""
+    import pickle
     import torch
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK..); files of torch < 1.6 are a pickle (0x80 ...)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise UserError(f"{path} is not a PyTorch checkpoint (not a torch.save file)")
     try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError / RuntimeError variants
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {path} safely ({first[:200]}); if you trust this file, "
-                        f"pass --trust-checkpoint to unpickle it fully")
+    except Exception as e:  # torch raises UnpicklingError / RuntimeError / EOFError variants
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if not trust and isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e).lower():
+            raise UserError(f"{path} holds objects other than tensors and numbers ({first}); if you "
+                            f"trust this file, pass --trust-checkpoint to unpickle it fully") from None
+        raise UserError(f"cannot read checkpoint {path}: truncated or corrupt ({first})") from None
 
 
 # ----------------------------------------------------------------------------- distributed

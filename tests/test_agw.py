@@ -197,6 +197,20 @@ def test_bad_resume_is_one_error_line(case, sysu_small, tmp_path):
     assert not (tmp_path / "save").exists() or not any((tmp_path / "save").iterdir())
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--batch-size", "1"], "--batch-size must be >= 2 identities per step"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+])
+def test_bad_numbers_are_one_error_line_before_any_work(args, needle, sysu_small, tmp_path):
+    out = run_script(TRAIN, "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS, *args,
+                     *output_args(tmp_path), check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "log").exists() or not list((tmp_path / "log").rglob("*.txt"))
+
+
 def test_test_script_needs_resume(sysu_small):
     out = run_script(TEST, "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS, check=False)
     assert out.returncode == 2

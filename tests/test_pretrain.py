@@ -261,3 +261,30 @@ def test_stripes_head_learns_six_stripe_permutations_on_held_out_images(sysu_sma
 STRIPES_ARGS = [*TINY, "--perm_feat", "stripes", "--no-pcc", "--num_stripe", "6", "--epochs", "5",
                 "--batch-size", "16", "--lr", "0.1", "--warmup_epochs", "1", "--print_freq", "100",
                 "--seed", "0", "--val_images", "100"]
+
+
+def test_resume_into_another_network_names_the_flag(two_stream_run, sysu_small, tmp_path):
+    tmp, _ = two_stream_run
+    last = tmp / "sm" / "sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18_last.pth"
+    res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1",
+                    "--num_stripe", "3", "--resume", str(last), check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and len(err[0]) < 300, err
+    assert "it was written with --num_stripe 6 (this run: 3)" in err[0]
+
+
+def test_start_failures_leave_no_logs_and_unwritable_output_fails_first(sysu_small, tmp_path):
+    # a data error: no text log, no JSON lines, no TensorBoard run
+    res = run_train(tmp_path, "--data_path", str(tmp_path / "nowhere"), *TINY, "--epochs", "1", check=False)
+    assert res.returncode == 2 and "dataset folder not found" in res.stderr
+    assert not list((tmp_path / "log").rglob("*.txt")) and not list((tmp_path / "log").rglob("*.jsonl"))
+    assert not list((tmp_path / "log").rglob("events.out.tfevents.*"))
+    # --model_path under a file: one line before any data or model work
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run_script(ROOT / "train.py", "--data_path", str(sysu_small), *TINY, "--epochs", "1",
+                     "--model_path", blocker / "sm", "--log_path", tmp_path / "log2", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: output folder {blocker / 'sm'} is not writable")
+    assert "Epoch" not in res.stdout

@@ -61,10 +61,43 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", half_then_crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"cannot write checkpoint .*model.t \(disk full\); .* free there"):
         utils.save_checkpoint({"w": torch.zeros(3)}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.t"]  # no temp file left
+
+    # a full disk as torch reports it (ENOSPC inside its zip writer): the same one line
+    def enospc(obj, f, *a, **k):
+        Path(f).write_bytes(b"PK\x03\x04partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", enospc)
+    with pytest.raises(UserError, match="unexpected pos"):
+        utils.save_checkpoint({"w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.t"]
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_text_file_and_truncated_file_say_what_they_are(tmp_path, trust):
+    text = tmp_path / "notes.pth"
+    text.write_text("this is not a checkpoint\n")
+    with pytest.raises(UserError, match="is not a PyTorch checkpoint"):
+        utils.load_checkpoint(text, trust=trust)
+    good = tmp_path / "good.t"
+    torch.save({"w": torch.ones(1000)}, good)
+    cut = tmp_path / "cut.t"
+    cut.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        utils.load_checkpoint(cut, trust=trust)
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="is not writable"):
+        utils.check_writable(tmp_path / "ok", blocker / "sub")
+    assert (tmp_path / "ok").is_dir() and not list((tmp_path / "ok").iterdir())
 
 
 # ----------------------------------------------------------------------------- train.py faults
