@@ -232,13 +232,26 @@ def _decode_or_error(task):
         return None, str(e)
 
 
+def _die_with_parent():
+    """Pool worker initialiser: on Linux, ask the kernel to SIGTERM this worker when its
+    parent dies (even by SIGKILL), so no decoder outlives the preprocessing it served."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux/glibc: the pool's own shutdown still ends the workers normally
+    if os.getppid() == 1:   # the parent died before the request took effect
+        os._exit(1)
+
+
 def iter_decoded(paths, img_w=144, img_h=288, workers=0):
     """Yield ``(array or None, error or None)`` for each path, in order. ``workers`` > 0
     decodes in that many processes (JPEG decode + LANCZOS are CPU-bound)."""
     tasks = [(str(p), img_w, img_h) for p in paths]
     if workers and workers > 0 and len(tasks) > 1:
         chunk = max(1, min(64, len(tasks) // (workers * 4)))
-        pool = ProcessPoolExecutor(max_workers=workers)
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent)
         try:
             yield from pool.map(_decode_or_error, tasks, chunksize=chunk)
         finally:

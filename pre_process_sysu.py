@@ -19,6 +19,7 @@ half-written array for training to read. A corrupt or unreadable image is an err
 it; ``--skip-bad`` leaves such images out and reports them.
 """
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,14 @@ def preprocess_sysu(data_path, workers=0, skip_bad=False, img_w=144, img_h=288, 
             raise UserError(f"no {mod.upper()} training images for the train+val ids under "
                             + ", ".join(f"cam{c}/" for c in cams) + f" of {root}")
         lists[mod] = (paths, pids, cams_)
+
+    # the arrays' size is known: refuse up front rather than die mid-write on a full disk
+    # (a memory-mapped write into a full filesystem is a SIGBUS, not an exception)
+    need = sum(len(lists[m][0]) for m, _ in MODALITIES) * (img_h * img_w * 3 + 16) + 2**20
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise UserError(f"not enough free space in {root}: the arrays need {need / 2**20:.0f} MiB, "
+                        f"{free / 2**20:.0f} MiB are free; nothing was written")
 
     tmps, outputs, errors, stats = [], {}, [], {"data_path": str(root), "skipped": []}
     try:

@@ -355,3 +355,43 @@ def test_regdb_lists_and_grey_thermal(tmp_path):
     assert vis.shape == (5, 288, 144, 3) and not np.array_equal(vis[..., 0], vis[..., 1])
     with pytest.raises(UserError, match="test_thermal_11.txt"):
         dm.process_test_regdb(root, 11, "thermal")
+
+
+def test_preprocess_refuses_a_too_small_disk_up_front(tiny, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**20, 9 * 2**20, 2**20))
+    with pytest.raises(UserError, match=r"not enough free space in .*: the arrays need \d+ MiB, 1 MiB are free"):
+        preprocess_sysu(tiny, workers=0, verbose=False)
+    assert not any((tiny / f).exists() for f in NPY) and not list(tiny.glob(".*tmp*"))
+
+
+def test_killing_preprocessing_leaves_no_worker_alive(tiny):
+    """kill -9 of pre_process_sysu.py while its decoding pool works: no worker survives."""
+    import signal
+    import subprocess
+    import time
+    # enough work that the pool is busy when the parent dies
+    for pid in ids_of(tiny, "train"):
+        for f in folder_files(tiny, 1, pid):
+            for k in range(20):
+                Path(f).with_name(f"{9000 + k:04d}_{Path(f).name}").write_bytes(Path(f).read_bytes())
+    proc = subprocess.Popen([sys.executable, str(REPO / "pre_process_sysu.py"), "--data_path", str(tiny),
+                             "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = []
+    deadline = time.time() + 60
+    while time.time() < deadline and len(children) < 2:
+        time.sleep(0.2)
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+        children = [int(x) for x in out.split()]
+    assert len(children) >= 2, "the decoding pool never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    alive = children
+    while time.time() < deadline and alive:
+        time.sleep(0.2)
+        alive = [c for c in children if Path(f"/proc/{c}").exists()
+                 and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()]
+    assert not alive, f"workers {alive} outlived their parent"
