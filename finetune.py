@@ -395,7 +395,11 @@ def extract_features(net, images_uint8, modal, args, device):
             for o, f in zip(outs, feats):
                 o.append(f.float().cpu())
     net.train(was_training)
-    return [torch.cat(o).numpy().astype(np.float32, copy=False) for o in outs]
+    outs = [torch.cat(o).numpy().astype(np.float32, copy=False) for o in outs]
+    for i, o in enumerate(outs):   # a NaN here would only surface as NaN distances later
+        utils.check_finite(o, f"evaluation features (output {i}) of the {'RGB' if modal == 1 else 'IR'} "
+                              f"test images", net)
+    return outs
 
 
 def test(net, args, device, feature_names=("POOL", "FC"), tool_dir=None, testset=None,

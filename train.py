@@ -305,6 +305,7 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
             with utils.autocast(device, amp_dtype):
                 out.append(net(x, x, modal=modal, pcc=False)["perm_logits"].float())
         out = torch.cat(out)
+        utils.check_finite(out.cpu().numpy(), f"held-out permutation logits of the {m.upper()} images", net)
         acc, stripe = perm_accuracy(out, p_all, n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
         stats[f"val_perm_acc_{m}"], stats[f"val_stripe_acc_{m}"] = acc, stripe
         logits.append(out)

@@ -80,7 +80,8 @@ def choice_check(name, value, choices):
 # ----------------------------------------------------------------------------- logging
 class Tee:
     """Duplicate everything written to stdout into a log file (like the authors'
-    ``Logger``), so a run's text log is exactly what its terminal showed."""
+    ``Logger``), so a run's text log is what its terminal showed (plus the run header's
+    full argument list, which goes to the file only)."""
 
     def __init__(self, path, stream=None):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -125,13 +126,19 @@ def git_revision():
 
 
 def print_run_header(args, device, extra=None):
-    """The header every run starts its log with: revision, time, device, sorted args."""
+    """The header every run starts with: command, revision, time, device, ``extra`` lines.
+    The full sorted argument list goes to the log file only (when stdout is tee'd into
+    one), so the terminal stays short; without a log it is printed."""
     print("=" * 78)
     print(f"{' '.join(sys.argv)}")
     print(f"git {git_revision()} | {datetime.datetime.now().isoformat(timespec='seconds')} "
           f"| device {device} | world size {get_world_size()}")
-    for k in sorted(vars(args)):
-        print(f"  {k:>20}: {getattr(args, k)}")
+    arg_lines = [f"  {k:>20}: {getattr(args, k)}" for k in sorted(vars(args))]
+    if isinstance(sys.stdout, Tee):
+        sys.stdout.file.write("\n".join(arg_lines) + "\n")
+        print(f"all {len(arg_lines)} arguments: {sys.stdout.file.name}")
+    else:
+        print("\n".join(arg_lines))
     for line in (extra or []):
         print(line)
     print("=" * 78)
@@ -296,6 +303,28 @@ class NonFiniteWatch:
             raise UserError(f"loss became {self.value.item()} at epoch {epoch} step {step}; "
                             f"stopped before saving; last good checkpoint: "
                             f"{last_good or 'none saved yet'}")
+
+
+def nonfinite_bn_stats(net):
+    """Names of the BatchNorm layers of ``net`` whose running mean/var hold NaN or inf."""
+    import torch
+    return [name for name, m in unwrap(net).named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+            and not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all())]
+
+
+def check_finite(values, what, net=None):
+    """UserError if the array/tensor ``values`` holds NaN or inf, saying how many of what
+    and which BatchNorm running statistics of ``net`` went non-finite (the usual cause
+    when the loss itself stayed finite)."""
+    bad = int((~np.isfinite(np.asarray(values))).any(axis=tuple(range(1, np.ndim(values)))).sum()) \
+        if np.ndim(values) > 1 else int((~np.isfinite(np.asarray(values))).sum())
+    if not bad:
+        return
+    bn = nonfinite_bn_stats(net) if net is not None else []
+    cause = (f"; non-finite BatchNorm running statistics in {len(bn)} layers ({', '.join(bn[:2])}"
+             f"{', ...' if len(bn) > 2 else ''})" if bn else "")
+    raise UserError(f"{what}: {bad} of {len(values)} are not finite{cause}; stopped before saving")
 
 
 def get_rng_state():

@@ -104,7 +104,11 @@ def test_checkpoint_holds_exactly_agw_backbone_plus_heads(stream, sysu_small, tw
 def test_logs_tensorboard_and_json(two_stream_run):
     tmp, res = two_stream_run
     name = "sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18"
-    assert (tmp / "log" / f"{name}.txt").read_text().count("Epoch [") >= 2
+    text = (tmp / "log" / f"{name}.txt").read_text()
+    assert text.count("Epoch [") >= 2
+    # the full argument list is in the log file, not on the terminal
+    assert "          batch_size: 8" in text and "batch_size: 8" not in res.stdout
+    assert f"arguments: {tmp / 'log' / (name + '.txt')}" in res.stdout
     lines = (tmp / "log" / f"{name}.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"perm_acc"' in lines[0]
     assert list((tmp / "log" / "vis" / name).glob("events.out.tfevents.*"))
