@@ -40,7 +40,12 @@ def test_rank_list_png_size_and_frames(tmp_path):
     assert [p.name for p in out] == ["q00000_id7.png", "q00001_id8.png"]
     img0 = Image.open(out[0]).convert("RGB")
     cell_w = THUMB_W + 2 * BORDER
-    assert img0.size == (4 * cell_w + 3 * GAP + GAP, THUMB_H + 2 * BORDER)
+    assert img0.size == (max(4 * cell_w + 3 * GAP + GAP, 6 * len(visrank.LEGEND)),
+                         THUMB_H + 2 * BORDER + visrank.CAPTION_H + visrank.LEGEND_H)
+    # captions and legend: dark text pixels under the images, none in a blank cell region
+    band = np.asarray(img0)[THUMB_H + 2 * BORDER:]
+    assert (band.min(axis=2) < 100).sum() > 100
+    assert (np.asarray(img0)[THUMB_H + 2 * BORDER:, -20:].min() > 200)   # right margin stays white
     # query 0 (cam 3): g0 and g4 (cam 2) dropped -> g1 (id 9, red), g2 (id 7, green), g3 (id 8, red)
     assert [frame_colour(img0, c) for c in range(4)] == [GREY, RED, GREEN, RED]
     # the thumbnails are the images: the query cell's centre is the query's blue
