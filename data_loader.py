@@ -133,8 +133,7 @@ def load_train_data(dataset, data_path, trial=1, img_h=288, img_w=144, workers=0
     if dataset == "sysu":
         data = SYSUData(data_path)
         data.check_size(img_h, img_w, f"pass --img_h {data.img_size[0]} --img_w {data.img_size[1]}, or "
-                        f"re-run: python pre_process_sysu.py --data_path {data_path} --img_h {img_h} "
-                        f"--img_w {img_w}")
+                        f"re-run pre_process_sysu.py with --img_h {img_h} --img_w {img_w}")
         return data
     if dataset == "regdb":
         return RegDBData(data_path, trial, img_h=img_h, img_w=img_w, workers=workers)

@@ -576,6 +576,9 @@ def train(args, net, step_fn, new_modules, method, milestones, feature_names, to
     model_dir = Path(args.model_path)
     best_path, last_path = model_dir / f"{run}_best.t", model_dir / f"{run}_last.pth"
     log_file, old_stdout, writer = None, sys.stdout, None
+    log_dir = Path(args.log_path)
+    # a run that fails before its first epoch is done leaves none of these (utils.cli)
+    guard = utils.StartGuard(log_dir / f"{run}.txt", log_dir / f"{run}.jsonl", Path(args.vis_log_path) / run)
     try:
         if rank0:  # a wrong output folder fails now, not at the first save
             utils.check_writable(args.model_path, args.log_path, args.vis_log_path)
@@ -665,6 +668,7 @@ def train(args, net, step_fn, new_modules, method, milestones, feature_names, to
                                        "state": dict(state), "args": _plain(vars(args))},
                                       last_path)
                 _log_epoch(writer, jlog, epoch, lr, meters, metrics, feature_names)
+            guard.disarm()
             utils.barrier()
         summary = (f"epoch {best['epoch']}, {best.get('feature') or best_by} Rank-1 "
                    f"{best['rank1']:.2%} -> {best_path}" if best else "none")

@@ -40,13 +40,18 @@ $PY train.py --dataset sysu --mode all --method agw --lr 0.1 --data_path "$DATA"
 step "testing the best AGW checkpoint (10 gallery trials, rank lists in AGW/log/demo/)"
 $PY test.py --dataset sysu --mode all --data_path "$DATA" --arch resnet18 "${SIZE[@]}" --workers 0 \
     --gpu "$GPU" --resume save_model/demo/sysu_agw_p4_n8_lr_0.1_seed_0_best.t \
-    --model_path save_model/demo/ --log_path log/demo/ --visrank 5 | tee "$ROOT/log/demo/quickstart_test.txt"
+    --model_path save_model/demo/ --log_path log/demo/ --vis_log_path log/demo/vis_log/ --visrank 5 \
+    | tee "$ROOT/log/demo/quickstart_test.txt"
 cd "$ROOT"
 
 step "done. Outputs:"
 echo "  data                 $DATA"
 echo "  MMGL checkpoint      $CKPT"
-echo "  MMGL logs            log/demo/  (TensorBoard: tensorboard --logdir log/demo/vis_log)"
+echo "  MMGL logs            log/demo/  (text, JSON lines; TensorBoard runs in log/demo/vis_log/)"
 echo "  AGW checkpoints      AGW/save_model/demo/"
-echo "  AGW logs, rank lists AGW/log/demo/"
+echo "  AGW logs             AGW/log/demo/  (text, JSON lines; TensorBoard runs in AGW/log/demo/vis_log/,"
+echo "                       the test's rank lists under .../vis_log/*_best_test/)"
+echo "  rank-list PNGs       AGW/log/demo/vis_rank/"
+echo "  test output          log/demo/quickstart_test.txt"
+echo "  TensorBoard, all:    tensorboard --logdir_spec mmgl:log/demo/vis_log,agw:AGW/log/demo/vis_log"
 grep -A2 "All Average" "$ROOT/log/demo/quickstart_test.txt" | tail -2 | sed 's/^/  final /'

@@ -356,6 +356,9 @@ def main(args):
     writer = None
     if utils.is_main_process():  # a wrong output folder fails now, not at the first save
         utils.check_writable(args.model_path, args.log_path, args.vis_log_path)
+        # a run that fails before its first epoch is done leaves none of these (utils.cli)
+        guard = utils.StartGuard(*(Path(args.log_path) / f"{name}{ext}" for ext in (".txt", ".jsonl")),
+                                 Path(args.vis_log_path) / name)
 
     # ---- data: uint8 arrays (memory-mapped for SYSU); unpaired batches, no labels used
     if args.dummy:
@@ -442,6 +445,7 @@ def main(args):
                     f"mse {val['val_perm_mse']:.4f}; " if val else "")
             print(f"Epoch {epoch} done in {utils.format_time(time.time() - t0)}; {held}"
                   f"training-batch perm_acc {stats['perm_acc']:.2%}; saved {', '.join(saved + [str(last_path)])}")
+            guard.disarm()
         utils.barrier()
     if writer is not None:
         writer.close()

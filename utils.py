@@ -30,16 +30,22 @@ class UserError(Exception):
 
 
 def cli(main):
-    """Run ``main()``; a :class:`UserError` becomes ``error: <message>`` and exit 2."""
+    """Run ``main()``; a :class:`UserError` becomes ``error: <message>`` and exit 2. On any
+    failure, runs that had not finished an epoch leave no outputs (:class:`StartGuard`)."""
     try:
         return main()
     except UserError as e:
+        StartGuard.cleanup_all()
         sys.stdout.flush()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        StartGuard.cleanup_all()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BaseException:
+        StartGuard.cleanup_all()
+        raise
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -109,6 +115,39 @@ def setup_log(log_dir, name):
     if not isinstance(sys.stdout, Tee):
         sys.stdout = Tee(path)
     return path
+
+
+class StartGuard:
+    """Removes the outputs a run created (text log, JSON lines, TensorBoard run) if it fails
+    before its first epoch is done, so a run that never started leaves nothing behind.
+    ``disarm()`` once an epoch has finished; ``cleanup()`` on failure."""
+
+    active = []   # the guards of this process; utils.cli cleans them up on failure
+
+    def __init__(self, *paths):
+        self.new = [Path(p) for p in paths if not Path(p).exists()]
+        self.armed = True
+        StartGuard.active.append(self)
+
+    @classmethod
+    def cleanup_all(cls):
+        for guard in cls.active:
+            guard.cleanup()
+
+    def disarm(self):
+        self.armed = False
+
+    def cleanup(self):
+        if not self.armed:
+            return
+        for p in self.new:
+            if isinstance(sys.stdout, Tee) and Path(sys.stdout.file.name) == p:
+                sys.stdout.file.close()
+                sys.stdout = sys.stdout.stream
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
 
 
 def git_revision():

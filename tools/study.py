@@ -338,7 +338,7 @@ def main(args):
         args.configs = READINGS
     for name in args.configs.split(","):
         if name not in PRETRAIN:
-            raise UserError(f"--configs: unknown configuration {name!r} (known: {', '.join(PRETRAIN)})")
+            raise UserError(f"--configs: unknown configuration {name!r} (python tools/study.py --help lists them)")
     data = prepare_data(out, args)
     names = args.configs.split(",")
     # K=6 runs first: the fine-tuning starts from one of them and runs beside the others
