@@ -40,23 +40,23 @@ CASES = [
     ("--resume a plain state_dict", "train.py", ["--resume", "{plain}"], "not a resumable pre-training checkpoint"),
     ("--model_path that cannot be created", "train.py", ["--model_path", "{blocker}/sm"], "is not writable"),
     ("--log_path that cannot be created", "train.py", ["--log_path", "{blocker}/log"], "is not writable"),
-    ("AGW --batch-size 1", "AGW/train.py", ["--batch-size", "1"], "--batch-size must be >= 2"),
-    ("AGW negative --lr", "AGW/train.py", ["--lr", "-0.1"], "--lr must be positive"),
-    ("AGW --resume a text file", "AGW/train.py", ["--resume", "{text}"], "is not a PyTorch checkpoint"),
-    ("AGW --resume a file matching no backbone key", "AGW/train.py", ["--resume", "{alien}"],
+    ("--batch-size 1", "AGW/train.py", ["--batch-size", "1"], "--batch-size must be >= 2"),
+    ("negative --lr", "AGW/train.py", ["--lr", "-0.1"], "--lr must be positive"),
+    ("--resume a text file", "AGW/train.py", ["--resume", "{text}"], "is not a PyTorch checkpoint"),
+    ("--resume a file matching no backbone key", "AGW/train.py", ["--resume", "{alien}"],
      "matches no backbone key"),
-    ("AGW --model_path that cannot be created", "AGW/train.py", ["--model_path", "{blocker}/sm"], "is not writable"),
-    ("AGW RegDB --trial 11", "AGW/train.py", ["--dataset", "regdb", "--trial", "11", "--data_path", "{tmp}"],
+    ("--model_path that cannot be created", "AGW/train.py", ["--model_path", "{blocker}/sm"], "is not writable"),
+    ("RegDB --trial 11", "AGW/train.py", ["--dataset", "regdb", "--trial", "11", "--data_path", "{tmp}"],
      "--trial must be 1..10"),
-    ("AGW test.py without --resume", "AGW/test.py", [], "--resume CKPT is required"),
-    ("DDAG negative --lambda0", "DDAG/train_ddag.py", ["--lambda0", "-1"], "--lambda0 must be >= 0"),
-    ("DDAG test without --resume", "DDAG/test_ddag.py", [], "--resume CKPT is required"),
-    ("make_synthetic.py unknown --dataset", "tools/make_synthetic.py", ["--dataset", "x", "--out", "{tmp}/s"],
+    ("without --resume", "AGW/test.py", [], "--resume CKPT is required"),
+    ("negative --lambda0", "DDAG/train_ddag.py", ["--lambda0", "-1"], "--lambda0 must be >= 0"),
+    ("without --resume", "DDAG/test_ddag.py", [], "--resume CKPT is required"),
+    ("unknown --dataset", "tools/make_synthetic.py", ["--dataset", "x", "--out", "{tmp}/s"],
      "invalid choice: 'x'"),
-    ("pre_process_sysu.py non-numeric --img_h", "pre_process_sysu.py", ["--img_h", "tall"], "invalid int value"),
-    ("pre_process_sysu.py missing folder", "pre_process_sysu.py", ["--data_path", "{tmp}/nowhere"],
+    ("non-numeric --img_h", "pre_process_sysu.py", ["--img_h", "tall"], "invalid int value"),
+    ("missing dataset folder", "pre_process_sysu.py", ["--data_path", "{tmp}/nowhere"],
      "dataset folder not found"),
-    ("study.py unknown configuration", "tools/study.py", ["--out", "{tmp}/study", "--configs", "nope"],
+    ("unknown configuration", "tools/study.py", ["--out", "{tmp}/study", "--configs", "nope"],
      "unknown configuration 'nope'"),
 ]
 # scripts that take the dataset and output flags
@@ -93,7 +93,7 @@ def files(sysu_small, tmp_path_factory):
     return make_files(sysu_small, raw, tmp_path_factory.mktemp("bad"))
 
 
-@pytest.mark.parametrize("what,script,args,needle", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("what,script,args,needle", CASES, ids=[f"{c[1]}: {c[0]}" for c in CASES])
 def test_bad_input_is_one_error_line(what, script, args, needle, files):
     cwd = ROOT / script.split("/")[0] if "/" in script and not script.startswith("tools") else ROOT
     res = run_script(ROOT / script, *command(script, args, files), cwd=cwd, check=False)
@@ -120,4 +120,4 @@ if __name__ == "__main__":   # the README table from the real messages
         cwd = ROOT / script.split("/")[0] if "/" in script and not script.startswith("tools") else ROOT
         r = run_script(ROOT / script, *command(script, args, f), cwd=cwd, check=False)
         msg = r.stderr.strip().splitlines()[-1].replace(str(out), "…").replace(str(data), "DATA").replace("|", "\\|")
-        print(f"| {i} | `{Path(script).name}` {what} | `{msg}` | {r.returncode} |")
+        print(f"| {i} | `{script}`: {what} | `{msg}` | {r.returncode} |")
