@@ -153,7 +153,12 @@ def test_training_step_of_each_loss(flags):
     x = torch.randn(8, 3, 96, 48)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     loss, logs = step(net, x, x.flip(3), labels, labels, 0, {})
-    assert set(logs) == {"id_loss", "tri_loss", "acc"} and torch.isfinite(loss)
+    assert set(logs) == {"id_loss", "tri_loss", "feat_norm", "feat_dist", "acc"} and torch.isfinite(loss)
+    # the logged feature scale is the pooled features' (train mode: the triplet's input)
+    feat, _ = net(x, x.flip(3))
+    assert logs["feat_norm"] == pytest.approx(feat.norm(dim=1).mean().item(), rel=1e-4)
+    n = feat.shape[0]
+    assert logs["feat_dist"] == pytest.approx(torch.cdist(feat, feat).sum().item() / (n * (n - 1)), rel=1e-4)
     assert torch.allclose(loss, logs["id_loss"] + logs["tri_loss"])
     loss.backward()
     assert net.base_resnet.base.layer1[0].conv1.weight.grad is not None
@@ -339,9 +344,11 @@ def test_test_script_visrank_writes_pngs_and_tensorboard(regdb_run, regdb_small,
     assert len(pngs) == 8 and f"wrote 8 rank lists (FC, top 3) to {folder}" in out.stdout
     # query + 3 gallery thumbnails side by side
     from PIL import Image
+    import visrank
     from visrank import BORDER, GAP, THUMB_H, THUMB_W
     cell_w = THUMB_W + 2 * BORDER
-    assert Image.open(pngs[0]).size == (4 * cell_w + 3 * GAP + GAP, THUMB_H + 2 * BORDER)
+    assert Image.open(pngs[0]).size == (max(4 * cell_w + 3 * GAP + GAP, 6 * len(visrank.LEGEND)),
+                                        THUMB_H + 2 * BORDER + visrank.CAPTION_H + visrank.LEGEND_H)
     events = list((tmp_path / "log" / "vis" / f"{ckpt.stem}_test").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 1000   # the 8 images are in it
 
@@ -375,5 +382,5 @@ def test_nan_loss_stops_the_run_without_saving(regdb_small, tmp_path):
     with pytest.raises(finetune.UserError, match=expected):
         finetune.train(args, agw_train.builder(args), exploding, embed_net.NEW_MODULES, "agw",
                        (20, 50), FEATURE_NAMES, ROOT / "AGW")
-    assert not (tmp_path / "save").exists()
+    assert not list((tmp_path / "save").glob("*"))   # the folder exists (checked writable), empty
     assert not isinstance(sys.stdout, utils.Tee)     # the log tee was taken down

@@ -375,14 +375,14 @@ def test_killing_preprocessing_leaves_no_worker_alive(tiny):
     # enough work that the pool is busy when the parent dies
     for pid in ids_of(tiny, "train"):
         for f in folder_files(tiny, 1, pid):
-            for k in range(20):
+            for k in range(200):
                 Path(f).with_name(f"{9000 + k:04d}_{Path(f).name}").write_bytes(Path(f).read_bytes())
     proc = subprocess.Popen([sys.executable, str(REPO / "pre_process_sysu.py"), "--data_path", str(tiny),
                              "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     children = []
     deadline = time.time() + 60
-    while time.time() < deadline and len(children) < 2:
-        time.sleep(0.2)
+    while time.time() < deadline and len(children) < 2 and proc.poll() is None:
+        time.sleep(0.05)
         out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
         children = [int(x) for x in out.split()]
     assert len(children) >= 2, "the decoding pool never started"

@@ -49,7 +49,7 @@ PRETRAIN = {
 }
 DEFAULT_CONFIGS = "gap_k6_pcc,gap_k6_nopcc,stripes_k6_pcc,stripes_k6_nopcc,gap_k3_pcc"
 READINGS = ("gap_k6_pcc,gap_k6_nopcc,gap_k6_pcc_cw0,gap_k6_pcc_cw0.05,gap_k6_pcc_cycle,gap_k6_pcc_part_orig,"
-            "gap_k6_pcc_cycle_part_orig,gap_k6_pcc_detach,gap_k6_pcc_permbn,gap_k6_pcc_mse_matrix")
+            "gap_k6_pcc_detach,gap_k6_pcc_mse_matrix")
 SIZE = ["--img_h", "96", "--img_w", "48"]
 
 
