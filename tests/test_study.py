@@ -24,7 +24,7 @@ def test_study_runs_reports_and_resumes(tmp_path):
     png = (out / "pretrain_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     scale = json.loads((out / "feature_scale.json").read_text())
-    assert set(scale) == {"mmgl", "random"} and scale["mmgl"]["feature norm"] > 0
+    assert set(scale) == {"gap_k6_pcc", "random"} and scale["gap_k6_pcc"]["feature norm"] > 0
     # every JSON line of the pre-training carries the held-out accuracy
     log = [json.loads(x) for x in next((out / "pretrain" / "gap_k6_pcc" / "log").glob("*.jsonl"))
            .read_text().splitlines()]

@@ -176,12 +176,13 @@ def finetune_jobs(out, data, ckpt, args):
 
 
 # ----------------------------------------------------------------------------- feature scale
-def feature_scale(ckpt, data, batches=4):
-    """The first AGW step from ``ckpt`` vs from random weights, without training: mean over
+def feature_scale(ckpts, data, batches=4):
+    """The first AGW step from each of ``ckpts`` ({name: path}) and from random weights,
+    without training: mean over
     ``batches`` identity batches (8 ids x 4 RGB + 4 IR, train-time augmentation, BN in train
     mode as at step 0) of the pooled features' norm, their pairwise distances (same id across
     modalities, different ids), and the triplet losses on them: the authors' WRT, WRT with
-    stable weights, batch-hard with margin 0.3. -> {'mmgl': {...}, 'random': {...}}."""
+    stable weights, batch-hard with margin 0.3. -> {name: {...}, ..., 'random': {...}}."""
     import importlib.util
     import numpy as np
     import torch
@@ -198,11 +199,11 @@ def feature_scale(ckpt, data, batches=4):
     losses = {"WRT (authors)": TripletLoss_WRT(), "WRT (stable)": TripletLoss_WRT(stable=True),
               "batch-hard": TripletLoss(0.3)}
     res = {}
-    for init in ("mmgl", "random"):
+    for init in [*ckpts, "random"]:
         torch.manual_seed(0)
         net = agw.embed_net(train.num_classes, arch="resnet18")
-        if init == "mmgl":
-            load_backbone(net, utils.load_checkpoint(ckpt), log=lambda *_: None, source=str(ckpt))
+        if init != "random":
+            load_backbone(net, utils.load_checkpoint(ckpts[init]), log=lambda *_: None, source=str(ckpts[init]))
         net.train()
         rows = []
         loader = make_loader(train, IdentitySampler(train.rgb_label, train.ir_label, 4, 8, seed=0))
@@ -319,13 +320,17 @@ def report(out, pre, chosen, args):
                   "| method | init | seeds | Rank-1 % | mAP % | first-step ID loss | first-step triplet "
                   "loss | first-step feature norm / pairwise distance |", "|---|---|---|---|---|---|---|---|"]
         lines += rows
-        scale = feature_scale(pre[chosen]["ckpt"], out / "data" / "SYSU-MM01")
+        # the chosen checkpoint, every other finished K=6 one, and random weights
+        ckpts = {n: r["ckpt"] for n, r in pre.items() if r["ckpt"] and "_k6_" in n}
+        scale = feature_scale(ckpts, out / "data" / "SYSU-MM01")
+        cols = list(scale["random"])
         lines += ["", "## Feature scale at the first fine-tuning step", "",
-                  f"AGW network (ResNet-18), backbone from `{chosen}` vs random weights, 4 identity batches "
-                  "(8 ids x 4 RGB + 4 IR), train-time augmentation, BN in train mode, no update:", "",
-                  "| | " + " | ".join(scale["mmgl"]) + " |", "|---" * (len(scale["mmgl"]) + 1) + "|"]
-        lines += [f"| {init} | " + " | ".join(f"{v:.2f}" for v in scale[init].values()) + " |"
-                  for init in ("mmgl", "random")]
+                  "AGW network (ResNet-18) with its backbone from each finished K=6 pre-training run or "
+                  "from random weights, 4 identity batches (8 ids x 4 RGB + 4 IR), train-time augmentation, "
+                  "BN in train mode, no update:", "",
+                  "| backbone | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {PRETRAIN[n][1] if n in PRETRAIN else n} | " + " | ".join(f"{scale[n][c]:.2f}" for c in cols)
+                  + " |" for n in scale]
         (out / "feature_scale.json").write_text(json.dumps(scale, indent=1))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
