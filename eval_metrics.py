@@ -1,4 +1,4 @@
-"""SYSU-MM01 and RegDB evaluation (SPEC §2): CMC, mAP and mINP, vectorised.
+"""SYSU-MM01 and RegDB evaluation (README 'Evaluation protocol'): CMC, mAP and mINP, vectorised.
 
 Semantics are those of the widely used AGW/DDAG evaluation (see ``eval_sysu``);
 ``bench/reference_eval.py`` is the straightforward per-query version that the

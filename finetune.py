@@ -45,7 +45,7 @@ DEFAULT_MILESTONES = (20, 50)  # AGW's lr steps
 
 # ============================================================================ arguments
 def get_args_parser(description, epochs=80, milestones=DEFAULT_MILESTONES):
-    """The authors' fine-tuning flags (SPEC §4) plus ours. ``epochs``/``milestones`` are
+    """The authors' fine-tuning flags (their AGW/DDAG train.py) plus ours. ``epochs``/``milestones`` are
     the method's defaults (AGW: 80, (20, 50))."""
     # one-line argparse errors (error: ..., exit 2), defaults shown in --help
     p = utils.ArgumentParser(description=description)

@@ -1,6 +1,6 @@
 """Losses.
 
-MMGL pre-training (Wan et al., TIFS 2023, §III; SPEC §3):
+MMGL pre-training (Wan et al., TIFS 2023, §III):
 
 * Global granularity -- permutation recovery. Both modalities' images are cut into K
   horizontal stripes and shuffled by the same random permutation; the network predicts
@@ -14,11 +14,11 @@ MMGL pre-training (Wan et al., TIFS 2023, §III; SPEC §3):
 * Local granularity -- part-aware cycle-contrastive (PCC) loss on the K stripe
   embeddings (:func:`pcc_loss`).
 
-ReID losses shared by AGW and DDAG fine-tuning (SPEC §4): :func:`pdist`,
+ReID losses shared by AGW and DDAG fine-tuning (README 'AGW fine-tuning'): :func:`pdist`,
 :class:`TripletLoss` (batch-hard) and :class:`TripletLoss_WRT` (weighted regularisation
 triplet, default = the authors' published numerics).
 
-Permutation-matrix convention (used everywhere, matches ``data_loader.stripe_shuffle``
+Permutation-matrix convention (used everywhere, matches ``data_loader.DeviceAugment``
 where output stripe i = input stripe perms[b, i]):
 
     P[b, i, j] = 1  iff  shuffled position i holds original stripe j  (j = perms[b, i]).
@@ -282,7 +282,7 @@ class TripletLoss_WRT(nn.Module):
     overflow-free softplus). No margin.
 
     ``stable=False`` (default) reproduces the authors' numerics (see
-    :func:`_softmax_weights_authors`, SPEC §4); ``stable=True`` is the numerically sound
+    :func:`_softmax_weights_authors`); ``stable=True`` is the numerically sound
     softmax. Returns (loss, correct) like :class:`TripletLoss`."""
 
     def __init__(self, stable=False):

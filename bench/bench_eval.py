@@ -2,7 +2,7 @@
 
     python bench/bench_eval.py [--repeat N] [--dtype float32|float64] [--seed S]
 
-Three real-size cases with realistic ids/cameras (SPEC §2) and realistic distances
+Three real-size cases with realistic ids/cameras (README 'Evaluation protocol') and realistic distances
 (``-(q @ g.T)`` of L2-normalised features of noisy identity prototypes, float32 like
 the fine-tuning pipeline's features):
 
@@ -15,7 +15,7 @@ For each case both implementations are timed alternately ``--repeat`` times and 
 best time of each is kept (robust to other load on the machine). The timed reference
 is ``bench/reference_eval.py`` with numpy's default (quicksort) ``argsort`` -- the
 cost the authors' per-query code pays. Correctness is checked against the same
-reference run once, untimed, with the stable sort the SPEC prescribes: float32
+reference run once, untimed, with the stable sort the protocol needs (ties by gallery order): float32
 similarities do contain exact ties, which a quicksort may order either way.
 
 The headline speed-up is the TOTAL reference time over the TOTAL vectorised time

@@ -1,15 +1,15 @@
-"""Straightforward per-query reference of the SYSU / RegDB evaluation (SPEC §2).
+"""Straightforward per-query reference of the SYSU / RegDB evaluation (README 'Evaluation protocol').
 
 This is deliberately the slow, obviously-correct shape of the widely used
 AGW/DDAG evaluation: one Python iteration per query, one ``np.argsort`` per row,
 the cam-3/cam-2 removal, unique gallery ids through ``np.unique`` + a loop over
-the first-occurrence indices. It is written from the SPEC text, independently of
+the first-occurrence indices. It is written from the protocol's description, independently of
 ``eval_metrics.py``, and serves two purposes (one copy, imported by both):
 
 * ``tests/test_eval.py`` cross-checks the vectorised ``eval_metrics`` against it;
 * ``bench/bench_eval.py`` times it as the "reference-style" baseline.
 
-``sort_kind`` defaults to ``'stable'`` (SPEC: ties resolve by gallery order).
+``sort_kind`` defaults to ``'stable'`` (ties resolve by gallery order).
 The benchmark passes ``'quicksort'``, the authors' default ``np.argsort``, so the
 baseline is not slowed by a sort the authors never paid for (random float
 distances have no ties, so the results are identical).

@@ -56,7 +56,7 @@ def tree_bytes(root):
 
 
 def reference_gallery(data_path, mode, trial, gall_mode):
-    """The published protocol written out naively from SPEC §2, with the GLOBAL stream."""
+    """The published protocol written out naively from its description, with the GLOBAL stream."""
     cams = ["cam1", "cam2", "cam4", "cam5"] if mode == "all" else ["cam1", "cam2"]
     ids = ["%04d" % x for x in ids_of(data_path, "test")]
     random.seed(trial)

@@ -1,9 +1,9 @@
-"""eval_metrics: SYSU / RegDB CMC, mAP, mINP (SPEC §2).
+"""eval_metrics: SYSU / RegDB CMC, mAP, mINP (README 'Evaluation protocol').
 
 Hand-worked cases: every expected number below is derived by hand in the comments,
 never by calling the code. Then a randomised cross-check of the vectorised
 implementation against the straightforward per-query reference
-(bench/reference_eval.py, written from the SPEC text, independent of eval_metrics).
+(bench/reference_eval.py, written from the protocol's description, independent of eval_metrics).
 """
 import sys
 from pathlib import Path
@@ -231,7 +231,7 @@ def test_matches_reference_random(monkeypatch, variant, shape, seed):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_matches_reference_with_ties(seed):
-    # Heavily tied distances (a few distinct values, incl. +-0 and +-inf): the SPEC's
+    # Heavily tied distances (a few distinct values, incl. +-0 and +-inf): the protocol's
     # stable sort decides, and the reference uses np.argsort(kind='stable').
     rng = np.random.default_rng(100 + seed)
     values = np.array([0.0, -0.0, 1.0, -1.0, 0.5, np.inf, -np.inf])
