@@ -203,14 +203,13 @@ def mmgl_losses(out, perms, args):
     if args.pcc:
         z = out["stripes"].float()
         z_rgb, z_ir = z[:b], z[b:]
+        reading = dict(pool=args.pcc_pool, form=args.pcc_form, detach_pool=args.pcc_detach_pool)
         if args.gather and utils.is_distributed():
             pool_rgb, pool_ir = utils.all_gather_with_grad(z_rgb), utils.all_gather_with_grad(z_ir)
             losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, pool_rgb=pool_rgb, pool_ir=pool_ir,
-                                     offset=utils.get_rank() * b, gather=utils.all_gather_with_grad,
-                                     pool=args.pcc_pool, form=args.pcc_form, detach_pool=args.pcc_detach_pool)
+                                     offset=utils.get_rank() * b, gather=utils.all_gather_with_grad, **reading)
         else:
-            losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, pool=args.pcc_pool, form=args.pcc_form,
-                                     detach_pool=args.pcc_detach_pool)
+            losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, **reading)
         total = total + args.cl_weight * losses["pcc"]
     losses["loss"] = total
     return losses
