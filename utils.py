@@ -176,8 +176,10 @@ def print_run_header(args, device, extra=None):
     if isinstance(sys.stdout, Tee):
         sys.stdout.file.write("\n".join(arg_lines) + "\n")
         print(f"all {len(arg_lines)} arguments: {sys.stdout.file.name}")
-    else:
-        print("\n".join(arg_lines))
+    else:   # no log file (the test scripts): the arguments as a compact paragraph
+        import textwrap
+        print(textwrap.fill(" ".join(f"{k}={getattr(args, k)}" for k in sorted(vars(args))), 100,
+                            initial_indent="args: ", subsequent_indent="  "))
     for line in (extra or []):
         print(line)
     print("=" * 78)

@@ -384,3 +384,14 @@ def test_nan_loss_stops_the_run_without_saving(regdb_small, tmp_path):
                        (20, 50), FEATURE_NAMES, ROOT / "AGW")
     assert not list((tmp_path / "save").glob("*"))   # the folder exists (checked writable), empty
     assert not isinstance(sys.stdout, utils.Tee)     # the log tee was taken down
+
+
+def test_warmup_longer_than_the_run_warns(sysu_small, capsys):
+    import train as pretrain
+    args = finetune.get_args_parser("t").parse_args(["--data_path", str(sysu_small), "--epochs", "3"])
+    finetune.prepare_args(args, ROOT / "AGW")
+    assert "warning: --warmup_epochs 10 > --epochs 3: the lr never reaches --lr 0.1" in capsys.readouterr().out
+    pretrain.check_args(pretrain.get_args_parser().parse_args(["--epochs", "3"]))
+    assert "warning: --warmup_epochs 10 > --epochs 3" in capsys.readouterr().out
+    pretrain.check_args(pretrain.get_args_parser().parse_args(["--epochs", "30"]))
+    assert "warning" not in capsys.readouterr().out
