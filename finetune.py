@@ -716,7 +716,7 @@ def _train_epoch(net, loader, aug, optimizer, scaler, amp_dtype, cl, step_fn, ep
         scaler.update()
         # NaN/inf guard without a host sync per step, checked at print time (the last step
         # of an epoch always prints, so it is checked before anything is saved)
-        watch.update(loss, step)
+        watch.update(loss, step, None if scaler.is_enabled() else net.parameters())
         meters.update({"total_loss": loss, **logs})
 
         if step % args.print_freq == 0 or step == steps - 1:

@@ -246,7 +246,7 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, wr
         detached = torch.stack([v.detach().float() for v in losses.values()])
         sums = detached if sums is None else sums + detached
         count += 1
-        watch.update(losses["loss"], step)
+        watch.update(losses["loss"], step, None if scaler.is_enabled() else net.parameters())
         state["global_step"] += 1
         last = step == n_steps - 1
         if (step + 1) % args.print_freq == 0 or last:

@@ -321,29 +321,42 @@ def autocast(device, dtype):
 
 
 class NonFiniteWatch:
-    """Remembers the first step whose loss is not finite, on the device, without a host
-    sync per step; ``check`` (called at print time, the one sync there) stops the run."""
+    """Remembers the first step whose loss, or whose gradient while the loss was finite, is
+    not finite, on the device, without a host sync per step; ``check`` (called at print
+    time, the one sync there) stops the run."""
 
     def __init__(self, device):
         import torch
         self.step = torch.full((), -1, dtype=torch.long, device=device)
         self.value = torch.zeros((), device=device)
+        self.in_grad = torch.zeros((), dtype=torch.bool, device=device)
 
-    def update(self, loss, step):
+    def update(self, loss, step, params=None):
+        """``params``: the trained parameters, after backward, to watch their gradients too
+        (leave it out under fp16 loss scaling, where inf gradients are expected and skipped)."""
         import torch
-        loss = loss.detach().float()
-        new = ~torch.isfinite(loss) & (self.step < 0)
+        value = loss.detach().float()
+        in_grad = torch.zeros((), dtype=torch.bool, device=value.device)
+        if params is not None:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                norm = torch.nn.utils.get_total_norm(grads).float().to(value.device)
+                in_grad = torch.isfinite(value) & ~torch.isfinite(norm)
+                value = torch.where(in_grad, norm, value)
+        new = ~torch.isfinite(value) & (self.step < 0)
         self.step = torch.where(new, torch.full_like(self.step, step), self.step)
-        self.value = torch.where(new, loss, self.value)
+        self.value = torch.where(new, value, self.value)
+        self.in_grad = torch.where(new, in_grad, self.in_grad)
 
     def check(self, epoch, last_good):
-        """Raise UserError if a loss was not finite; ``last_good``: the checkpoint that the
-        stop leaves untouched (None: none written yet)."""
+        """Raise UserError if a loss or gradient was not finite; ``last_good``: the checkpoint
+        that the stop leaves untouched (None: none written yet)."""
         step = int(self.step)
         if step >= 0:
-            raise UserError(f"loss became {self.value.item()} at epoch {epoch} step {step}; "
-                            f"stopped before saving; last good checkpoint: "
-                            f"{last_good or 'none saved yet'}")
+            what = (f"the gradient norm became {self.value.item()} (the loss was finite)"
+                    if bool(self.in_grad) else f"loss became {self.value.item()}")
+            raise UserError(f"{what} at epoch {epoch} step {step}; stopped before saving; last good "
+                            f"checkpoint: {last_good or 'none saved yet'}")
 
 
 def nonfinite_bn_stats(net):

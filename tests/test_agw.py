@@ -395,3 +395,34 @@ def test_warmup_longer_than_the_run_warns(sysu_small, capsys):
     assert "warning: --warmup_epochs 10 > --epochs 3" in capsys.readouterr().out
     pretrain.check_args(pretrain.get_args_parser().parse_args(["--epochs", "30"]))
     assert "warning" not in capsys.readouterr().out
+
+
+def test_nonfinite_gradient_with_a_finite_loss_stops_the_run(regdb_small, tmp_path):
+    """A NaN that appears only in the backward pass (the loss stays finite) is caught too."""
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+
+    agw_train = _agw_train_module()
+    args = agw_train.get_parser().parse_args(
+        ["--dataset", "regdb", "--data_path", str(regdb_small), *SMALL_ARGS,
+         "--batch-size", "4", "--num_pos", "2", "--print_freq", "1",
+         *map(str, output_args(tmp_path))])
+    step = agw_train.make_step(args)
+
+    def poisoned(net, x_rgb, x_ir, y_rgb, y_ir, epoch, state):
+        loss, logs = step(net, x_rgb, x_ir, y_rgb, y_ir, epoch, state)
+        state["calls"] = state.get("calls", 0) + 1
+        return (NanGrad.apply(loss) if state["calls"] == 2 else loss), logs
+
+    expected = (r"^the gradient norm became nan \(the loss was finite\) at epoch 0 step 1; "
+                r"stopped before saving")
+    with pytest.raises(finetune.UserError, match=expected):
+        finetune.train(args, agw_train.builder(args), poisoned, embed_net.NEW_MODULES, "agw",
+                       (20, 50), FEATURE_NAMES, ROOT / "AGW")
+    assert not list((tmp_path / "save").glob("*"))

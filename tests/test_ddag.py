@@ -248,7 +248,7 @@ def test_bad_flags_are_one_line_errors(monkeypatch):
 # after epochs 1..EPOCHS-1. Held-out Rank-1 on this synthetic set reaches ~20% (2.4x
 # chance) by epoch 2 and plateaus there; SGD --lr 0.1 needs 5-6 epochs for the same.
 EPOCHS = 4
-CHANCE_FACTOR = 2
+CHANCE_FACTOR = 1.5
 LEARN_ARGS = ["--optim", "adam", "--lr", "0.003", "--epochs", str(EPOCHS),
               "--warmup_epochs", "0", "--test_every", "1", "--print_freq", "100"]
 RUN = "sysu_ddag_wpa_graph_p4_n8_lr_0.003_seed_0_adam"
@@ -272,7 +272,12 @@ def test_finetune_learns_far_above_chance(sysu_run, sysu_small):
     test_ids = len((sysu_small / "exp" / "test_id.txt").read_text().split(","))
     chance = 1.0 / test_ids
     best = max(rank1(line) for r in results.values() for line in r.values())
+    best_map = max(float(RESULT_LINE.match(line).group(6)) / 100 for r in results.values() for line in r.values())
+    # Rank-1 over 12 test identities moves by a few points between CPUs' float kernels, so
+    # its bound is 1.5x chance (12.5%; measured ~21%), and mAP must clear 25% (measured
+    # ~30%; README 'Synthetic-data results')
     assert best > CHANCE_FACTOR * chance, (best, chance, stdout[-2000:])
+    assert best_map > 0.25, (best_map, stdout[-2000:])
     acc = [float(a) for a in re.findall(r"Accu: (\d+\.\d+)", stdout)]
     assert acc[-1] > 2 * acc[0]
 
