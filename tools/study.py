@@ -261,14 +261,14 @@ def plot(pre, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, r in pre.items():
+    for i, (name, r) in enumerate(pre.items()):
         log = [x for x in r["log"] if "val_perm_acc" in x]
         steps = [x["step"] for x in log]
-        label = PRETRAIN[name][1]
-        axes[0].plot(steps, [100 * x["val_perm_acc"] for x in log], marker=".", label=label)
-        axes[1].plot(steps, [100 * x["val_stripe_acc"] for x in log], marker=".", label=label)
+        style = dict(marker=".", label=PRETRAIN[name][1], color=f"C{i}")   # one colour per run, all panels
+        axes[0].plot(steps, [100 * x["val_perm_acc"] for x in log], **style)
+        axes[1].plot(steps, [100 * x["val_stripe_acc"] for x in log], **style)
         if "pcc" in log[0]:
-            axes[2].plot(steps, [x["pcc"] for x in log], marker=".", label=label)
+            axes[2].plot(steps, [x["pcc"] for x in log], **style)
     for ax, title in zip(axes, ("held-out whole-permutation accuracy (%)", "held-out stripe accuracy (%)",
                                 "PCC loss (training batches, epoch mean)")):
         ax.set_title(title)
