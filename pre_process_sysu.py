@@ -20,6 +20,7 @@ it; ``--skip-bad`` leaves such images out and reports them.
 """
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -35,33 +36,32 @@ def _tmp_name(path):
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def _decode_into_memmap(paths, tmp, workers, img_w, img_h, desc):
-    """Decode ``paths`` into the .npy memmap ``tmp``, which ends up holding exactly the
-    good images in order. -> (kept indices, [error messages of the bad ones])."""
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                    shape=(len(paths), img_h, img_w, 3))
+def _npy_header(n, img_h, img_w):
+    """A .npy (format 1.0) header for uint8 [n, img_h, img_w, 3], padded to a fixed 128
+    bytes so it can be rewritten in place with another n."""
+    d = "{'descr': '|u1', 'fortran_order': False, 'shape': (%d, %d, %d, 3), }" % (n, img_h, img_w)
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + (d.ljust(117) + "\n").encode("latin1")
+
+
+def _decode_into_file(paths, tmp, workers, img_w, img_h, desc):
+    """Decode ``paths`` into the .npy file ``tmp``, which ends up holding exactly the good
+    images in order. -> (kept indices, [error messages of the bad ones]).
+
+    Plain sequential writes, not a memory map: a disk that fills up mid-way is then an
+    OSError (cleaned up by the caller), not a SIGBUS that kills the process."""
     kept, errors = [], []
-    for i, (img, err) in enumerate(progress(iter_decoded(paths, img_w, img_h, workers),
-                                            total=len(paths), desc=desc)):
-        if err is not None:
-            errors.append(err)
-            continue
-        arr[len(kept)] = img    # compacted: good images stay contiguous
-        kept.append(i)
-    arr.flush()
-    del arr
-    if len(kept) < len(paths):
-        # Only with bad images: shrink to the kept rows (the .npy header holds the shape).
-        src = np.load(tmp, mmap_mode="r")
-        tmp2 = tmp.with_name(tmp.name + "b")
-        small = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8,
-                                          shape=(len(kept), img_h, img_w, 3))
-        for s in range(0, len(kept), 1024):
-            e = min(s + 1024, len(kept))
-            small[s:e] = src[s:e]
-        small.flush()
-        del small, src
-        os.replace(tmp2, tmp)
+    with open(tmp, "wb") as f:
+        f.write(_npy_header(len(paths), img_h, img_w))
+        for i, (img, err) in enumerate(progress(iter_decoded(paths, img_w, img_h, workers),
+                                                total=len(paths), desc=desc)):
+            if err is not None:
+                errors.append(err)
+                continue
+            f.write(np.ascontiguousarray(img, dtype=np.uint8).tobytes())   # compacted, in order
+            kept.append(i)
+        if len(kept) < len(paths):   # bad images left out: the header holds the true count
+            f.seek(0)
+            f.write(_npy_header(len(kept), img_h, img_w))
     return kept, errors
 
 
@@ -96,9 +96,8 @@ def preprocess_sysu(data_path, workers=0, skip_bad=False, img_w=144, img_h=288, 
             paths, pids, cams = lists[mod]
             dest = root / f"train_{mod}_resized_img.npy"
             tmp = _tmp_name(dest)
-            tmps += [tmp, tmp.with_name(tmp.name + "b")]
-            kept, errs = _decode_into_memmap(paths, tmp, workers, img_w, img_h,
-                                             f"{mod.upper()} images")
+            tmps.append(tmp)
+            kept, errs = _decode_into_file(paths, tmp, workers, img_w, img_h, f"{mod.upper()} images")
             errors += errs
             outputs[mod] = (tmp, dest, [pids[i] for i in kept], [cams[i] for i in kept])
         if errors:
@@ -127,6 +126,10 @@ def preprocess_sysu(data_path, workers=0, skip_bad=False, img_w=144, img_h=288, 
                       root / f"train_{mod}_resized_cam.npy"):
                 os.replace(tmp if f == dest else _tmp_name(f), f)
                 written.append(str(f))
+    except OSError as e:   # a full disk or an I/O error mid-way: one line, no temp file left
+        raise UserError(f"cannot write the arrays into {root} ({e.strerror or e}); "
+                        f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free there; nothing was "
+                        f"written") from None
     finally:
         for t in tmps:
             if t.exists():

@@ -395,3 +395,36 @@ def test_killing_preprocessing_leaves_no_worker_alive(tiny):
         alive = [c for c in children if Path(f"/proc/{c}").exists()
                  and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()]
     assert not alive, f"workers {alive} outlived their parent"
+
+
+def test_preprocess_disk_full_mid_write_is_one_line_and_leaves_nothing(tiny, monkeypatch):
+    """The disk fills up while the arrays are written (after the up-front check passed):
+    one UserError, no temp file, no array."""
+    import builtins
+    import errno
+    import pre_process_sysu
+    real_open = builtins.open
+
+    class FillsUp:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 50_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(pre_process_sysu, "open", lambda *a, **k: FillsUp(real_open(*a, **k)), raising=False)
+    with pytest.raises(UserError, match=r"cannot write the arrays into .* \(No space left on device\); .* MiB free"):
+        preprocess_sysu(tiny, workers=0, verbose=False)
+    assert not any((tiny / f).exists() for f in NPY) and not list(tiny.glob(".*tmp*"))
