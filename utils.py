@@ -340,7 +340,9 @@ class NonFiniteWatch:
         if params is not None:
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
-                norm = torch.nn.utils.get_total_norm(grads).float().to(value.device)
+                total = getattr(torch.nn.utils, "get_total_norm", None)   # torch >= 2.6
+                norm = (total(grads) if total else torch.stack([g.detach().float().norm() for g in grads]).norm())
+                norm = norm.float().to(value.device)
                 in_grad = torch.isfinite(value) & ~torch.isfinite(norm)
                 value = torch.where(in_grad, norm, value)
         new = ~torch.isfinite(value) & (self.step < 0)
