@@ -149,11 +149,7 @@ def prepare_args(args, tool_dir):
     for name in ("workers", "test_every", "warmup_epochs", "visrank", "pad"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.warmup_epochs > args.epochs:
-        print(f"warning: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the lr never "
-              f"reaches --lr {args.lr}")
+    utils.check_schedule(args)
     if args.dataset == "regdb" and not 1 <= args.trial <= 10:
         raise UserError(f"--trial must be 1..10 for RegDB, got {args.trial}")
     return args

@@ -121,11 +121,7 @@ def check_args(args):
     for name in ("val_images", "workers", "warmup_epochs", "iters_per_epoch"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.warmup_epochs > args.epochs:
-        print(f"warning: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the lr never "
-              f"reaches --lr {args.lr} (it stops at {args.lr * args.epochs / args.warmup_epochs:.3g})")
+    utils.check_schedule(args)
     for name in ("batch_size", "epochs", "sinkhorn_iters", "gumbel_samples", "save_epoch", "print_freq"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")

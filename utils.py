@@ -77,6 +77,16 @@ def resolve_path(path, default_rel=None):
     return (REPO_ROOT / default_rel).resolve()
 
 
+def check_schedule(args):
+    """The checks every trainer's lr schedule needs: a positive ``--lr``, and a warning
+    when the warm-up is longer than the run (the lr would never reach ``--lr``)."""
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.warmup_epochs > args.epochs:
+        print(f"warning: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the lr never "
+              f"reaches --lr {args.lr} (it stops at {args.lr * args.epochs / args.warmup_epochs:.3g})")
+
+
 def choice_check(name, value, choices):
     if value not in choices:
         raise UserError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -364,7 +364,24 @@ def test_killed_run_resumes_exactly(regdb_run, tmp_path):
     assert epoch_results(resumed)[1] == epoch_results(ref_stdout)[1]
 
 
-def test_nan_loss_stops_the_run_without_saving(regdb_small, tmp_path):
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a gradient that goes bad while the loss stays finite."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("poison,expected", [
+    (lambda loss: loss * float("nan"), r"^loss became nan at epoch 0 step 1; stopped before saving; "
+                                       r"last good checkpoint: none saved yet"),
+    (_NanGrad.apply, r"^the gradient norm became nan \(the loss was finite\) at epoch 0 step 1; "
+                     r"stopped before saving"),
+], ids=["nan_loss", "nan_gradient_with_finite_loss"])
+def test_nonfinite_loss_or_gradient_stops_the_run_without_saving(poison, expected, regdb_small, tmp_path):
     agw_train = _agw_train_module()
     args = agw_train.get_parser().parse_args(
         ["--dataset", "regdb", "--data_path", str(regdb_small), *SMALL_ARGS,
@@ -372,15 +389,13 @@ def test_nan_loss_stops_the_run_without_saving(regdb_small, tmp_path):
          *map(str, output_args(tmp_path))])
     step = agw_train.make_step(args)
 
-    def exploding(net, x_rgb, x_ir, y_rgb, y_ir, epoch, state):
+    def poisoned(net, x_rgb, x_ir, y_rgb, y_ir, epoch, state):
         loss, logs = step(net, x_rgb, x_ir, y_rgb, y_ir, epoch, state)
         state["calls"] = state.get("calls", 0) + 1
-        return (loss * float("nan") if state["calls"] == 2 else loss), logs
+        return (poison(loss) if state["calls"] == 2 else loss), logs
 
-    expected = (r"^loss became nan at epoch 0 step 1; stopped before saving; "
-                r"last good checkpoint: none saved yet")
     with pytest.raises(finetune.UserError, match=expected):
-        finetune.train(args, agw_train.builder(args), exploding, embed_net.NEW_MODULES, "agw",
+        finetune.train(args, agw_train.builder(args), poisoned, embed_net.NEW_MODULES, "agw",
                        (20, 50), FEATURE_NAMES, ROOT / "AGW")
     assert not list((tmp_path / "save").glob("*"))   # the folder exists (checked writable), empty
     assert not isinstance(sys.stdout, utils.Tee)     # the log tee was taken down
@@ -395,34 +410,3 @@ def test_warmup_longer_than_the_run_warns(sysu_small, capsys):
     assert "warning: --warmup_epochs 10 > --epochs 3" in capsys.readouterr().out
     pretrain.check_args(pretrain.get_args_parser().parse_args(["--epochs", "30"]))
     assert "warning" not in capsys.readouterr().out
-
-
-def test_nonfinite_gradient_with_a_finite_loss_stops_the_run(regdb_small, tmp_path):
-    """A NaN that appears only in the backward pass (the loss stays finite) is caught too."""
-    class NanGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * float("nan")
-
-    agw_train = _agw_train_module()
-    args = agw_train.get_parser().parse_args(
-        ["--dataset", "regdb", "--data_path", str(regdb_small), *SMALL_ARGS,
-         "--batch-size", "4", "--num_pos", "2", "--print_freq", "1",
-         *map(str, output_args(tmp_path))])
-    step = agw_train.make_step(args)
-
-    def poisoned(net, x_rgb, x_ir, y_rgb, y_ir, epoch, state):
-        loss, logs = step(net, x_rgb, x_ir, y_rgb, y_ir, epoch, state)
-        state["calls"] = state.get("calls", 0) + 1
-        return (NanGrad.apply(loss) if state["calls"] == 2 else loss), logs
-
-    expected = (r"^the gradient norm became nan \(the loss was finite\) at epoch 0 step 1; "
-                r"stopped before saving")
-    with pytest.raises(finetune.UserError, match=expected):
-        finetune.train(args, agw_train.builder(args), poisoned, embed_net.NEW_MODULES, "agw",
-                       (20, 50), FEATURE_NAMES, ROOT / "AGW")
-    assert not list((tmp_path / "save").glob("*"))
