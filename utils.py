@@ -180,8 +180,11 @@ def print_run_header(args, device, extra=None):
     one), so the terminal stays short; without a log it is printed."""
     print("=" * 78)
     print(f"{' '.join(sys.argv)}")
+    dtype, _ = amp_setup(getattr(args, "amp", False), device)
+    precision = {None: "fp32", "bfloat16": "bf16 autocast", "float16": "fp16 autocast + GradScaler"}[
+        dtype and str(dtype).split(".")[-1]]
     print(f"git {git_revision()} | {datetime.datetime.now().isoformat(timespec='seconds')} "
-          f"| device {device} | world size {get_world_size()}")
+          f"| device {device} | {precision} | world size {get_world_size()}")
     arg_lines = [f"  {k:>20}: {getattr(args, k)}" for k in sorted(vars(args))]
     if isinstance(sys.stdout, Tee):
         sys.stdout.file.write("\n".join(arg_lines) + "\n")
