@@ -17,15 +17,15 @@ export PYTHONUNBUFFERED=1
 
 # 1. tests: the CUDA ones in the foreground, the CPU suite beside them (its runs name --gpu cpu)
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6" || echo "")
-OMP_NUM_THREADS=2 timeout 270 python3 -m pytest -q $xdist tests --ignore=tests/test_cuda.py \
+OMP_NUM_THREADS=2 timeout 240 python3 -m pytest -q $xdist tests --ignore=tests/test_cuda.py \
   --basetemp=/tmp/gpu_check_cpu >"$out/tests_cpu.txt" 2>&1 &
 cpu_suite=$!
-timeout 270 python3 -m pytest -q -rs tests/test_cuda.py --basetemp=/tmp/gpu_check_cuda 2>&1 |
+timeout 240 python3 -m pytest -q -rs tests/test_cuda.py --basetemp=/tmp/gpu_check_cuda 2>&1 |
   tee "$out/tests_cuda.txt"
 wait $cpu_suite
 echo "CPU suite exit $?: $(tail -1 "$out/tests_cpu.txt")"
 
 # 2.-3. benchmarks on the otherwise idle machine
-timeout 130 python3 bench/bench_train.py --device cuda --arch resnet50 --img_h 288 --img_w 144 \
+timeout 110 python3 bench/bench_train.py --device cuda --arch resnet50 --img_h 288 --img_w 144 \
   --batch-size 32 2>&1 | tee "$out/bench_train.txt"
-timeout 130 python3 bench/bench_test.py --device cuda 2>&1 | tee "$out/bench_test.txt"
+timeout 110 python3 bench/bench_test.py --device cuda 2>&1 | tee "$out/bench_test.txt"
