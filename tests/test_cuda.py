@@ -89,14 +89,16 @@ def test_gather_kernel_on_the_device_equals_the_cpu_path(k):
 # ----------------------------------------------------------------------------- pre-training
 @pytest.fixture(scope="module")
 def pretrained(sysu_small, tmp_path_factory):
-    """train.py on DEV in each precision: {precision: (output folder, stdout)}."""
-    runs = {}
-    for precision in ("fp32", "bf16", "fp16"):
-        tmp = tmp_path_factory.mktemp(f"pre_{precision}")
-        stdout = run(ROOT / "train.py", "--dataset", "sysu", "--data_path", sysu_small, "--gpu", GPU,
-                     *PRE, *output_args(tmp), precision=precision)
-        runs[precision] = tmp, stdout
-    return runs
+    """train.py on DEV in each precision, run when first asked for: {precision: (output
+    folder, stdout)}."""
+    class Runs(dict):
+        def __missing__(self, precision):
+            tmp = tmp_path_factory.mktemp(f"pre_{precision}")
+            stdout = run(ROOT / "train.py", "--dataset", "sysu", "--data_path", sysu_small, "--gpu", GPU,
+                         *PRE, *output_args(tmp), precision=precision)
+            self[precision] = tmp, stdout
+            return self[precision]
+    return Runs()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
