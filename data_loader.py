@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils import UserError, get_rank, get_world_size
+from utils import UserError, check_stripes, get_rank, get_world_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,48 +128,25 @@ class RegDBData(TrainData):
         self._finish(f"RegDB trial {trial}")
 
 
-def load_train_data(dataset, data_path, trial=1, img_h=288, img_w=144, workers=0):
-    """The training set named by ``--dataset``."""
-    if dataset == "sysu":
-        data = SYSUData(data_path)
-        data.check_size(img_h, img_w, f"pass --img_h {data.img_size[0]} --img_w {data.img_size[1]}, or "
-                        f"re-run pre_process_sysu.py with --img_h {img_h} --img_w {img_w}")
-        return data
-    if dataset == "regdb":
-        return RegDBData(data_path, trial, img_h=img_h, img_w=img_w, workers=workers)
-    raise UserError(f"--dataset must be sysu or regdb, got {dataset!r}")
-
-
 class PermHeldout:
     """The fixed held-out set of the permutation-accuracy evaluation (``train.py``).
 
-    Images the pre-training never trains on: SYSU-MM01's test-split ids (RGB cameras
-    1,2,4,5 and IR cameras 3,6; pre-training reads train_id + val_id only), or RegDB's test
-    list of the trial. ``n`` images per modality are drawn by a seeded generator, and each
+    ``lists``: {'rgb': paths, 'ir': paths} of images the pre-training never trains on (the
+    benchmark's ``heldout_lists``: SYSU-MM01's test-split ids, RGB cameras 1,2,4,5 and IR
+    cameras 3,6, as pre-training reads train_id + val_id only; RegDB's test list of the
+    trial). ``n`` images per modality are drawn by a seeded generator, and each
     gets a fixed permutation from a second one, so the same data folder, ``n`` and
     ``seed`` give the same images and permutations in every run.
 
     ``rgb``/``ir``: uint8 [n, H, W, 3]; ``rgb_perms``/``ir_perms``: int64 [n, K];
     ``rgb_paths``/``ir_paths``: the image files."""
 
-    def __init__(self, dataset, data_path, num_stripe, img_h, img_w, n=300, seed=0, trial=1,
-                 workers=0):
-        from data_manager import (SYSU_IR_CAMS, SYSU_RGB_CAMS, list_sysu_images,
-                                  load_images, process_test_regdb, sysu_root, sysu_split_ids)
-        if dataset == "sysu":
-            root = sysu_root(data_path)
-            ids = sysu_split_ids(root, "test")
-            lists = {"rgb": list_sysu_images(root, ids, SYSU_RGB_CAMS["all"])[0],
-                     "ir": list_sysu_images(root, ids, SYSU_IR_CAMS)[0]}
-        elif dataset == "regdb":
-            lists = {"rgb": process_test_regdb(data_path, trial, "visible")[0],
-                     "ir": process_test_regdb(data_path, trial, "thermal")[0]}
-        else:
-            raise UserError(f"--dataset must be sysu or regdb, got {dataset!r}")
+    def __init__(self, lists, num_stripe, img_h, img_w, n=300, seed=0, workers=0):
+        from data_manager import load_images
         pick, perm_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
         for m, paths in lists.items():
             if not paths:
-                raise UserError(f"no {m} test images in {data_path} for the held-out "
+                raise UserError(f"no {m} test images for the held-out "
                                 f"permutation accuracy (--val_images 0 turns it off)")
             keep = np.sort(pick.choice(len(paths), min(n, len(paths)), replace=False))
             setattr(self, f"{m}_paths", [str(paths[i]) for i in keep])
@@ -352,8 +329,7 @@ class DeviceAugment:
         src = None  # row order inside the crop: stripe i <- stripe perms[b, i]
         if perms is not None:
             k = perms.shape[1]
-            if self.img_h % k:
-                raise UserError(f"--img_h {self.img_h} is not divisible into {k} stripes")
+            check_stripes(k, self.img_h)
             sh = self.img_h // k
             src = perms.to(dev).repeat_interleave(sh, dim=1) * sh + torch.arange(sh, device=dev).repeat(k)
         crop = self._crop_cpu if dev.type == "cpu" else self._crop_gather

@@ -1,7 +1,7 @@
 """SYSU-MM01 and RegDB evaluation (README 'Evaluation protocol'): CMC, mAP and mINP, vectorised.
 
 Semantics are those of the widely used AGW/DDAG evaluation (see ``eval_sysu``);
-``bench/reference_eval.py`` is the straightforward per-query version that the
+``eval_reference.py`` is the straightforward per-query version that the
 tests compare against. numpy only (no torch import), so it runs anywhere.
 
 How it is fast (none of this changes a result):
@@ -23,7 +23,7 @@ How it is fast (none of this changes a result):
 """
 import numpy as np
 
-__all__ = ["eval_sysu", "eval_regdb", "evaluate_sysu_trials", "format_metrics"]
+__all__ = ["eval_sysu", "eval_regdb", "evaluate_trials", "evaluate_sysu_trials", "format_metrics"]
 
 # Rows per chunk are chosen so a chunk holds about this many distances: big
 # enough to amortise numpy's per-call overhead, small enough to stay in cache.
@@ -281,18 +281,19 @@ def _mean_metrics(results):
             float(np.mean([m for _, _, m in results])))
 
 
-def evaluate_sysu_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index,
-                         max_rank=20):
-    """Evaluate every SYSU gallery trial from features extracted once.
+def evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index, score,
+                    max_rank=20):
+    """Evaluate every gallery trial from features extracted once.
 
     ``g_feats``/``g_pids``/``g_cams`` describe the UNION of the trial galleries and
-    ``trial_index`` holds, per trial, the index array of that trial's gallery
-    into the union (``data_manager.sysu_gallery_trials``). Features are
-    L2-normalised, so the distance is ``-(q @ g.T)``; the similarity to the union
-    is computed once and sliced per trial.
+    ``trial_index`` holds, per trial, the index array of that trial's gallery into the
+    union (``data_manager.sysu_gallery_trials``). Features are L2-normalised, so the
+    distance is ``-(q @ g.T)``; the similarity to the union is computed once and sliced per
+    trial. ``score(distmat, q_pids, g_pids, q_cams, g_cams, max_rank)`` is the benchmark's
+    evaluator (:func:`eval_sysu`, or :func:`eval_regdb` ignoring the cameras).
 
-    Returns ``(per_trial, mean)``: a list of ``(cmc, mAP, mINP)`` per trial and
-    their mean (cmc averaged elementwise).
+    Returns ``(per_trial, mean)``: a list of ``(cmc, mAP, mINP)`` per trial and their mean
+    (cmc averaged elementwise).
     """
     q_feats, g_feats = np.asarray(q_feats), np.asarray(g_feats)
     if q_feats.ndim != 2 or g_feats.ndim != 2 or q_feats.shape[1] != g_feats.shape[1]:
@@ -308,8 +309,15 @@ def evaluate_sysu_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial
         idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.intp, copy=False)
         dist = sim[:, idx]                    # a fresh copy: negate it in place
         np.negative(dist, out=dist)
-        per_trial.append(eval_sysu(dist, q_pids, g_pids[idx], q_cams, g_cams[idx], max_rank))
+        per_trial.append(score(dist, q_pids, g_pids[idx], q_cams, g_cams[idx], max_rank))
     return per_trial, _mean_metrics(per_trial)
+
+
+def evaluate_sysu_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index,
+                         max_rank=20):
+    """:func:`evaluate_trials` with the SYSU-MM01 evaluator (:func:`eval_sysu`)."""
+    return evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index,
+                           eval_sysu, max_rank)
 
 
 def format_metrics(name, cmc, mAP, mINP):

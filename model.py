@@ -274,8 +274,7 @@ class MMGLNet(TwoStreamBackbone):
                  pretrained=None, hidden_dim=1024, part=True, last_stride=1, perm_feat="gap",
                  perm_bn=False):
         super().__init__(arch, stream, last_stride, pretrained)
-        if num_stripe < 2:
-            raise UserError(f"--num_stripe must be at least 2, got {num_stripe}")
+        utils.check_stripes(num_stripe)
         utils.choice_check("--perm_feat", perm_feat, ("gap", "stripes"))
         self.num_stripe, self.proj_dim, self.perm_feat = num_stripe, proj_dim, perm_feat
         in_dim = self.out_dim * (num_stripe if perm_feat == "stripes" else 1)

@@ -24,29 +24,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import datasets
+import options
+import runstate
 import utils
-from data_loader import DeviceAugment, PermHeldout, UnpairedSampler, load_train_data, make_loader, random_perms
+from data_loader import DeviceAugment, PermHeldout, UnpairedSampler, make_loader, random_perms
 from loss import gumbel_sinkhorn, pcc_loss, perm_accuracy, perm_matrix, perm_mse_loss
 from model import MMGLNet
 from utils import UserError
 
 
 def get_args_parser():
-    p = utils.ArgumentParser("train.py", description="MMGL self-supervised pre-training")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="sysu", help="sysu | regdb")
-    g.add_argument("--data_path", default="", help="dataset folder (default data/SYSU-MM01 or data/RegDB under the repo)")
-    g.add_argument("--trial", default=1, type=int, help="RegDB split 1..10")
-    g.add_argument("--img_h", default=288, type=int)
-    g.add_argument("--img_w", default=144, type=int)
+    # the data, backbone, optimisation, device and output flags every stage shares
+    p = utils.ArgumentParser("train.py", description="MMGL self-supervised pre-training",
+                             parents=options.parents())
+    p.set_defaults(epochs=100, save_epoch=10)
+    g = p.add_argument_group("pre-training data")
     g.add_argument("--train_ratio", default=1.0, type=float,
                    help="pre-train on this seeded random fraction of the images (data-efficiency study)")
-    g.add_argument("--workers", default=4, type=int, help="DataLoader workers (they only slice uint8 arrays)")
     g.add_argument("--dummy", action="store_true", help="random images instead of a dataset (smoke runs, benchmarks)")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet50", help="resnet50 | resnet18")
+    g.add_argument("--batch-size", "--batch_size", dest="batch_size", default=32, type=int,
+                   help="images PER MODALITY per step (per GPU under torchrun)")
+    g.add_argument("--iters_per_epoch", default=0, type=int, help="cap steps per epoch (0: a full pass)")
+    g.add_argument("--val_images", default=300, type=int,
+                   help="held-out test images per modality for the permutation accuracy printed after "
+                        "every epoch (0: off)")
+    g = p.add_argument_group("MMGL network")
     g.add_argument("--stream", default="two", help="two: modality-specific stems; one: all shared")
-    g.add_argument("--pretrained", default="", help="local torchvision-format ImageNet ResNet file (never downloaded)")
     g.add_argument("--num_stripe", default=6, type=int, help="K horizontal stripes (K! permutations)")
     g.add_argument("--perm_feat", default="gap", help="what the permutation head sees: gap (the paper's "
                    "figure: the globally pooled feature) | stripes (the K stripe-pooled features, "
@@ -76,53 +80,22 @@ def get_args_parser():
                    "gradient through the neighbours, as NNCLR's support set)")
     g.add_argument("--pcc_order", default="shuffled", help="stripe index k is the shuffled position "
                    "(shuffled) or the body part, i.e. the stripes put back in order (original)")
-    g.add_argument("--gather", action="store_true", help="under DDP, PCC neighbours/negatives from all ranks")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", default=0.1, type=float)
-    g.add_argument("--warmup_epochs", default=10, type=int)
-    g.add_argument("--epochs", default=100, type=int)
-    g.add_argument("--batch-size", "--batch_size", dest="batch_size", default=32, type=int,
-                   help="images PER MODALITY per step (per GPU under torchrun)")
-    g.add_argument("--iters_per_epoch", default=0, type=int, help="cap steps per epoch (0: a full pass)")
-    g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact resume checks)")
-    g = p.add_argument_group("speed")
-    g.add_argument("--gpu", default="0", help="CUDA device index, or cpu")
-    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 + GradScaler")
-    g.add_argument("--channels_last", default=True, action=argparse.BooleanOptionalAction)
-    g.add_argument("--compile", action="store_true", help="torch.compile the network")
-    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under torchrun")
-    g = p.add_argument_group("output")
-    g.add_argument("--model_path", default="save_model/")
-    g.add_argument("--log_path", default="log/")
-    g.add_argument("--vis_log_path", default="log/vis_log/")
-    g.add_argument("--save_epoch", default=10, type=int, help="write <run>_epoch_<E>.t every this many epochs")
-    g.add_argument("--print_freq", default=50, type=int)
-    g.add_argument("--val_images", default=300, type=int,
-                   help="held-out test images per modality for the permutation accuracy printed after "
-                        "every epoch (0: off)")
-    g.add_argument("--resume", default="", help="<run>_last.pth (path or name under --model_path)")
-    g.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
-                   help="allow full unpickling of --resume (only for files you trust)")
     return p
 
 
 def check_args(args):
-    utils.choice_check("--dataset", args.dataset, ("sysu", "regdb"))
+    options.check(args)
     utils.choice_check("--stream", args.stream, ("two", "one"))
-    utils.choice_check("--arch", args.arch, ("resnet50", "resnet18"))
     utils.choice_check("--perm_feat", args.perm_feat, ("gap", "stripes"))
     utils.choice_check("--pcc_form", args.pcc_form, ("pair", "cycle"))
     utils.choice_check("--perm_reduction", args.perm_reduction, ("mean", "matrix"))
     utils.choice_check("--pcc_pool", args.pcc_pool, ("all", "part"))
     utils.choice_check("--pcc_order", args.pcc_order, ("shuffled", "original"))
-    if args.num_stripe < 2 or args.img_h % args.num_stripe:
-        raise UserError(f"--num_stripe must be >= 2 and divide --img_h {args.img_h}, got {args.num_stripe}")
-    for name in ("val_images", "workers", "warmup_epochs", "iters_per_epoch"):
+    utils.check_stripes(args.num_stripe, args.img_h)
+    for name in ("val_images", "iters_per_epoch"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    utils.check_schedule(args)
-    for name in ("batch_size", "epochs", "sinkhorn_iters", "gumbel_samples", "save_epoch", "print_freq"):
+    for name in ("batch_size", "sinkhorn_iters", "gumbel_samples"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.pcc and not args.part:
@@ -138,8 +111,7 @@ def run_name(args):
     """Like the authors' ``sysu_two_cw_0.5_ct_0.07_so_20_spm_10`` (+ epoch suffix)."""
     name = f"{args.dataset}_{args.stream}_cw_{args.cl_weight if args.pcc else 0}_ct_{args.cl_temp}" \
            f"_so_{args.sinkhorn_iters}_spm_{args.gumbel_samples}"
-    if args.dataset == "regdb":
-        name += f"_trial_{args.trial}"
+    name += datasets.get(args.dataset).run_suffix(args)
     if args.arch != "resnet50":
         name += f"_{args.arch}"
     if args.perm_feat != "gap":
@@ -211,16 +183,15 @@ def mmgl_losses(out, perms, args):
     return losses
 
 
-def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, writer, state):
+def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, log, state):
     """One pass over the unpaired sampler. No host-device sync per step: losses are summed
     on the device and read at print intervals only; a non-finite loss is recorded (with its
     step) on the device and raised at the next read."""
     net.train()
     n_steps = len(loader) if not args.iters_per_epoch else min(len(loader), args.iters_per_epoch)
-    sums, count = None, 0
+    meter = runstate.Meter()
     watch = utils.NonFiniteWatch(device)
-    t0 = time.time()
-    t_print = t0
+    t0 = t_print = time.time()
     for step, (rgb, ir, _, _) in enumerate(loader):
         if step >= n_steps:
             break
@@ -239,18 +210,14 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, wr
         scaler.step(optimizer)
         scaler.update()
 
-        detached = torch.stack([v.detach().float() for v in losses.values()])
-        sums = detached if sums is None else sums + detached
-        count += 1
+        meter.update(losses)
         watch.update(losses["loss"], step, None if scaler.is_enabled() else net.parameters())
         state["global_step"] += 1
         last = step == n_steps - 1
         if (step + 1) % args.print_freq == 0 or last:
             watch.check(epoch, state.get("last_ckpt"))  # the one sync per print interval
-            if utils.is_distributed():  # print the mean over ranks, not rank 0's share
-                utils.get_dist().all_reduce(sums)
-                sums = sums / utils.get_world_size()
-            means = dict(zip(losses.keys(), (sums / count).tolist()))
+            count = meter.n
+            _, means = meter.read(all_ranks=True)  # the mean over ranks, not rank 0's share
             with torch.no_grad():
                 acc, stripe_acc = perm_accuracy(out["perm_logits"].detach().float(), perms.repeat(2, 1),
                                                 n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
@@ -259,23 +226,17 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, wr
             elapsed = now - t0
             eta = elapsed / (step + 1) * (n_steps - step - 1)
             lr = optimizer.param_groups[0]["lr"]
-            if utils.is_main_process():
-                parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-                print(f"Epoch [{epoch}][{step + 1}/{n_steps}] time {utils.format_time(elapsed)} "
-                      f"eta {utils.format_time(eta)} lr {lr:.4g} loss {means['loss']:.4f} ({parts}) "
-                      f"train-batch perm_acc {acc:.2%} stripe_acc {stripe_acc:.2%} {ips:.0f} img/s")
-                if writer is not None:
-                    gs = state["global_step"]
-                    for k, v in means.items():
-                        writer.add_scalar(f"train/{k}", v, gs)
-                    writer.add_scalar("train/perm_acc", acc, gs)
-                    writer.add_scalar("train/stripe_acc", stripe_acc, gs)
-                    writer.add_scalar("train/lr", lr, gs)
-                    writer.add_scalar("train/img_per_s", ips, gs)
+            parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+            print(f"Epoch [{epoch}][{step + 1}/{n_steps}] time {utils.format_time(elapsed)} "
+                  f"eta {utils.format_time(eta)} lr {lr:.4g} loss {means['loss']:.4f} ({parts}) "
+                  f"train-batch perm_acc {acc:.2%} stripe_acc {stripe_acc:.2%} {ips:.0f} img/s")
             state["epoch_stats"] = dict(means, perm_acc=acc, stripe_acc=stripe_acc, img_per_s=ips)
-            sums, count, t_print = None, 0, time.time()
-    if writer is not None and utils.is_main_process():
-        log_images(writer, x_rgb, x_ir, out, perms, args, state["global_step"])
+            if log is not None:
+                log.scalars(state["global_step"], {**state["epoch_stats"], "lr": lr}, prefix="train/")
+            meter.reset()
+            t_print = time.time()
+    if log is not None and log.writer is not None:
+        log_images(log.writer, x_rgb, x_ir, out, perms, args, state["global_step"])
     return state["epoch_stats"]
 
 
@@ -340,42 +301,30 @@ def save_epoch_checkpoint(net, args, epoch):
 
 def main(args):
     check_args(args)
+    bench = datasets.get(args.dataset)
     device = utils.init_distributed(args.gpu)
     utils.set_seed(args.seed + utils.get_rank(), deterministic=args.deterministic)
-    args.model_path = str(utils.resolve_path(args.model_path))
-    args.log_path = str(utils.resolve_path(args.log_path))
-    args.vis_log_path = str(utils.resolve_path(args.vis_log_path))
+    for key in ("model_path", "log_path", "vis_log_path"):
+        setattr(args, key, str(utils.resolve_path(getattr(args, key))))
     # a missing --resume file fails here, before any log or data work
     resume_path = utils.find_checkpoint(args.resume, args.model_path) if args.resume else None
     name = run_name(args)
-    writer = None
-    if utils.is_main_process():  # a wrong output folder fails now, not at the first save
-        utils.check_writable(args.model_path, args.log_path, args.vis_log_path)
-        # a run that fails before its first epoch is done leaves none of these (utils.cli)
-        guard = utils.StartGuard(*(Path(args.log_path) / f"{name}{ext}" for ext in (".txt", ".jsonl")),
-                                 Path(args.vis_log_path) / name)
+    log = runstate.RunLog(args, name)
 
     # ---- data: uint8 arrays (memory-mapped for SYSU); unpaired batches, no labels used
     if args.dummy:
         data = DummyData(max(4 * args.batch_size, 64), args.img_h, args.img_w, args.seed)
     else:
-        default = "data/SYSU-MM01" if args.dataset == "sysu" else "data/RegDB"
-        data_path = utils.resolve_path(args.data_path, default)
-        data = load_train_data(args.dataset, data_path, args.trial, args.img_h, args.img_w, args.workers)
+        data = bench.train_data(args)
         data.subsample(args.train_ratio, args.seed)
     # held-out permutation accuracy: test-split images only, fixed permutations
     heldout = None
     if utils.is_main_process() and not args.dummy and args.val_images:
-        heldout = PermHeldout(args.dataset, data_path, args.num_stripe, args.img_h, args.img_w,
-                              n=args.val_images, seed=0, trial=args.trial, workers=args.workers)
-    if utils.is_main_process():
-        # the logs start once the data is in, so a run that cannot start leaves none behind
-        utils.setup_log(args.log_path, name)
-        json_log = utils.JsonLog(Path(args.log_path) / f"{name}.jsonl")
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(str(Path(args.vis_log_path) / name))
-        utils.print_run_header(args, device, [data.stats(), heldout.stats() if heldout else
-                                              "held-out permutation accuracy: off", f"run name: {name}"])
+        heldout = PermHeldout(bench.heldout_lists(bench.data_path(args), args.trial), args.num_stripe, args.img_h, args.img_w,
+                              n=args.val_images, seed=0, workers=args.workers)
+    # the logs start once the data is in, so a run that cannot start leaves none behind
+    log.open(args, device, [data.stats(), heldout.stats() if heldout else
+                            "held-out permutation accuracy: off", f"run name: {name}"])
 
     # ---- model: AGW-compatible backbone + permutation head + stripe projections
     # the stripe branch exists only when PCC trains it (an unused branch would break DDP)
@@ -397,54 +346,50 @@ def main(args):
 
     if resume_path:
         ckpt = utils.load_checkpoint(resume_path, trust=args.trust_checkpoint)
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "optimizer" not in ckpt:
-            raise UserError(f"{resume_path} is not a resumable pre-training checkpoint (expected a "
-                            f"<run>_last.pth written by train.py)")
+        runstate.check_stage(resume_path, ckpt, "pretrain")
+        ckpt = runstate.normalise(ckpt)   # pre-training files of the older schema too
         try:
-            utils.unwrap(net).load_state_dict(ckpt["model"])
+            utils.unwrap(net).load_state_dict(ckpt["net"])
         except RuntimeError:
             saved = ckpt.get("args") or {}
             differ = [f"--{k} {saved[k]} (this run: {getattr(args, k)})" for k in NETWORK_FLAGS
                       if k in saved and saved[k] != getattr(args, k)]
             raise UserError(f"{resume_path} does not match this network: it was written with "
                             + (", ".join(differ) if differ else "another network layout")) from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state.update(global_step=ckpt["global_step"], start_epoch=ckpt["epoch"] + 1, last_ckpt=str(resume_path))
-        utils.set_rng_state(ckpt["rng"])
+        ckpt = runstate.load_last(resume_path, ckpt, "pretrain", net, optimizer, scaler, load_net=False)
+        scheduler.load_state_dict(ckpt["state"]["scheduler"])
+        state.update(global_step=ckpt["state"]["global_step"], start_epoch=ckpt["epoch"] + 1,
+                     last_ckpt=str(resume_path))
         print(f"resumed {resume_path}: continuing at epoch {state['start_epoch']}")
 
     aug = DeviceAugment(args.img_h, args.img_w, device=device)
-    for epoch in range(state["start_epoch"], args.epochs):
-        t0 = time.time()
-        sampler = UnpairedSampler(data.rgb_pool, data.ir_pool, args.batch_size, seed=args.seed, epoch=epoch)
-        loader = make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
-        stats = train_one_epoch(model, loader, optimizer, scaler, aug, epoch, args, device, writer, state)
-        scheduler.step()
-        if utils.is_main_process():
-            saved = []
-            if (epoch + 1) % args.save_epoch == 0 or epoch + 1 == args.epochs:
-                saved.append(str(save_epoch_checkpoint(net, args, epoch + 1)))
-            utils.save_checkpoint({"model": utils.unwrap(net).state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                   "epoch": epoch, "global_step": state["global_step"],
-                                   "rng": utils.get_rng_state(), "args": vars(args)}, last_path)
-            state["last_ckpt"] = str(last_path)
-            val = evaluate_perm(net, heldout, aug, args, device, amp_dtype) if heldout else {}
-            json_log.write(epoch=epoch, step=state["global_step"], time=time.time() - t0, **stats, **val)
-            for k, v in val.items():
-                writer.add_scalar(f"val/{k[4:]}", v, state["global_step"])
-            held = (f"held-out perm_acc {val['val_perm_acc']:.2%} (RGB {val['val_perm_acc_rgb']:.2%}, "
-                    f"IR {val['val_perm_acc_ir']:.2%}) stripe_acc {val['val_stripe_acc']:.2%} "
-                    f"mse {val['val_perm_mse']:.4f}; " if val else "")
-            print(f"Epoch {epoch} done in {utils.format_time(time.time() - t0)}; {held}"
-                  f"training-batch perm_acc {stats['perm_acc']:.2%}; saved {', '.join(saved + [str(last_path)])}")
-            guard.disarm()
-        utils.barrier()
-    if writer is not None:
-        writer.close()
-    utils.cleanup_distributed()
+    try:
+        for epoch in range(state["start_epoch"], args.epochs):
+            t0 = time.time()
+            sampler = UnpairedSampler(data.rgb_pool, data.ir_pool, args.batch_size, seed=args.seed, epoch=epoch)
+            loader = make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
+            stats = train_one_epoch(model, loader, optimizer, scaler, aug, epoch, args, device, log, state)
+            scheduler.step()
+            if utils.is_main_process():
+                saved = []
+                if (epoch + 1) % args.save_epoch == 0 or epoch + 1 == args.epochs:
+                    saved.append(str(save_epoch_checkpoint(net, args, epoch + 1)))
+                runstate.save_last(last_path, "pretrain", net, optimizer, scaler, epoch, args,
+                                   state={"scheduler": scheduler.state_dict(),
+                                          "global_step": state["global_step"]})
+                state["last_ckpt"] = str(last_path)
+                val = evaluate_perm(net, heldout, aug, args, device, amp_dtype) if heldout else {}
+                log.scalars(state["global_step"], {k[4:]: v for k, v in val.items()}, prefix="val/")
+                log.epoch(epoch=epoch, step=state["global_step"], time=time.time() - t0, **stats, **val)
+                held = (f"held-out perm_acc {val['val_perm_acc']:.2%} (RGB {val['val_perm_acc_rgb']:.2%}, "
+                        f"IR {val['val_perm_acc_ir']:.2%}) stripe_acc {val['val_stripe_acc']:.2%} "
+                        f"mse {val['val_perm_mse']:.4f}; " if val else "")
+                print(f"Epoch {epoch} done in {utils.format_time(time.time() - t0)}; {held}"
+                      f"training-batch perm_acc {stats['perm_acc']:.2%}; saved {', '.join(saved + [str(last_path)])}")
+            utils.barrier()
+    finally:
+        log.close()
+        utils.cleanup_distributed()
     return state
 
 

@@ -87,6 +87,13 @@ def check_schedule(args):
               f"reaches --lr {args.lr} (it stops at {args.lr * args.epochs / args.warmup_epochs:.3g})")
 
 
+def check_stripes(num_stripe, img_h=None):
+    """MMGL's K horizontal stripes: at least 2, of equal height (K divides the image height)."""
+    if num_stripe < 2 or (img_h is not None and img_h % num_stripe):
+        raise UserError(f"--num_stripe must be >= 2 and divide --img_h {img_h}, got {num_stripe}"
+                        if img_h is not None else f"--num_stripe must be at least 2, got {num_stripe}")
+
+
 def choice_check(name, value, choices):
     if value not in choices:
         raise UserError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
@@ -209,23 +216,6 @@ class JsonLog:
         record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-class AverageMeter:
-    """Running average of a scalar (``val`` is the last value)."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.val = self.avg = self.sum = 0.0
-        self.count = 0
-
-    def update(self, val, n=1):
-        self.val = float(val)
-        self.sum += float(val) * n
-        self.count += n
-        self.avg = self.sum / max(self.count, 1)
 
 
 def format_time(seconds):

@@ -15,15 +15,15 @@ from pathlib import Path
 TOOL_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOL_DIR.parent))
 
-import finetune  # noqa: E402
+import engine_finetune  # noqa: E402
 from model_agw import FEATURE_NAMES, add_model_args, builder  # noqa: E402
 from utils import cli  # noqa: E402
 
 
 def main():
-    p = add_model_args(finetune.get_args_parser("Test an AGW / baseline checkpoint"))
+    p = add_model_args(engine_finetune.get_args_parser("Test an AGW / baseline checkpoint"))
     args = p.parse_args()
-    return finetune.test_main(args, builder(args), FEATURE_NAMES, TOOL_DIR)
+    return engine_finetune.test_main(args, builder(args), FEATURE_NAMES, TOOL_DIR)
 
 
 if __name__ == "__main__":

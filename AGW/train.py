@@ -8,10 +8,11 @@ classifier's logits) plus a triplet loss on the pooled features, over the joint 
 weighted regularisation triplet (WRT: softmax-weighted positive and negative distances,
 soft margin) for AGW, and the batch-hard triplet with --margin for the baseline.
 
-Everything generic (data, --resume, optimiser and lr schedule, AMP, DDP, testing,
-checkpoints, logs) lives in ../finetune.py.
+``main`` is the whole run; one epoch, testing, the schedule and the checkpoints are plain
+functions of ../engine_finetune.py.
 """
 import sys
+import time
 from pathlib import Path
 
 TOOL_DIR = Path(__file__).resolve().parent
@@ -20,15 +21,20 @@ sys.path.insert(0, str(TOOL_DIR.parent))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import finetune  # noqa: E402
+import data_loader  # noqa: E402
+import datasets  # noqa: E402
+import engine_finetune as engine  # noqa: E402
+import runstate  # noqa: E402
+import utils  # noqa: E402
 from loss import TripletLoss, TripletLoss_WRT  # noqa: E402
 from model_agw import FEATURE_NAMES, add_model_args, builder, embed_net  # noqa: E402
-from utils import cli  # noqa: E402
+
+MILESTONES = (20, 50)
 
 
 def get_parser():
-    p = finetune.get_args_parser("AGW / baseline cross-modality fine-tuning", epochs=80,
-                                 milestones=(20, 50))
+    p = engine.get_args_parser("AGW / baseline cross-modality fine-tuning", epochs=80,
+                               milestones=MILESTONES)
     add_model_args(p)
     p.add_argument("--wrt_stable", action="store_true",
                    help="numerically stable WRT weights (default: the authors' form, whose "
@@ -36,34 +42,75 @@ def get_parser():
     return p
 
 
-def make_step(args):
+def make_criterion(args):
     criterion_id = nn.CrossEntropyLoss()
     criterion_tri = (TripletLoss_WRT(stable=args.wrt_stable) if args.method == "agw"
                      else TripletLoss(margin=args.margin))
 
-    def step(net, x_rgb, x_ir, labels_rgb, labels_ir, epoch, state):
+    def criterion(net, x_rgb, x_ir, labels_rgb, labels_ir):
         labels = torch.cat((labels_rgb, labels_ir), 0)
         feat, logits = net(x_rgb, x_ir)            # RGB then IR along the batch
         loss_id = criterion_id(logits.float(), labels)
-        loss_tri, _ = criterion_tri(*finetune.gather_for_loss(feat, labels, args))
+        loss_tri, _ = criterion_tri(*engine.gather_for_loss(feat, labels, args))
         acc = (logits.argmax(1) == labels).float().mean()
         # feat_norm / feat_dist: the pooled features' mean L2 norm and mean pairwise distance
         # (what the triplet loss scales with)
-        return loss_id + loss_tri, {"id_loss": loss_id, "tri_loss": loss_tri, **finetune.feature_scale(feat),
+        return loss_id + loss_tri, {"id_loss": loss_id, "tri_loss": loss_tri, **engine.feature_scale(feat),
                                     "acc": acc}
 
-    return step
+    return criterion
 
 
-def main():
-    args = get_parser().parse_args()
+def main(args=None):
+    args = args or get_parser().parse_args()
     if args.test_only:
-        return finetune.test_main(args, builder(args), FEATURE_NAMES, TOOL_DIR)
-    # The authors keep the best checkpoint by the FC feature's Rank-1 (their cmc_att).
-    return finetune.train(args, builder(args), make_step(args), embed_net.NEW_MODULES,
-                          args.method, milestones=(20, 50), feature_names=FEATURE_NAMES,
-                          tool_dir=TOOL_DIR, best_by="FC")
+        return engine.test_main(args, builder(args), FEATURE_NAMES, TOOL_DIR)
+    build = builder(args)   # checks the network flags before any data work
+    engine.prepare_args(args, TOOL_DIR)
+    if args.milestones is None:
+        args.milestones = list(MILESTONES)
+    resume = engine.read_resume(args) if args.resume else None   # fails before any data work
+    device = utils.init_distributed(args.gpu)
+    utils.set_seed(args.seed + utils.get_rank(), args.deterministic)
+    run = engine.run_name(args, args.method)
+    best_path, last_path = Path(args.model_path) / f"{run}_best.t", Path(args.model_path) / f"{run}_last.pth"
+    log = runstate.RunLog(args, run)
+    try:
+        # ---- data, network, optimiser, --resume
+        data, testset = datasets.get(args.dataset).train_data(args), engine.TestSet(args)
+        log.open(args, device, engine.data_stats(data, testset))
+        net, train_net = engine.prepare_net(build(data.num_classes), args, device)
+        optimizer = engine.build_optimizer(net, args, embed_net.NEW_MODULES)
+        _, scaler = utils.amp_setup(args.amp, device)
+        start_epoch, best = engine.load_resume(net, args, optimizer, scaler, loaded=resume) if resume else (0, None)
+        if not resume and not args.pretrained:
+            print("note: no --resume and no --pretrained: the backbone starts from random weights")
+        criterion = make_criterion(args)
+        aug = data_loader.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
+
+        # ---- train; test every --test_every epochs; best by FC Rank-1 (the authors' cmc_att)
+        print("==> Start Training...")
+        clock = (time.time(), start_epoch)
+        for epoch in range(start_epoch, args.epochs):
+            lr = engine.adjust_learning_rate(optimizer, epoch, args)
+            loader = engine.identity_loader(data, epoch, args, device)
+            stats = engine.train_one_epoch(train_net, criterion, loader, aug, optimizer, scaler, epoch, lr,
+                                           args, device, clock, last_path)
+            metrics = None
+            if utils.is_main_process():
+                if engine.test_due(epoch, args):
+                    print(f"Test Epoch: {epoch}")
+                    metrics = engine.evaluate(net, args, device, FEATURE_NAMES, testset, per_trial=False,
+                                              tag=f"{run}_epoch_{epoch}", writer=log.writer, step=epoch)
+                    best = engine.update_best(best, metrics, "FC", epoch, net, best_path)
+                engine.save_epoch(net, optimizer, scaler, epoch, args, run, best, metrics, "FC")
+            engine.log_epoch(log, epoch, lr, stats, metrics, FEATURE_NAMES)
+            utils.barrier()
+        engine.summary(best, clock[0], best_path)
+    finally:
+        log.close()
+        utils.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    cli(main)
+    utils.cli(main)

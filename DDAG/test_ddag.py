@@ -17,24 +17,24 @@ from pathlib import Path
 TOOL_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOL_DIR.parent))
 
-import finetune  # noqa: E402
+import engine_finetune  # noqa: E402
 import model  # noqa: E402
 from model_ddag import add_model_args, builder, checkpoint_layout  # noqa: E402
 from utils import cli  # noqa: E402
 
 
 def run(args):
-    finetune.prepare_args(args, TOOL_DIR)
-    loaded = finetune.read_test_checkpoint(args)   # read once: the layout, then the weights
+    engine_finetune.prepare_args(args, TOOL_DIR)
+    loaded = engine_finetune.read_test_checkpoint(args)   # read once: the layout, then the weights
     layout = checkpoint_layout(model.extract_state_dict(loaded[1], args.resume), args)
     names = ("FC", "FC_att") if layout.get("wpa", args.wpa) else ("FC",)
     # no --pretrained ImageNet load: every tensor comes from the checkpoint
-    return finetune.test_main(args, builder(args, pretrained=None, **layout), names, TOOL_DIR,
+    return engine_finetune.test_main(args, builder(args, pretrained=None, **layout), names, TOOL_DIR,
                               loaded=loaded)
 
 
 def main():
-    p = add_model_args(finetune.get_args_parser("Test a DDAG checkpoint"))
+    p = add_model_args(engine_finetune.get_args_parser("Test a DDAG checkpoint"))
     return run(p.parse_args())
 
 

@@ -16,10 +16,12 @@ graph head is still random) and is kept in the resumable state, so a run resumed
 wG: the first resumed epoch then uses 0). --lambda0 (the authors' flag, "graph attention weights", unused in
 their code) scales it; the default 1.0 is their loss.
 
-Everything generic (data, --resume, optimiser, lr schedule with steps at 30 and 50, AMP,
-DDP, testing every 2 epochs, best checkpoint by FC_att Rank-1) lives in ../finetune.py.
+``main`` is the whole run (lr steps at 30 and 50, testing every 2 epochs, best checkpoint by
+FC_att Rank-1); one epoch, testing, the schedule and the checkpoints are plain functions of
+../engine_finetune.py.
 """
 import sys
+import time
 from pathlib import Path
 
 TOOL_DIR = Path(__file__).resolve().parent
@@ -28,17 +30,20 @@ sys.path.insert(0, str(TOOL_DIR.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import finetune  # noqa: E402
+import data_loader  # noqa: E402
+import datasets  # noqa: E402
+import engine_finetune as engine  # noqa: E402
+import runstate  # noqa: E402
+import utils  # noqa: E402
 from loss import TripletLoss  # noqa: E402
 from model_ddag import add_model_args, build_adjacency, builder  # noqa: E402
-from utils import UserError, cli  # noqa: E402
+from utils import UserError  # noqa: E402
 
 MILESTONES = (30, 50)
 
 
 def get_parser():
-    p = finetune.get_args_parser("DDAG cross-modality fine-tuning", epochs=80,
-                                 milestones=MILESTONES)
+    p = engine.get_args_parser("DDAG cross-modality fine-tuning", epochs=80, milestones=MILESTONES)
     add_model_args(p)
     p.add_argument("--lambda0", default=1.0, type=float,
                    help="multiplies the dynamic graph-loss weight wG (1.0: the authors' loss)")
@@ -49,16 +54,17 @@ def method_name(args):
     return "ddag" + "_wpa" * args.wpa + "_proj" * args.wpa_proj + "_graph" * args.graph
 
 
-def make_step(args):
+def make_criterion(args, state):
+    """The step loss; ``state['wG']`` is the graph weight of the current epoch."""
     triplet = TripletLoss(margin=args.margin)
 
-    def step(net, x_rgb, x_ir, labels_rgb, labels_ir, epoch, state):
+    def criterion(net, x_rgb, x_ir, labels_rgb, labels_ir):
         labels = torch.cat((labels_rgb, labels_ir), 0)
         adj = build_adjacency(labels) if args.graph else None
         x_pool, logits, part_logits, log_probs = net(x_rgb, x_ir, adj=adj)
         loss_id = F.cross_entropy(logits.float(), labels)
-        loss_tri, _ = triplet(*finetune.gather_for_loss(x_pool, labels, args))
-        logs = {"id_loss": loss_id, "tri_loss": loss_tri, **finetune.feature_scale(x_pool)}
+        loss_tri, _ = triplet(*engine.gather_for_loss(x_pool, labels, args))
+        logs = {"id_loss": loss_id, "tri_loss": loss_tri, **engine.feature_scale(x_pool)}
         loss = loss_id + loss_tri
         if part_logits is not None:
             logs["part_loss"] = F.cross_entropy(part_logits.float(), labels)
@@ -71,28 +77,72 @@ def make_step(args):
         logs["acc"] = (logits.argmax(1) == labels).float().mean()
         return loss, logs
 
-    return step
+    return criterion
 
 
-def update_graph_weight(state, meters):
+def update_graph_weight(state, stats):
     # DDAG's dynamic weight: the better the instance-level features are learnt (small
     # L_inst), the more the graph term counts.
-    state["wG"] = 1.0 / (1.0 + meters["inst_loss"])
+    state["wG"] = 1.0 / (1.0 + stats["inst_loss"])
 
 
-def main():
-    args = get_parser().parse_args()
+def main(args=None):
+    args = args or get_parser().parse_args()
     if args.lambda0 < 0:
         raise UserError(f"--lambda0 must be >= 0, got {args.lambda0}")
     if args.test_only:
         from test_ddag import run  # the test script's path (network layout from the checkpoint)
         return run(args)
-    return finetune.train(args, builder(args), make_step(args), lambda net: net.new_modules(),
-                          method_name(args), MILESTONES,
-                          feature_names=("FC", "FC_att") if args.wpa else ("FC",),
-                          tool_dir=TOOL_DIR, on_epoch_end=update_graph_weight,
-                          state={"wG": 0.0})
+    build = builder(args)   # checks the network flags before any data work
+    engine.prepare_args(args, TOOL_DIR)
+    if args.milestones is None:
+        args.milestones = list(MILESTONES)
+    names = ("FC", "FC_att") if args.wpa else ("FC",)
+    resume = engine.read_resume(args) if args.resume else None   # fails before any data work
+    device = utils.init_distributed(args.gpu)
+    utils.set_seed(args.seed + utils.get_rank(), args.deterministic)
+    run = engine.run_name(args, method_name(args))
+    best_path, last_path = Path(args.model_path) / f"{run}_best.t", Path(args.model_path) / f"{run}_last.pth"
+    log = runstate.RunLog(args, run)
+    try:
+        # ---- data, network, optimiser, --resume (a <run>_last.pth brings back wG too)
+        data, testset = datasets.get(args.dataset).train_data(args), engine.TestSet(args)
+        log.open(args, device, engine.data_stats(data, testset))
+        net, train_net = engine.prepare_net(build(data.num_classes), args, device)
+        optimizer = engine.build_optimizer(net, args, net.new_modules())
+        _, scaler = utils.amp_setup(args.amp, device)
+        state = {"wG": 0.0}
+        start_epoch, best = (engine.load_resume(net, args, optimizer, scaler, state, loaded=resume)
+                             if resume else (0, None))
+        if not resume and not args.pretrained:
+            print("note: no --resume and no --pretrained: the backbone starts from random weights")
+        criterion = make_criterion(args, state)
+        aug = data_loader.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
+
+        # ---- train; wG from each epoch's L_inst; best by the last feature's Rank-1 (FC_att)
+        print("==> Start Training...")
+        clock = (time.time(), start_epoch)
+        for epoch in range(start_epoch, args.epochs):
+            lr = engine.adjust_learning_rate(optimizer, epoch, args)
+            loader = engine.identity_loader(data, epoch, args, device)
+            stats = engine.train_one_epoch(train_net, criterion, loader, aug, optimizer, scaler, epoch, lr,
+                                           args, device, clock, last_path)
+            update_graph_weight(state, stats)
+            metrics = None
+            if utils.is_main_process():
+                if engine.test_due(epoch, args):
+                    print(f"Test Epoch: {epoch}")
+                    metrics = engine.evaluate(net, args, device, names, testset, per_trial=False,
+                                              tag=f"{run}_epoch_{epoch}", writer=log.writer, step=epoch)
+                    best = engine.update_best(best, metrics, names[-1], epoch, net, best_path)
+                engine.save_epoch(net, optimizer, scaler, epoch, args, run, best, metrics, names[-1], state)
+            engine.log_epoch(log, epoch, lr, stats, metrics, names)
+            utils.barrier()
+        engine.summary(best, clock[0], best_path)
+    finally:
+        log.close()
+        utils.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    cli(main)
+    utils.cli(main)

@@ -13,7 +13,7 @@ the fine-tuning pipeline's features):
 
 For each case both implementations are timed alternately ``--repeat`` times and the
 best time of each is kept (robust to other load on the machine). The timed reference
-is ``bench/reference_eval.py`` with numpy's default (quicksort) ``argsort`` -- the
+is ``eval_reference.py`` with numpy's default (quicksort) ``argsort`` -- the
 cost the authors' per-query code pays. Correctness is checked against the same
 reference run once, untimed, with the stable sort the protocol needs (ties by gallery order): float32
 similarities do contain exact ties, which a quicksort may order either way.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval_metrics  # noqa: E402
 import utils  # noqa: E402
-from bench.reference_eval import _reference_eval_regdb, _reference_eval_sysu  # noqa: E402
+from eval_reference import eval_regdb_reference, eval_sysu_reference  # noqa: E402
 
 FEAT_DIM = 64
 NOISE = 0.22          # per-coordinate feature noise: Rank-1 around 50-60%, like real models
@@ -113,17 +113,17 @@ def main():
         cases.append((name, d,
                       lambda d=d, qp=qp, gp=gp, qc=qc, gc=gc: eval_metrics.eval_sysu(d, qp, gp, qc, gc),
                       lambda d=d, qp=qp, gp=gp, qc=qc, gc=gc, k="quicksort":
-                          _reference_eval_sysu(d, qp, gp, qc, gc, sort_kind=k),
+                          eval_sysu_reference(d, qp, gp, qc, gc, sort_kind=k),
                       lambda d=d, qp=qp, gp=gp, qc=qc, gc=gc:
-                          _reference_eval_sysu(d, qp, gp, qc, gc, sort_kind="stable")))
+                          eval_sysu_reference(d, qp, gp, qc, gc, sort_kind="stable")))
     d, qp, gp = make_regdb(rng, dtype)
     cases.append(("RegDB visible->thermal", d,
                   lambda: eval_metrics.eval_regdb(d, qp, gp),
-                  lambda: _reference_eval_regdb(d, qp, gp, sort_kind="quicksort"),
-                  lambda: _reference_eval_regdb(d, qp, gp, sort_kind="stable")))
+                  lambda: eval_regdb_reference(d, qp, gp, sort_kind="quicksort"),
+                  lambda: eval_regdb_reference(d, qp, gp, sort_kind="stable")))
 
     print(f"eval benchmark: {dtype.name} distances, best of {args.repeat} alternating runs; "
-          f"reference = per-query loop (bench/reference_eval.py, default argsort)")
+          f"reference = per-query loop (eval_reference.py, default argsort)")
     print(f"{'case':<24} {'Q x G':>12} {'ours s':>9} {'ref s':>9} {'ratio':>7}  "
           f"{'Rank-1':>7} {'mAP':>7} {'mINP':>7}  check")
     total_ours = total_ref = 0.0

@@ -16,9 +16,9 @@ images drawn over the 10 trials depends on it). The images themselves are random
 arrays in memory (decoding is not timed on either side: the authors' way would decode
 3,803 + 10 x 301 JPEGs, ours 3,803 + the union once).
 
-* ours (``finetune.test`` minus decoding): ``data_manager.sysu_gallery_trials`` (the union
+* ours (``engine_finetune.test`` minus decoding): ``data_manager.sysu_gallery_trials`` (the union
   of the 10 trial galleries + an index per trial), every query and union image through
-  ``finetune.extract_features`` ONCE (batched uint8 -> device normalise -> network; AMP
+  ``engine_finetune.extract_features`` ONCE (batched uint8 -> device normalise -> network; AMP
   and channels_last as ``--amp``/``--channels_last``: AMP default on for CUDA,
   channels_last on, as test.py), then
   ``eval_metrics.evaluate_sysu_trials`` for each of the network's two features (POOL, FC).
@@ -26,7 +26,7 @@ arrays in memory (decoding is not timed on either side: the authors' way would d
   ``process_gallery_sysu``, the trial's 301 gallery images through a DataLoader with
   per-image PIL transforms (ToPILImage, Resize, ToTensor, Normalize; ``--workers``), fp32,
   ``np.matmul`` for the distances and the straightforward per-query evaluation
-  (``bench/reference_eval.py`` with numpy's default argsort) for both features.
+  (``eval_reference.py`` with numpy's default argsort) for both features.
 
 Both use the same network (``AGW/model_agw.embed_net``, eval mode, same weights). The
 mean Rank-1 / mAP of the two ways are printed as a check (identical up to float rounding
@@ -47,12 +47,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_manager  # noqa: E402
+import datasets  # noqa: E402
 import eval_metrics  # noqa: E402
-import finetune  # noqa: E402
+import engine_finetune  # noqa: E402
 import utils  # noqa: E402
 from bench import common  # noqa: E402
 from bench.bench_train import reference_to_tensor  # noqa: E402
-from bench.reference_eval import _reference_eval_sysu  # noqa: E402
+from eval_reference import eval_sysu_reference  # noqa: E402
 
 SYSU_TEST_IDS = 96
 SYSU_QUERIES = 3803
@@ -138,7 +139,7 @@ def run_reference(net, root, store, args, device):
         t1 = time.perf_counter()
         for name, qf, gf in zip(FEATURE_NAMES, q_feats, g_feats):
             distmat = np.matmul(qf, np.transpose(gf))
-            per_trial[name].append(_reference_eval_sysu(-distmat, q_pids, g_pids, q_cams, g_cams,
+            per_trial[name].append(eval_sysu_reference(-distmat, q_pids, g_pids, q_cams, g_cams,
                                                         sort_kind="quicksort"))
         stages["gallery features"] += t1 - t
         stages["evaluation"] += time.perf_counter() - t1
@@ -148,7 +149,7 @@ def run_reference(net, root, store, args, device):
 
 # ============================================================================ ours
 def run_ours(net, root, store, args, device):
-    """finetune.test's path without decoding: lists, every image's features once,
+    """engine_finetune.test's path without decoding: lists, every image's features once,
     vectorised 10-trial evaluation."""
     t0 = time.perf_counter()
     q_paths, q_pids, q_cams = data_manager.process_query_sysu(root, mode="all")
@@ -156,9 +157,9 @@ def run_ours(net, root, store, args, device):
         root, mode="all", trials=range(args.trials))
     q_img, g_img = store.get(q_paths), store.get(g_paths)
     t1 = time.perf_counter()
-    q_feats = finetune.extract_features(net, q_img, finetune.THERMAL, args, device)
+    q_feats = engine_finetune.extract_features(net, q_img, datasets.THERMAL, args, device)
     t2 = time.perf_counter()
-    g_feats = finetune.extract_features(net, g_img, finetune.VISIBLE, args, device)
+    g_feats = engine_finetune.extract_features(net, g_img, datasets.VISIBLE, args, device)
     t3 = time.perf_counter()
     means = {}
     for name, qf, gf in zip(FEATURE_NAMES, q_feats, g_feats):
@@ -244,7 +245,7 @@ def main():
 
         # warm-up (kernel selection, allocator) on a few images, untimed
         few = store.images[: 2 * args.test_batch]
-        finetune.extract_features(net, few, finetune.VISIBLE, args, device)
+        engine_finetune.extract_features(net, few, datasets.VISIBLE, args, device)
         reference_extract(ref_net, few, 1, args, device)
 
         best = [None, None]

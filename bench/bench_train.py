@@ -26,8 +26,8 @@ Three parts, each measured side by side in the same process:
    the RGB and IR image of a pair sharing the permutation) in a DataLoader with
    ``--workers`` processes, in fp32, reading the loss with ``.item()`` every step as the
    authors' meters do.
-3. AGW fine-tuning step. Ours is the engine's loop ``finetune._train_epoch`` with AGW's own
-   ``make_step`` (AGW/train.py: CE + WRT triplet on ``model_agw.embed_net``); the reference
+3. AGW fine-tuning step. Ours is the engine's ``engine_finetune.train_one_epoch`` with AGW's own
+   ``make_criterion`` (AGW/train.py: CE + WRT triplet on ``model_agw.embed_net``); the reference
    is the authors' loop over per-image PIL transforms of identity-sampled pairs, fp32, same
    network, ``nn.CrossEntropyLoss`` + ``loss.TripletLoss_WRT``, same optimiser groups.
    ``--batch-size`` images per modality = (batch-size / num_pos) identities x ``--num_pos``.
@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import finetune  # noqa: E402
+import engine_finetune  # noqa: E402
 import train  # noqa: E402  (the top-level MMGL train.py; AGW/train.py is loaded by path below)
 import utils  # noqa: E402
 from bench import common  # noqa: E402
@@ -402,7 +402,7 @@ def bench_agw(args, device, rows, extra):
     argv += ["--amp"] if args.amp else []
     argv += ["--channels_last"] if args.channels_last else ["--no-channels_last"]
     fargs = agw.get_parser().parse_args(argv)
-    fargs.milestones = list(finetune.DEFAULT_MILESTONES)
+    fargs.milestones = list(engine_finetune.DEFAULT_MILESTONES)
 
     torch.manual_seed(args.seed)
     net = builder(fargs)(num_ids).to(device)
@@ -411,12 +411,12 @@ def bench_agw(args, device, rows, extra):
     cl = fargs.channels_last
     if cl:
         net.to(memory_format=torch.channels_last)
-    opt = finetune.build_optimizer(net, fargs, embed_net.NEW_MODULES)
-    ref_opt = finetune.build_optimizer(ref_net, fargs, embed_net.NEW_MODULES)
-    lr = finetune.adjust_learning_rate(opt, 0, fargs)
-    finetune.adjust_learning_rate(ref_opt, 0, fargs)
+    opt = engine_finetune.build_optimizer(net, fargs, embed_net.NEW_MODULES)
+    ref_opt = engine_finetune.build_optimizer(ref_net, fargs, embed_net.NEW_MODULES)
+    lr = engine_finetune.adjust_learning_rate(opt, 0, fargs)
+    engine_finetune.adjust_learning_rate(ref_opt, 0, fargs)
     amp_dtype, scaler = utils.amp_setup(fargs.amp, device)
-    step_fn = agw.make_step(fargs)
+    criterion = agw.make_criterion(fargs)
     aug = DeviceAugment(args.img_h, args.img_w, pad=PAD, device=device)
     epoch = [0]
     tmp = tempfile.TemporaryDirectory()
@@ -430,8 +430,8 @@ def bench_agw(args, device, rows, extra):
         _sync(device)
         t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
-            finetune._train_epoch(net, loader, aug, opt, scaler, amp_dtype, cl, step_fn, 0, lr, {},
-                                  fargs, device, last_path, time.time(), 0)
+            engine_finetune.train_one_epoch(net, criterion, loader, aug, opt, scaler, 0, lr, fargs, device,
+                                            (time.time(), 0), last_path)
         _sync(device)
         return time.perf_counter() - t
 

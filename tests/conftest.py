@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import finetune  # noqa: E402
+import engine_finetune  # noqa: E402
 import model  # noqa: E402
 
 # Small CPU settings for end-to-end runs: ResNet-18 at 96x48, no loader workers.
@@ -98,7 +98,7 @@ def final_lines(stdout):
     """{feature name: line} after the last 'All Average:' (SYSU) or 'Test Trial' (RegDB)."""
     lines = stdout.splitlines()
     start = max(i for i, ln in enumerate(lines)
-                if ln == "All Average:" or ln.startswith("Test Trial"))
+                if ln.startswith(("All Average:", "Test Trial")))
     return {ln.split(":")[0]: ln for ln in lines[start + 1:] if RESULT_LINE.match(ln)}
 
 
@@ -121,7 +121,7 @@ def check_mmgl_initialises_backbone(net, parse_args, stream, tmp_path, capsys, s
     heads = {k for k in src if k.startswith(model.MMGLNet.HEAD_PREFIXES)}
     assert heads
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    assert finetune.load_resume(net, parse_args(str(path))) == (0, None)
+    assert engine_finetune.load_resume(net, parse_args(str(path))) == (0, None)
     n = len(net.backbone_keys())
     printed = capsys.readouterr().out
     assert f"loaded {n}/{n} backbone tensors" in printed

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "AGW"))
 
-import finetune  # noqa: E402
+import engine_finetune  # noqa: E402
 import utils  # noqa: E402
 from conftest import (RESULT_LINE, SMALL_ARGS, check_mmgl_initialises_backbone,  # noqa: E402
                       epoch_results, final_lines, output_args, rank1, run_script)
@@ -109,8 +109,8 @@ def test_authors_checkpoint_with_unused_stem_tensors_loads(tmp_path, capsys):
     torch.save({"net": sd, "epoch": 60, "cmc": np.linspace(0.5, 1, 20), "mAP": np.float64(0.4),
                 "mINP": np.float64(0.2)}, path)
     net = embed_net(5, arch="resnet18")
-    args = finetune.get_args_parser("t").parse_args(["--resume", str(path)])
-    start, best = finetune.load_resume(net, args)
+    args = engine_finetune.get_args_parser("t").parse_args(["--resume", str(path)])
+    start, best = engine_finetune.load_resume(net, args)
     assert start == 61 and best["rank1"] == 0.5
     assert "skipped 4 never-used" in capsys.readouterr().out
     for k, v in src.state_dict().items():
@@ -118,15 +118,15 @@ def test_authors_checkpoint_with_unused_stem_tensors_loads(tmp_path, capsys):
 
 
 def test_lr_schedule_and_parameter_groups():
-    args = finetune.get_args_parser("t").parse_args([])
-    lrs = [finetune.learning_rate(e, args, (20, 50)) for e in (0, 4, 9, 10, 19, 20, 49, 50, 79)]
+    args = engine_finetune.get_args_parser("t").parse_args([])
+    lrs = [engine_finetune.learning_rate(e, args, (20, 50)) for e in (0, 4, 9, 10, 19, 20, 49, 50, 79)]
     assert lrs == pytest.approx([0.01, 0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     net = embed_net(4, arch="resnet18")
-    opt = finetune.build_optimizer(net, args, embed_net.NEW_MODULES)
+    opt = engine_finetune.build_optimizer(net, args, embed_net.NEW_MODULES)
     assert [g["name"] for g in opt.param_groups] == ["backbone", "bottleneck", "classifier"]
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
     assert opt.defaults["weight_decay"] == 5e-4
-    finetune.adjust_learning_rate(opt, 30, args, (20, 50))
+    engine_finetune.adjust_learning_rate(opt, 30, args, (20, 50))
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.01, 0.01])
     n_all = sum(p.numel() for p in net.parameters())
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_all
@@ -149,10 +149,10 @@ def test_training_step_of_each_loss(flags):
     args = agw_train.get_parser().parse_args(["--arch", "resnet18", *flags])
     torch.manual_seed(3)
     net = embed_net(4, arch="resnet18", method=args.method)
-    step = agw_train.make_step(args)
+    step = agw_train.make_criterion(args)
     x = torch.randn(8, 3, 96, 48)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    loss, logs = step(net, x, x.flip(3), labels, labels, 0, {})
+    loss, logs = step(net, x, x.flip(3), labels, labels)
     assert set(logs) == {"id_loss", "tri_loss", "feat_norm", "feat_dist", "acc"} and torch.isfinite(loss)
     # the logged feature scale is the pooled features' (train mode: the triplet's input)
     feat, _ = net(x, x.flip(3))
@@ -170,7 +170,7 @@ def test_mmgl_checkpoint_initialises_every_backbone_tensor(stream, tmp_path, cap
     # non-local blocks, BNNeck and classifier keep their initialisation
     check_mmgl_initialises_backbone(
         embed_net(7, arch="resnet18"),
-        lambda path: finetune.get_args_parser("t").parse_args(["--resume", path]),
+        lambda path: engine_finetune.get_args_parser("t").parse_args(["--resume", path]),
         stream, tmp_path, capsys, seed=0)
 
 
@@ -179,10 +179,10 @@ def test_finetune_checkpoint_with_other_method_is_refused(tmp_path):
     path = tmp_path / "agw_best.t"
     torch.save({"net": agw.state_dict(), "epoch": 4, "cmc": np.zeros(20), "mAP": 0.0}, path)
     base = embed_net(5, arch="resnet18", method="base")
-    args = finetune.get_args_parser("t").parse_args(["--resume", str(path)])
-    with pytest.raises(finetune.UserError, match=r"unexpected \(NL_2\.0\..*--method"):
-        finetune.load_resume(base, args)
-    start, best = finetune.load_resume(embed_net(5, arch="resnet18"), args)
+    args = engine_finetune.get_args_parser("t").parse_args(["--resume", str(path)])
+    with pytest.raises(engine_finetune.UserError, match=r"unexpected \(NL_2\.0\..*--method"):
+        engine_finetune.load_resume(base, args)
+    start, best = engine_finetune.load_resume(embed_net(5, arch="resnet18"), args)
     assert start == 5 and best["rank1"] == 0.0
 
 
@@ -248,11 +248,11 @@ def test_finetune_beats_chance_and_the_untrained_network(sysu_run, sysu_small, c
     # The same network before fine-tuning (random initialisation, seed 0 as in the script):
     # random convolutional features already match shapes somewhat (~13% Rank-1, ~21% mAP
     # here); fine-tuning must clearly beat both it and chance.
-    args = finetune.get_args_parser("t").parse_args(["--data_path", str(sysu_small), *SMALL_ARGS])
-    finetune.prepare_args(args, ROOT / "AGW")
+    args = engine_finetune.get_args_parser("t").parse_args(["--data_path", str(sysu_small), *SMALL_ARGS])
+    engine_finetune.prepare_args(args, ROOT / "AGW")
     torch.manual_seed(0)
     classes = int(np.load(sysu_small / "train_rgb_resized_label.npy").max()) + 1
-    untrained = finetune.test(embed_net(classes, arch="resnet18"), args, torch.device("cpu"),
+    untrained = engine_finetune.evaluate(embed_net(classes, arch="resnet18"), args, torch.device("cpu"),
                               FEATURE_NAMES, per_trial=False)["FC"]
     capsys.readouterr()
     report = (f"fine-tuned FC Rank-1 {best_r1:.3f} mAP {best_map:.3f}; untrained Rank-1 "
@@ -381,30 +381,32 @@ class _NanGrad(torch.autograd.Function):
     (_NanGrad.apply, r"^the gradient norm became nan \(the loss was finite\) at epoch 0 step 1; "
                      r"stopped before saving"),
 ], ids=["nan_loss", "nan_gradient_with_finite_loss"])
-def test_nonfinite_loss_or_gradient_stops_the_run_without_saving(poison, expected, regdb_small, tmp_path):
+def test_nonfinite_loss_or_gradient_stops_the_run_without_saving(poison, expected, regdb_small, tmp_path,
+                                                                  monkeypatch):
     agw_train = _agw_train_module()
     args = agw_train.get_parser().parse_args(
         ["--dataset", "regdb", "--data_path", str(regdb_small), *SMALL_ARGS,
          "--batch-size", "4", "--num_pos", "2", "--print_freq", "1",
          *map(str, output_args(tmp_path))])
-    step = agw_train.make_step(args)
+    step = agw_train.make_criterion(args)
+    calls = []
 
-    def poisoned(net, x_rgb, x_ir, y_rgb, y_ir, epoch, state):
-        loss, logs = step(net, x_rgb, x_ir, y_rgb, y_ir, epoch, state)
-        state["calls"] = state.get("calls", 0) + 1
-        return (poison(loss) if state["calls"] == 2 else loss), logs
+    def poisoned(net, x_rgb, x_ir, y_rgb, y_ir):
+        loss, logs = step(net, x_rgb, x_ir, y_rgb, y_ir)
+        calls.append(1)
+        return (poison(loss) if len(calls) == 2 else loss), logs
 
-    with pytest.raises(finetune.UserError, match=expected):
-        finetune.train(args, agw_train.builder(args), poisoned, embed_net.NEW_MODULES, "agw",
-                       (20, 50), FEATURE_NAMES, ROOT / "AGW")
+    monkeypatch.setattr(agw_train, "make_criterion", lambda args: poisoned)
+    with pytest.raises(engine_finetune.UserError, match=expected):
+        agw_train.main(args)
     assert not list((tmp_path / "save").glob("*"))   # the folder exists (checked writable), empty
     assert not isinstance(sys.stdout, utils.Tee)     # the log tee was taken down
 
 
 def test_warmup_longer_than_the_run_warns(sysu_small, capsys):
     import train as pretrain
-    args = finetune.get_args_parser("t").parse_args(["--data_path", str(sysu_small), "--epochs", "3"])
-    finetune.prepare_args(args, ROOT / "AGW")
+    args = engine_finetune.get_args_parser("t").parse_args(["--data_path", str(sysu_small), "--epochs", "3"])
+    engine_finetune.prepare_args(args, ROOT / "AGW")
     assert "warning: --warmup_epochs 10 > --epochs 3: the lr never reaches --lr 0.1" in capsys.readouterr().out
     pretrain.check_args(pretrain.get_args_parser().parse_args(["--epochs", "3"]))
     assert "warning: --warmup_epochs 10 > --epochs 3" in capsys.readouterr().out

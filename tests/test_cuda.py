@@ -112,7 +112,7 @@ def test_pretraining_runs_on_the_device(pretrained, precision):
     assert (tmp / "save" / f"{PRE_NAME}_epoch_2.t").is_file()
     # the checkpoint holds CPU-loadable tensors (load_checkpoint maps to the CPU)
     ckpt = utils.load_checkpoint(tmp / "save" / f"{PRE_NAME}_last.pth")
-    assert all(v.device.type == "cpu" for v in ckpt["model"].values())
+    assert all(v.device.type == "cpu" for v in ckpt["net"].values())
     if precision == "fp16" and ON_CUDA:   # the scaler really ran: its scale is in the checkpoint
         assert ckpt["scaler"] and ckpt["scaler"]["scale"] > 0
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "DDAG"))
 
-import finetune  # noqa: E402
+import engine_finetune  # noqa: E402
 import model  # noqa: E402
 import train_ddag  # noqa: E402
 from conftest import (RESULT_LINE, SMALL_ARGS, check_mmgl_initialises_backbone,  # noqa: E402
@@ -210,12 +210,12 @@ def test_step_loss_composition():
     args = train_ddag.get_parser().parse_args(["--wpa", "--graph", "--lambda0", "0.5",
                                                "--drop", "0"])
     net = embed_net(low_dim=16, class_num=4, drop=0.0, arch="resnet18")
-    step = train_ddag.make_step(args)
+    state = {"wG": 0.25}
+    step = train_ddag.make_criterion(args, state)
     x_rgb, x_ir = torch.randn(4, 3, 64, 32), torch.randn(4, 3, 64, 32)
     y = torch.tensor([0, 0, 3, 3])
-    state = {"wG": 0.25}
     torch.manual_seed(6)
-    loss, logs = step(net, x_rgb, x_ir, y, y, 1, state)
+    loss, logs = step(net, x_rgb, x_ir, y, y)
     labels = torch.cat((y, y))
     torch.manual_seed(6)
     x_pool, logits, part_logits, log_probs = net(x_rgb, x_ir, adj=build_adjacency(labels))
@@ -393,8 +393,8 @@ def test_resume_restores_graph_weight(regdb_run, capsys):
     assert 0 < last["state"]["wG"] < 1
     args = train_ddag.get_parser().parse_args([str(a) for a in args] + ["--resume", str(path)])
     net = train_ddag.builder(args)(int(last["net"]["classifier.weight"].shape[0]))
-    optimizer = finetune.build_optimizer(net, args, net.new_modules())
+    optimizer = engine_finetune.build_optimizer(net, args, net.new_modules())
     state = {"wG": 0.0}
-    start, best = finetune.load_resume(net, args, optimizer, None, state)
+    start, best = engine_finetune.load_resume(net, args, optimizer, None, state)
     assert start == 1 and best["feature"] == "FC_att"
     assert state["wG"] == last["state"]["wG"]

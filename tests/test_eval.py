@@ -3,7 +3,7 @@
 Hand-worked cases: every expected number below is derived by hand in the comments,
 never by calling the code. Then a randomised cross-check of the vectorised
 implementation against the straightforward per-query reference
-(bench/reference_eval.py, written from the protocol's description, independent of eval_metrics).
+(eval_reference.py, written from the protocol's description, independent of eval_metrics).
 """
 import sys
 from pathlib import Path
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval_metrics  # noqa: E402
 from eval_metrics import eval_regdb, eval_sysu, evaluate_sysu_trials, format_metrics  # noqa: E402
-from bench.reference_eval import _reference_eval_regdb, _reference_eval_sysu  # noqa: E402
+from eval_reference import eval_regdb_reference, eval_sysu_reference  # noqa: E402
 
 EXACT = 1e-12
 
@@ -225,8 +225,8 @@ def test_matches_reference_random(monkeypatch, variant, shape, seed):
                 gp[:] = qp[0]
                 gc[:] = 1
             for max_rank in (20, 5):
-                _same_as_reference(eval_sysu, _reference_eval_sysu, d, qp, gp, qc, gc, max_rank)
-                _same_as_reference(eval_regdb, _reference_eval_regdb, d, qp, gp, max_rank)
+                _same_as_reference(eval_sysu, eval_sysu_reference, d, qp, gp, qc, gc, max_rank)
+                _same_as_reference(eval_regdb, eval_regdb_reference, d, qp, gp, max_rank)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -241,8 +241,8 @@ def test_matches_reference_with_ties(seed):
         for d in (rng.choice(values, (num_q, num_g)),
                   rng.integers(0, 3, (num_q, num_g)).astype(np.float32),
                   1.0 + rng.integers(0, 3, (num_q, num_g)) * 2.0 ** -50):  # near ties, float64
-            _same_as_reference(eval_sysu, _reference_eval_sysu, d, qp, gp, qc, gc)
-            _same_as_reference(eval_regdb, _reference_eval_regdb, d, qp, gp)
+            _same_as_reference(eval_sysu, eval_sysu_reference, d, qp, gp, qc, gc)
+            _same_as_reference(eval_regdb, eval_regdb_reference, d, qp, gp)
 
 
 def test_evaluate_sysu_trials_equals_per_trial_eval():

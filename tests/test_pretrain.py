@@ -13,6 +13,7 @@ from conftest import SMALL_H, SMALL_W, run_script
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import datasets  # noqa: E402
 from data_loader import DeviceAugment, SYSUData, random_perms, unshuffle_stripes  # noqa: E402
 from model import TwoStreamBackbone  # noqa: E402
 
@@ -212,8 +213,8 @@ def test_heldout_set_is_test_ids_only_and_evaluation_is_deterministic(sysu_small
     from model import MMGLNet
     from train import evaluate_perm, get_args_parser
 
-    a = PermHeldout("sysu", sysu_small, 6, SMALL_H, SMALL_W, n=50, seed=0)
-    b = PermHeldout("sysu", sysu_small, 6, SMALL_H, SMALL_W, n=50, seed=0)
+    a = PermHeldout(datasets.get("sysu").heldout_lists(sysu_small), 6, SMALL_H, SMALL_W, n=50, seed=0)
+    b = PermHeldout(datasets.get("sysu").heldout_lists(sysu_small), 6, SMALL_H, SMALL_W, n=50, seed=0)
     test_ids, train_ids = set(sysu_split_ids(sysu_small, "test")), set(sysu_split_ids(sysu_small, "train", "val"))
     for m, cams in (("rgb", {"cam1", "cam2", "cam4", "cam5"}), ("ir", {"cam3", "cam6"})):
         paths = getattr(a, f"{m}_paths")
@@ -225,7 +226,7 @@ def test_heldout_set_is_test_ids_only_and_evaluation_is_deterministic(sysu_small
         assert {Path(p).parent.parent.name for p in paths} <= cams
         assert sorted(getattr(a, f"{m}_perms")[0]) == list(range(6))
     # another seed: other images or other permutations
-    c = PermHeldout("sysu", sysu_small, 6, SMALL_H, SMALL_W, n=50, seed=1)
+    c = PermHeldout(datasets.get("sysu").heldout_lists(sysu_small), 6, SMALL_H, SMALL_W, n=50, seed=1)
     assert c.rgb_paths != a.rgb_paths or not np.array_equal(c.rgb_perms, a.rgb_perms)
 
     torch.manual_seed(0)

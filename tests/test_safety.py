@@ -165,20 +165,20 @@ def test_npy_of_the_wrong_size_is_one_error_line(sysu_small, tmp_path):
 def test_nonfinite_bn_statistics_stop_evaluation_with_one_line(sysu_small):
     """Features blown up while the loss stayed finite: the evaluation names the cause
     instead of failing later on NaN distances."""
-    import finetune
+    import engine_finetune
     from model import TwoStreamBackbone
     net = TwoStreamBackbone("resnet18")
     net.forward = lambda x1, x2=None, modal=0: net.forward_body(net.stem(x1, x2, modal)).mean((2, 3))
     bn = net.base_resnet.base.layer3[0].bn1
     bn.running_mean.fill_(float("nan"))
-    args = finetune.get_args_parser("t").parse_args(["--data_path", str(sysu_small), "--arch", "resnet18",
+    args = engine_finetune.get_args_parser("t").parse_args(["--data_path", str(sysu_small), "--arch", "resnet18",
                                                      "--img_h", str(SMALL_H), "--img_w", str(SMALL_W),
                                                      "--gpu", "cpu", "--test-batch", "8"])
     images = np.load(sysu_small / "train_rgb_resized_img.npy")[:8]
     with pytest.raises(UserError) as e:
-        finetune.extract_features(net, images, 1, args, torch.device("cpu"))
+        engine_finetune.extract_features(net, images, 1, args, torch.device("cpu"))
     msg = str(e.value)
     assert "evaluation features (output 0) of the RGB test images: 8 of 8 are not finite" in msg
     assert "base_resnet.base.layer3.0.bn1" in msg and len(msg) < 300
     bn.running_mean.fill_(0.0)
-    finetune.extract_features(net, images, 1, args, torch.device("cpu"))   # finite again: no error
+    engine_finetune.extract_features(net, images, 1, args, torch.device("cpu"))   # finite again: no error

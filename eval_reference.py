@@ -1,4 +1,5 @@
-"""Straightforward per-query reference of the SYSU / RegDB evaluation (README 'Evaluation protocol').
+"""The readable definition of the SYSU / RegDB evaluation (README 'Evaluation protocol'): the
+per-query reference that the vectorised eval_metrics.py must equal.
 
 This is deliberately the slow, obviously-correct shape of the widely used
 AGW/DDAG evaluation: one Python iteration per query, one ``np.argsort`` per row,
@@ -44,7 +45,7 @@ def _average(per_query, length):
     return np.mean(cmc, axis=0), float(np.mean(ap)), float(np.mean(inp))
 
 
-def _reference_eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20,
+def eval_sysu_reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20,
                          sort_kind="stable"):
     distmat = np.asarray(distmat)
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
@@ -67,7 +68,7 @@ def _reference_eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=2
     return _average(per_query(), min(max_rank, distmat.shape[1]))
 
 
-def _reference_eval_regdb(distmat, q_pids, g_pids, max_rank=20, sort_kind="stable"):
+def eval_regdb_reference(distmat, q_pids, g_pids, max_rank=20, sort_kind="stable"):
     distmat = np.asarray(distmat)
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
 

@@ -1,0 +1,156 @@
+"""The benchmark registry: everything that differs between SYSU-MM01 and RegDB, in one place.
+
+Each benchmark declares its default folder, its training set, the images pre-training may
+use for the held-out permutation accuracy, the query/gallery lists of its test protocol
+(per gallery trial and search direction), its evaluator, and the suffix its runs are named
+with. The scripts ask ``get(args.dataset)`` and hold no dataset branches, so a new benchmark
+is one new class here (plus its file lists in data_manager.py and its tests).
+
+    bench = datasets.get("regdb")
+    data = bench.train_data(args)            # TrainData: uint8 images, labels, cameras
+    lists = bench.test_lists(args)           # TestLists: query, union gallery, trial index
+    per_trial, mean = lists.evaluate(q_feat, g_feat)
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+import data_manager
+import eval_metrics
+import utils
+from utils import UserError
+
+VISIBLE, THERMAL = 1, 2   # the networks' modality codes (stem 1 = RGB, stem 2 = IR)
+
+
+@dataclass
+class TestLists:
+    """One test protocol instance. The gallery is the UNION of the trial galleries (each
+    image's feature is extracted once); ``trial_index[t]`` indexes trial t's gallery into
+    it, in draw order (which decides ties). ``q_cams``/``g_cams`` are camera numbers, or the
+    modality code where the benchmark has no cameras."""
+    q_paths: list
+    q_pids: np.ndarray
+    q_cams: np.ndarray
+    q_modal: int
+    g_paths: list
+    g_pids: np.ndarray
+    g_cams: np.ndarray
+    g_modal: int
+    trial_index: list
+    trials: list          # the trial numbers printed ("Test Trial: T")
+    score: object         # (distmat, q_pids, g_pids, q_cams, g_cams) -> (cmc, mAP, mINP)
+    camera_rule: bool     # SYSU-MM01's cam-3 query / cam-2 gallery exclusion (rank lists)
+    direction: str = ""   # shown beside the trial line, e.g. "thermal to visible"
+
+    def evaluate(self, q_feats, g_feats):
+        """(per-trial [(cmc, mAP, mINP)], their mean) for L2-normalised features."""
+        return eval_metrics.evaluate_trials(q_feats, self.q_pids, self.q_cams, g_feats, self.g_pids,
+                                            self.g_cams, self.trial_index, self.score)
+
+
+class Benchmark:
+    name = title = default_path = ""
+    trial_flag = False   # whether --trial picks the training/test split (RegDB)
+
+    def data_path(self, args):
+        """--data_path, or the benchmark's folder under the repository root."""
+        return utils.resolve_path(getattr(args, "data_path", None) or None, self.default_path)
+
+    def check_args(self, args):
+        """Flag values only this benchmark constrains."""
+
+    def run_suffix(self, args):
+        """Appended to every run name (the authors': '_trial_T' on RegDB)."""
+        return ""
+
+    def train_data(self, args):
+        """The training set (TrainData) of --data_path at --img_h x --img_w."""
+        raise NotImplementedError
+
+    def heldout_lists(self, data_path, trial=1):
+        """{'rgb': paths, 'ir': paths}: test-split images pre-training never reads."""
+        raise NotImplementedError
+
+    def test_lists(self, args):
+        raise NotImplementedError
+
+
+class SYSU(Benchmark):
+    """SYSU-MM01 (Wu et al., ICCV 2017): RGB cameras 1,2,4,5, IR cameras 3,6. Training from
+    the npy arrays of pre_process_sysu.py. Test: IR queries (cameras 3 and 6) against an RGB
+    gallery drawn 10 times (trials 0..9), all or indoor mode, single- or multi-shot."""
+    name, title, default_path = "sysu", "SYSU-MM01", "data/SYSU-MM01"
+
+    def train_data(self, args):
+        from data_loader import SYSUData
+        data = SYSUData(self.data_path(args))
+        data.check_size(args.img_h, args.img_w,
+                        f"pass --img_h {data.img_size[0]} --img_w {data.img_size[1]}, or re-run "
+                        f"pre_process_sysu.py with --img_h {args.img_h} --img_w {args.img_w}")
+        return data
+
+    def heldout_lists(self, data_path, trial=1):
+        root = data_manager.sysu_root(data_path)
+        ids = data_manager.sysu_split_ids(root, "test")
+        return {"rgb": data_manager.list_sysu_images(root, ids, data_manager.SYSU_RGB_CAMS["all"])[0],
+                "ir": data_manager.list_sysu_images(root, ids, data_manager.SYSU_IR_CAMS)[0]}
+
+    def test_lists(self, args):
+        path = self.data_path(args)
+        q_paths, q_pids, q_cams = data_manager.process_query_sysu(path, mode=args.mode)
+        g_paths, g_pids, g_cams, index = data_manager.sysu_gallery_trials(
+            path, mode=args.mode, gall_mode=args.gall_mode)
+        return TestLists(q_paths, q_pids, q_cams, THERMAL, g_paths, g_pids, g_cams, VISIBLE, index,
+                         list(range(len(index))), eval_metrics.eval_sysu, camera_rule=True)
+
+
+def _regdb_score(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=20):
+    return eval_metrics.eval_regdb(distmat, q_pids, g_pids, max_rank)
+
+
+class RegDB(Benchmark):
+    """RegDB (Nguyen et al., Sensors 2017): 412 ids, 10 visible + 10 thermal images each,
+    10 random 206/206 splits (--trial 1..10) from idx/. Test: visible queries against the
+    thermal gallery of the trial, or thermal to visible with --tvsearch."""
+    name, title, default_path = "regdb", "RegDB", "data/RegDB"
+    trial_flag = True
+
+    def check_args(self, args):
+        if not 1 <= args.trial <= 10:
+            raise UserError(f"--trial must be 1..10 for RegDB, got {args.trial}")
+
+    def run_suffix(self, args):
+        return f"_trial_{args.trial}"
+
+    def train_data(self, args):
+        from data_loader import RegDBData
+        return RegDBData(self.data_path(args), args.trial, img_h=args.img_h,
+                         img_w=args.img_w, workers=args.workers)
+
+    def heldout_lists(self, data_path, trial=1):
+        return {"rgb": data_manager.process_test_regdb(data_path, trial, "visible")[0],
+                "ir": data_manager.process_test_regdb(data_path, trial, "thermal")[0]}
+
+    def test_lists(self, args):
+        path = self.data_path(args)
+        vis = data_manager.process_test_regdb(path, trial=args.trial, modal="visible")
+        thr = data_manager.process_test_regdb(path, trial=args.trial, modal="thermal")
+        (q_paths, q_pids), (g_paths, g_pids) = (thr, vis) if args.tvsearch else (vis, thr)
+        q_modal, g_modal = (THERMAL, VISIBLE) if args.tvsearch else (VISIBLE, THERMAL)
+        q_pids, g_pids = np.asarray(q_pids, dtype=np.int64), np.asarray(g_pids, dtype=np.int64)
+        return TestLists(list(q_paths), q_pids, np.full(len(q_pids), q_modal), q_modal,
+                         list(g_paths), g_pids, np.full(len(g_pids), g_modal), g_modal,
+                         [np.arange(len(g_pids))], [args.trial],
+                         _regdb_score, camera_rule=False,
+                         direction="thermal to visible" if args.tvsearch else "")
+
+
+BENCHMARKS = {b.name: b for b in (SYSU(), RegDB())}
+NAMES = tuple(BENCHMARKS)
+
+
+def get(name):
+    """The registered benchmark called ``name`` (a UserError naming the choices otherwise)."""
+    utils.choice_check("--dataset", name, NAMES)
+    return BENCHMARKS[name]

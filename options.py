@@ -1,0 +1,102 @@
+"""The flag groups every stage shares (pre-training, AGW, DDAG, their test scripts), declared
+once as parent parsers (``argparse`` ``parents=``, as DINO and MAE do) and checked once by
+:func:`check`. A stage adds its own flags and changes a shared default with
+``parser.set_defaults``:
+
+    p = utils.ArgumentParser(description="...", parents=options.parents())
+    p.set_defaults(epochs=100, save_epoch=10)
+"""
+import argparse
+
+import datasets
+import utils
+from utils import UserError
+
+ARCHS = ("resnet50", "resnet18")
+
+
+def data_parser():
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="sysu", help=f"benchmark: {' | '.join(datasets.NAMES)}")
+    g.add_argument("--data_path", default=None, help="dataset folder (default: data/SYSU-MM01, "
+                   "data/RegDB, ... under the repository root)")
+    g.add_argument("--trial", default=1, type=int, help="RegDB split 1..10")
+    g.add_argument("--img_h", default=288, type=int, help="image height")
+    g.add_argument("--img_w", default=144, type=int, help="image width")
+    g.add_argument("--workers", default=4, type=int, help="data loading worker processes (they only "
+                   "slice uint8 arrays or decode test images)")
+    return p
+
+
+def model_parser():
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("backbone")
+    g.add_argument("--arch", default="resnet50", help=" | ".join(ARCHS))
+    g.add_argument("--pretrained", default="", help="local torchvision-format ImageNet ResNet "
+                   "weights for the backbone (never downloaded)")
+    return p
+
+
+def optim_parser():
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", default=0.1, type=float, help="learning rate (fine-tuning: of the new "
+                   "modules, the backbone gets 0.1x)")
+    g.add_argument("--epochs", default=100, type=int, help="epochs (numbered 0..epochs-1)")
+    g.add_argument("--warmup_epochs", default=10, type=int, help="linear warm-up lr*(epoch+1)/W over "
+                   "the first W epochs (0: none)")
+    g.add_argument("--seed", default=0, type=int, help="random seed")
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    return p
+
+
+def runtime_parser():
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("device and speed")
+    g.add_argument("--gpu", default="0", help="CUDA device index, or 'cpu'")
+    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where "
+                   "supported, else fp16 autocast + GradScaler")
+    g.add_argument("--channels_last", default=True, action=argparse.BooleanOptionalAction,
+                   help="channels-last (NHWC) memory layout for the network and its input")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training network")
+    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under torchrun")
+    g.add_argument("--gather", action="store_true", help="under torchrun: the batch-wise loss "
+                   "(PCC's neighbours, the triplet's negatives) sees the batches of all ranks")
+    return p
+
+
+def output_parser():
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--resume", "-r", default="", help="checkpoint to continue from or load: a path "
+                   "or a name under --model_path")
+    g.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
+                   help="unpickle --resume fully (only for files you trust)")
+    g.add_argument("--model_path", default="save_model/", help="checkpoint folder")
+    g.add_argument("--log_path", default="log/", help="text and JSON-lines log folder")
+    g.add_argument("--vis_log_path", default="log/vis_log/", help="TensorBoard folder")
+    g.add_argument("--save_epoch", default=10, type=int, help="write <run>_epoch_<E>.t every this "
+                   "many epochs")
+    g.add_argument("--print_freq", default=50, type=int, help="print every N steps (and the last)")
+    return p
+
+
+def parents():
+    """Every shared group, in the order --help lists them."""
+    return [data_parser(), model_parser(), optim_parser(), runtime_parser(), output_parser()]
+
+
+def check(args):
+    """The shared flags' rules, checked once for every stage; returns the benchmark."""
+    bench = datasets.get(args.dataset)
+    utils.choice_check("--arch", args.arch, ARCHS)
+    for name in ("img_h", "img_w", "epochs", "save_epoch", "print_freq"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("workers", "warmup_epochs"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    utils.check_schedule(args)
+    bench.check_args(args)
+    return bench
