@@ -8,7 +8,8 @@ Distances. :func:`re_ranking` takes SQUARED EUCLIDEAN distances (the paper's d(p
 with M = I). Its Gaussian kernel exp(-d) (Eq. 7) is not scale-free, so the scale matters:
 for L2-normalised features d = 2 - 2 x.y lies in [0, 4]. The test scripts rank by -(q @ g.T);
 :func:`rerank_features` turns L2-normalised features into these distances (:func:`sq_euclidean`,
-the one conversion in the repository) and is what callers should use.
+the one conversion in the repository) and is what callers should use; :func:`distance_blocks`
+gives the three blocks once for several galleries (slice them per trial).
 
 What each item's neighbours are taken from: the JOINT set of all queries and gallery items,
 n = Nq + Ng, whose distance matrix is [[q_q, q_g], [q_g.T, g_g]] (never built: rows are
@@ -16,10 +17,13 @@ assembled chunk by chunk). Definitions, all on a row's STABLE ascending ranking 
 index, so results are deterministic), with every k clipped to n:
 
 * N(i, k): the first k + 1 items of row i: i itself (distance 0) and its k nearest others;
-* R(i, k) = {j in N(i, k) : i in N(j, k)}                                      (Eq. 4)
+* R(i, k) = {j in N(i, k) : i in N(j, k)}                                      (Eq. 3)
 * R*(p, k1) = R(p, k1) united with R(q, k1 // 2) for every q in R(p, k1) such that
-  |R(p, k1) & R(q, k1 // 2)| > 2/3 |R(q, k1 // 2)| (strictly more)             (Eq. 6)
+  |R(p, k1) & R(q, k1 // 2)| > 2/3 |R(q, k1 // 2)|                            (Eq. 4)
+  (strictly more, as this project specifies it; should the paper's text read >=, the two
+  differ only when the overlap is exactly 2/3)
 * V[p, j] = exp(-d(p, j)) for j in R*(p, k1), else 0                           (Eq. 7)
+  (as the equation writes it: no per-row normalisation)
 * local query expansion: V_p <- mean of V_i over the first k2 items of p's ranking
   (p itself first, so k2 = 1 leaves V unchanged); applied to every row       (Eq. 11)
 * d_J(p, g) = 1 - sum_j min(V[p, j], V[g, j]) / sum_j max(V[p, j], V[g, j])   (Eq. 10)
@@ -37,7 +41,7 @@ float32 output plus bounded chunks and the sparse matrices (bench/bench_rerank.p
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["re_ranking", "rerank_features", "sq_euclidean"]
+__all__ = ["re_ranking", "rerank_features", "distance_blocks", "sq_euclidean"]
 
 # Elements per dense working block (rows of the joint distance matrix, pair expansions).
 _CHUNK_ELEMS = 1 << 22
@@ -54,15 +58,20 @@ def sq_euclidean(a, b):
     return np.maximum(d, 0, out=d)
 
 
+def distance_blocks(q_feats, g_feats):
+    """(q_g, q_q, g_g) squared Euclidean distances, the diagonals exactly 0 (rounding leaves
+    tiny non-zero self distances; the definitions put each item first in its own ranking)."""
+    q_q = sq_euclidean(q_feats, q_feats)
+    g_g = sq_euclidean(g_feats, g_feats)
+    np.fill_diagonal(q_q, 0)
+    np.fill_diagonal(g_g, 0)
+    return sq_euclidean(q_feats, g_feats), q_q, g_g
+
+
 def rerank_features(q_feats, g_feats, k1=20, k2=6, lambda_value=0.3):
     """:func:`re_ranking` of the squared Euclidean distances of the features (L2-normalised
     ones: the test scripts' features). Returns the re-ranked ``[Nq, Ng]`` float32 distances."""
-    q_q = sq_euclidean(q_feats, q_feats)
-    g_g = sq_euclidean(g_feats, g_feats)
-    # rounding leaves tiny non-zero self distances; the definitions put each item first
-    np.fill_diagonal(q_q, 0)
-    np.fill_diagonal(g_g, 0)
-    return re_ranking(sq_euclidean(q_feats, g_feats), q_q, g_g, k1, k2, lambda_value)
+    return re_ranking(*distance_blocks(q_feats, g_feats), k1, k2, lambda_value)
 
 
 class _Joint:
@@ -133,7 +142,7 @@ def _indicator(n, cols):
 
 
 def _reciprocal(top, k):
-    """R(i, k) of Eq. 4 for all i as a CSR 0/1 matrix: j in N(i, k) and i in N(j, k)."""
+    """R(i, k) of Eq. 3 for all i as a CSR 0/1 matrix: j in N(i, k) and i in N(j, k)."""
     n = len(top)
     nk = _indicator(n, top[:, :min(k + 1, n)])
     return nk.multiply(nk.T).tocsr()
@@ -147,7 +156,7 @@ def _kernel_sets(top, joint, k1):
     # R(k1/2), kept on R(k1)'s pattern only
     overlap = (r @ rh.T).multiply(r).tocoo()
     size_h = np.diff(rh.indptr)
-    keep = 3 * overlap.data > 2 * size_h[overlap.col]           # Eq. 6, in integers
+    keep = 3 * overlap.data > 2 * size_h[overlap.col]           # Eq. 4, in integers
     pick = sp.csr_matrix((np.ones(int(keep.sum()), dtype=np.int32),
                           (overlap.row[keep], overlap.col[keep])), shape=r.shape)
     rstar = (r + pick @ rh).tocsr()                               # union: pattern of the sum

@@ -45,13 +45,6 @@ def features(rng, nq, ng):
     return out
 
 
-def blocks(qf, gf):
-    q_q, g_g = rerank.sq_euclidean(qf, qf), rerank.sq_euclidean(gf, gf)
-    np.fill_diagonal(q_q, 0)
-    np.fill_diagonal(g_g, 0)
-    return rerank.sq_euclidean(qf, gf), q_q, g_g
-
-
 def peak_extra(fn):
     """(result, peak bytes allocated by ``fn`` above what was held before it)."""
     tracemalloc.start()
@@ -78,7 +71,7 @@ def main():
 
     print(f"re-ranking benchmark: k1=20 k2=6 lambda=0.3, {NUM_IDS} ids, {FEAT_DIM}-d features; "
           "reference = per-probe loops and sets (tests/test_rerank.py)")
-    d = blocks(*features(rng, args.ref_query, args.ref_gallery))
+    d = rerank.distance_blocks(*features(rng, args.ref_query, args.ref_gallery))
     t = time.perf_counter()
     ref = reference_rerank(*d)
     t_ref = time.perf_counter() - t
@@ -90,7 +83,7 @@ def main():
           f"{t_ref:9.2f} {t_ref / t_ours:7.0f}x  {diff:.1e}")
 
     qf, gf = features(rng, args.query, args.gallery)
-    d = blocks(qf, gf)
+    d = rerank.distance_blocks(qf, gf)
     n = args.query + args.gallery
     nn_mb = n * n * 4 / 2**20
     t_ours = min(_timed(lambda: rerank.re_ranking(*d))[0] for _ in range(args.repeat))

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import eval_metrics
-from rerank import re_ranking, rerank_features, sq_euclidean
+from rerank import distance_blocks, re_ranking, rerank_features
 
 
 def reference_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3):
-    """Zhong et al., CVPR 2017, Eqs. 4-12, with rerank.py's stated conventions: neighbours
+    """Zhong et al., CVPR 2017, Eqs. 1-12, with rerank.py's stated conventions: neighbours
     in the joint query+gallery set, N(i, k) = first k+1 of i's stable ranking (i itself
     first), k1 // 2 for the expansion sets, QE over the first k2 of the ranking."""
     nq, ng = len(q_g), len(g_g)
@@ -34,7 +34,7 @@ def reference_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3):
 
     memo = {}
 
-    def reciprocal(i, k):                      # R(i, k), Eq. 4
+    def reciprocal(i, k):                      # R(i, k), Eq. 3
         if (i, k) not in memo:
             memo[i, k] = {j for j in neighbours(i, k) if i in neighbours(j, k)}
         return memo[i, k]
@@ -43,7 +43,7 @@ def reference_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3):
     for p in range(n):
         r_p = reciprocal(p, k1)
         r_star = set(r_p)
-        for q in r_p:                          # Eq. 6 (the 2/3 rule in integers: no rounding)
+        for q in r_p:                          # Eq. 4 (the 2/3 rule in integers: no rounding)
             r_q = reciprocal(q, k1 // 2)
             if 3 * len(r_p & r_q) > 2 * len(r_q):
                 r_star |= r_q
@@ -83,12 +83,8 @@ def clustered(nq, ng, num_ids=5, dim=8, noise=0.5, seed=0):
 
 def distances(qf, gf, decimals=None):
     """The three distance blocks (optionally rounded, which makes many exact ties)."""
-    blocks = [sq_euclidean(qf, gf), sq_euclidean(qf, qf), sq_euclidean(gf, gf)]
-    np.fill_diagonal(blocks[1], 0)
-    np.fill_diagonal(blocks[2], 0)
-    if decimals is not None:
-        blocks = [np.round(b, decimals) for b in blocks]
-    return blocks
+    blocks = distance_blocks(qf, gf)
+    return blocks if decimals is None else [np.round(b, decimals) for b in blocks]
 
 
 CASES = [  # nq, ng, k1, k2, lambda, seed, rounding
