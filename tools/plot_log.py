@@ -124,15 +124,17 @@ def main(args):
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows + 0.4), squeeze=False)
     for ax, (title, names) in zip(axes.flat, panels.items()):
         scale = 100 if title.endswith("(%)") else 1
-        for r, (run, label) in enumerate(zip(runs, labels)):
+        named = set()                # each field once in the panel's legend
+        for r, run in enumerate(runs):
             for c, f in enumerate(names):
                 pts = [(rec.get(x_name, i), rec[f]) for i, rec in enumerate(run) if f in rec]
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, [scale * y for y in ys], color=f"C{c % 10}", ms=4, lw=1.1,
                             markevery=max(1, len(pts) // 15), **run_style(r),
-                            label=f if r == 0 or not any(f in rec for rec in runs[0]) else None)
-        ax.set_title(title, fontsize=9)
+                            label=None if f in named else f)
+                    named.add(f)
+        ax.set_title(title if len(names) > 1 or title == names[0] else f"{title}: {names[0]}", fontsize=9)
         ax.set_xlabel(x_name or "record", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
