@@ -1,11 +1,12 @@
-"""File lists of the evaluation protocols (SYSU-MM01 query/gallery, RegDB idx files) and
-the ONE image decode/resize routine, shared by ``pre_process_sysu.py`` and test-time
-loading.
+"""File lists of the evaluation protocols (SYSU-MM01 and LLCM query/gallery, RegDB and
+LLCM idx files) and the ONE image decode/resize routine, shared by ``pre_process_sysu.py``
+and test-time loading.
 
 The SYSU-MM01 gallery is drawn exactly as the published protocol does: the Python
 ``random`` stream seeded by the trial number, one ``choice`` per (test id, RGB camera) in
 sorted-id / camera-list order. Reproducing that draw order is what makes "trial t" the
-same gallery that every published SYSU-MM01 number was measured on.
+same gallery that every published SYSU-MM01 number was measured on. The LLCM gallery is
+drawn by the same routine: its authors reused the SYSU-MM01 protocol code.
 """
 import os
 import random
@@ -25,6 +26,11 @@ SYSU_LAYOUT = ("expected SYSU-MM01 with cam1..cam6/<pid:04d>/<n:04d>.jpg and "
 REGDB_LAYOUT = ("expected RegDB with Visible/, Thermal/ and idx/{train,test}_{visible,thermal}"
                 "_<trial>.txt; make a synthetic one with: python tools/make_synthetic.py "
                 "--dataset regdb")
+LLCM_CAMS = {"vis": (1, 2, 3, 4, 5, 6, 7, 8, 9), "nir": (1, 2, 4, 5, 6, 7, 8, 9)}
+LLCM_DIRECTIONS = ("vis2ir", "ir2vis")
+LLCM_LAYOUT = ("expected LLCM with idx/train_vis.txt, idx/train_nir.txt, idx/test_id.txt, "
+               "test_vis/cam1..cam9/<pid:04d>/ and test_nir/cam1,2,4..9/<pid:04d>/; make a "
+               "synthetic one with: python tools/make_synthetic.py --dataset llcm")
 
 
 # ----------------------------------------------------------------------------- SYSU-MM01
@@ -156,7 +162,11 @@ def sysu_gallery_trials(data_path, mode="all", gall_mode="single", trials=range(
     ties in the ranking, so it is kept)."""
     choice_check("gall_mode", gall_mode, ("single", "multi"))
     folders = _gallery_folders(data_path, mode)
-    draws = [_draw_gallery(folders, t, gall_mode) for t in trials]
+    return _union_of_trials([_draw_gallery(folders, t, gall_mode) for t in trials])
+
+
+def _union_of_trials(draws):
+    """(paths sorted unique, pids, cams, [index per trial]) of several gallery draws."""
     info = {}
     for paths, pids, cams in draws:
         info.update(zip(paths, zip(pids.tolist(), cams.tolist())))
@@ -177,6 +187,12 @@ def _read_regdb_idx(data_path, split, trial, modal):
     f = root / "idx" / f"{split}_{modal}_{trial}.txt"
     if not f.is_file():
         raise UserError(f"RegDB index file not found: {f} ({REGDB_LAYOUT})")
+    return _read_image_list(root, f, "RegDB", "<Visible|Thermal>/<pid>/<file>.bmp <label>")
+
+
+def _read_image_list(root, f, name, line_form):
+    """The lines ``<path relative to root> <integer label>`` of an index file ->
+    (absolute paths, labels int64), in file order; blank lines are skipped."""
     paths, labels = [], []
     for n, line in enumerate(f.read_text().splitlines(), 1):
         if not line.strip():
@@ -184,11 +200,11 @@ def _read_regdb_idx(data_path, split, trial, modal):
         parts = line.split()
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
             raise UserError(f"garbled line {n} of {f}: {line.strip()[:80]!r} "
-                            f"(expected '<Visible|Thermal>/<pid>/<file>.bmp <label>')")
+                            f"(expected '{line_form}')")
         paths.append(str(root / parts[0]))
         labels.append(int(parts[1]))
     if not paths:
-        raise UserError(f"RegDB index file {f} lists no images")
+        raise UserError(f"{name} index file {f} lists no images")
     return paths, np.asarray(labels, dtype=np.int64)
 
 
@@ -202,6 +218,114 @@ def read_regdb_train(data_path, trial, modal):
     """RegDB training images of one trial: ``idx/train_{modal}_{trial}.txt`` ->
     (absolute paths, labels int64)."""
     return _read_regdb_idx(data_path, "train", trial, modal)
+
+
+# ----------------------------------------------------------------------------- LLCM
+# The low-light cross-modality benchmark of DEEN (Zhang & Wang, CVPR 2023). Its authors'
+# test lists are SYSU-MM01's, pointed at test_vis/ and test_nir/, so the SYSU helpers
+# above serve unchanged.
+def llcm_direction(tvsearch):
+    """The LLCM search direction selected by ``--tvsearch``, named as for RegDB: visible
+    queries against a near-infrared gallery by default ('vis2ir'), near-infrared queries
+    against a visible gallery with the flag ('ir2vis')."""
+    return "ir2vis" if tvsearch else "vis2ir"
+
+
+def _llcm_sides(direction):
+    """(query modality, gallery modality) of a direction, as 'vis' / 'nir'."""
+    choice_check("direction", direction, LLCM_DIRECTIONS)
+    return ("vis", "nir") if direction == "vis2ir" else ("nir", "vis")
+
+
+def llcm_root(data_path):
+    """The dataset folder as a Path; a clear error when it does not exist."""
+    root = Path(data_path)
+    if not root.is_dir():
+        raise UserError(f"dataset folder not found: {root} ({LLCM_LAYOUT})")
+    return root
+
+
+def llcm_test_ids(data_path):
+    """Sorted test identities of ``idx/test_id.txt`` (one comma-separated line, as in
+    SYSU-MM01's split files)."""
+    f = llcm_root(data_path) / "idx" / "test_id.txt"
+    if not f.is_file():   # checked here so that the message names the LLCM layout
+        raise UserError(f"LLCM split file not found: {f} ({LLCM_LAYOUT})")
+    return sorted(set(read_ids(f)))
+
+
+def _llcm_test_folders(data_path, modal):
+    """[(pid, cam, sorted files)] of the test ids under ``test_<modal>/cam<k>/<pid:04d>/``,
+    ids ascending outer, cameras ascending inner: the order of every LLCM test list.
+
+    A test id absent from a camera is normal and skipped (the authors test ``isdir``); a
+    camera folder that is missing or empty means a broken copy of the dataset."""
+    root = llcm_root(data_path)
+    ids = llcm_test_ids(root)
+    base = root / f"test_{modal}"
+    for cam in LLCM_CAMS[modal]:
+        d = base / f"cam{cam}"
+        if not d.is_dir():
+            raise UserError(f"LLCM camera folder not found: {d} ({LLCM_LAYOUT})")
+        if not any(d.iterdir()):
+            raise UserError(f"LLCM camera folder {d} is empty ({LLCM_LAYOUT})")
+    folders = _sysu_folders(base, ids, LLCM_CAMS[modal])
+    if not any(files for _, _, files in folders):
+        raise UserError(f"no image of the {len(ids)} ids of {root / 'idx' / 'test_id.txt'} "
+                        f"under {base} ({LLCM_LAYOUT})")
+    return folders
+
+
+def process_query_llcm(data_path, direction="vis2ir"):
+    """LLCM queries: EVERY test image of the query modality (visible for 'vis2ir',
+    near-infrared for 'ir2vis') in test-id then camera order (visible cameras 1..9,
+    near-infrared 1,2,4..9: LLCM has no near-infrared camera 3), files sorted by name.
+    The camera number is that of the ``cam<k>`` folder; both modalities share the numbers
+    (each LLCM camera records both). -> (paths, pids int64, cams int64)."""
+    paths, pids, cams = [], [], []
+    for pid, cam, files in _llcm_test_folders(data_path, _llcm_sides(direction)[0]):
+        paths += files
+        pids += [pid] * len(files)
+        cams += [cam] * len(files)
+    return _triple(paths, pids, cams)
+
+
+def _llcm_gallery_folders(data_path, direction):
+    # Empty id folders are skipped: the reference's random.choice would raise on them.
+    return [f for f in _llcm_test_folders(data_path, _llcm_sides(direction)[1]) if f[2]]
+
+
+def process_gallery_llcm(data_path, direction="vis2ir", trial=0):
+    """LLCM gallery of one trial: for each test id (ascending) and each camera of the
+    gallery modality (near-infrared for 'vis2ir', visible for 'ir2vis') holding that id,
+    one image of the sorted file list, chosen by ``random`` seeded with ``trial``: the
+    DEEN authors' draw, which their test script repeats for trials 0..9.
+    -> (paths, pids int64, cams int64) in draw order."""
+    return _draw_gallery(_llcm_gallery_folders(data_path, direction), trial, "single")
+
+
+def llcm_gallery_trials(data_path, direction="vis2ir", trials=range(10)):
+    """The union of the LLCM galleries of ``trials`` so each image's feature is extracted
+    once: (paths sorted unique, pids, cams, [index per trial]) with ``paths[index[t]]``
+    exactly trial t's gallery in :func:`process_gallery_llcm` order."""
+    folders = _llcm_gallery_folders(data_path, direction)
+    return _union_of_trials([_draw_gallery(folders, t, "single") for t in trials])
+
+
+def read_llcm_train(data_path, modal):
+    """LLCM training images of one modality: ``idx/train_vis.txt`` ('visible') or
+    ``idx/train_nir.txt`` ('infrared'), lines ``<vis|nir>/<pid:04d>/<file>.jpg <label>``
+    -> (absolute paths, labels int64) in file order.
+
+    Labels are used as written, as the authors' loader does: it neither relabels nor
+    reorders them (its classifier has one output per training identity, 713), so the
+    files number the training identities from 0."""
+    choice_check("modal", modal, ("visible", "infrared"))
+    root = llcm_root(data_path)
+    f = root / "idx" / ("train_vis.txt" if modal == "visible" else "train_nir.txt")
+    if not f.is_file():
+        raise UserError(f"LLCM index file not found: {f} ({LLCM_LAYOUT})")
+    return _read_image_list(root, f, "LLCM", "<vis|nir>/<pid:04d>/<file>.jpg <label>")
 
 
 # ----------------------------------------------------------------------------- images

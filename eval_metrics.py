@@ -1,4 +1,5 @@
-"""SYSU-MM01 and RegDB evaluation (README 'Evaluation protocol'): CMC, mAP and mINP, vectorised.
+"""SYSU-MM01, RegDB and LLCM evaluation (README 'Evaluation protocol'): CMC, mAP and mINP,
+vectorised.
 
 Semantics are those of the widely used AGW/DDAG evaluation (see ``eval_sysu``);
 ``eval_reference.py`` is the straightforward per-query version that the
@@ -11,7 +12,10 @@ How it is fast (none of this changes a result):
 * The SYSU camera rule (cam-3 queries never see cam-2 gallery images) is a
   rectangular mask, so cam-3 queries are evaluated against the gallery without
   its cam-2 columns. Dropping columns keeps the order of the others, so their
-  ranking is unchanged.
+  ranking is unchanged. The LLCM rule (drop the query's own id seen by its own
+  camera) depends on the id too, so there the chunks are per (id, camera); this
+  loop over a few thousand groups is the one Python loop, about 1 s for a
+  full-size LLCM trial.
 * No argsort: AP, INP and CMC only need the rank of each TRUE match, i.e. the
   number of distances smaller than it (plus, for exact ties, the equal ones
   earlier in gallery order: the stable-sort rule). One ``np.sort`` of the
@@ -23,7 +27,8 @@ How it is fast (none of this changes a result):
 """
 import numpy as np
 
-__all__ = ["eval_sysu", "eval_regdb", "evaluate_trials", "evaluate_sysu_trials", "format_metrics"]
+__all__ = ["eval_sysu", "eval_regdb", "eval_llcm", "evaluate_trials", "evaluate_sysu_trials",
+           "evaluate_llcm_trials", "format_metrics"]
 
 # Rows per chunk are chosen so a chunk holds about this many distances: big
 # enough to amortise numpy's per-call overhead, small enough to stay in cache.
@@ -273,6 +278,42 @@ def eval_regdb(distmat, q_pids, g_pids, max_rank=20):
     return _summarise(out, min(int(max_rank), num_g))
 
 
+def eval_llcm(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20):
+    """LLCM CMC / mAP / mINP (the DEEN authors' evaluation).
+
+    As :func:`eval_sysu` (unique-id CMC, AP/INP over the kept ranking, stable ties,
+    queries without a kept match skipped) except for the camera rule: for each query,
+    the gallery items of the SAME identity taken by the SAME camera number are removed.
+    LLCM numbers the visible and near-infrared cameras alike (``cam<k>`` under both
+    ``test_vis/`` and ``test_nir/``), so the rule compares numbers across modalities.
+    """
+    distmat, q_pids, g_pids, q_camids, g_camids = _check_inputs(
+        distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
+    num_q, num_g = distmat.shape
+    q_codes, g_codes, n_codes = _encode_ids(q_pids, g_pids)
+    out = _new_out(num_q)
+    all_cols = np.arange(num_g)
+    # Queries sharing (id, camera) share the removed columns: rank each such group
+    # against the gallery without them. Queries whose id is absent stay invalid.
+    rows = np.flatnonzero(q_codes >= 0)
+    keys, group = np.unique(np.stack([q_codes[rows], q_camids[rows]]), axis=1,
+                            return_inverse=True)
+    group = group.reshape(-1)
+    members = np.split(rows[np.argsort(group, kind="stable")],
+                       np.cumsum(np.bincount(group, minlength=keys.shape[1]))[:-1])
+    untouched = []
+    for (code, cam), r in zip(keys.T, members):
+        same = (g_codes == code) & (g_camids == cam)
+        if same.any():
+            _query_stats(distmat, r, all_cols[~same], q_codes, g_codes, n_codes, True, out)
+        else:
+            untouched.append(r)
+    if untouched:    # one pass for every query with nothing to remove
+        _query_stats(distmat, np.sort(np.concatenate(untouched)), all_cols, q_codes, g_codes,
+                     n_codes, True, out)
+    return _summarise(out, min(int(max_rank), num_g))
+
+
 def _mean_metrics(results):
     """Mean of several (cmc, mAP, mINP); curves of unequal length are padded flat."""
     length = max(len(c) for c, _, _ in results)
@@ -282,7 +323,7 @@ def _mean_metrics(results):
 
 
 def evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index, score,
-                    max_rank=20):
+                    max_rank=20, swap=False):
     """Evaluate every gallery trial from features extracted once.
 
     ``g_feats``/``g_pids``/``g_cams`` describe the UNION of the trial galleries and
@@ -290,7 +331,9 @@ def evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_inde
     union (``data_manager.sysu_gallery_trials``). Features are L2-normalised, so the
     distance is ``-(q @ g.T)``; the similarity to the union is computed once and sliced per
     trial. ``score(distmat, q_pids, g_pids, q_cams, g_cams, max_rank)`` is the benchmark's
-    evaluator (:func:`eval_sysu`, or :func:`eval_regdb` ignoring the cameras).
+    evaluator (:func:`eval_sysu`, :func:`eval_llcm`, or :func:`eval_regdb` ignoring the
+    cameras). ``swap`` makes the trial's gallery items the ranking rows and the queries the
+    ranked columns (LLCM's published visible-to-infrared scoring).
 
     Returns ``(per_trial, mean)``: a list of ``(cmc, mAP, mINP)`` per trial and their mean
     (cmc averaged elementwise).
@@ -309,7 +352,11 @@ def evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_inde
         idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.intp, copy=False)
         dist = sim[:, idx]                    # a fresh copy: negate it in place
         np.negative(dist, out=dist)
-        per_trial.append(score(dist, q_pids, g_pids[idx], q_cams, g_cams[idx], max_rank))
+        if swap:
+            per_trial.append(score(np.ascontiguousarray(dist.T), g_pids[idx], q_pids, g_cams[idx],
+                                   q_cams, max_rank))
+        else:
+            per_trial.append(score(dist, q_pids, g_pids[idx], q_cams, g_cams[idx], max_rank))
     return per_trial, _mean_metrics(per_trial)
 
 
@@ -318,6 +365,24 @@ def evaluate_sysu_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial
     """:func:`evaluate_trials` with the SYSU-MM01 evaluator (:func:`eval_sysu`)."""
     return evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index,
                            eval_sysu, max_rank)
+
+
+def evaluate_llcm_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index,
+                         direction, published_roles=True, max_rank=20):
+    """Evaluate every LLCM gallery trial (``data_manager.llcm_gallery_trials``) with
+    :func:`eval_llcm`; arguments and result as :func:`evaluate_sysu_trials`.
+
+    ``direction`` is the one the lists were built for ('vis2ir': visible queries, one
+    near-infrared image per id and camera as gallery; 'ir2vis': the reverse). With
+    ``published_roles`` (default) 'vis2ir' is scored as the DEEN authors' test script
+    scores it: their distance matrix is gallery x query there, so each drawn
+    near-infrared image ranks ALL visible query images. ``published_roles=False`` ranks
+    the gallery for each query in both directions.
+    """
+    if direction not in ("vis2ir", "ir2vis"):
+        raise ValueError(f"direction must be vis2ir or ir2vis, got {direction!r}")
+    return evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index,
+                           eval_llcm, max_rank, swap=published_roles and direction == "vis2ir")
 
 
 def format_metrics(name, cmc, mAP, mINP):

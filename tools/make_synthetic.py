@@ -1,13 +1,14 @@
-"""Synthetic SYSU-MM01 and RegDB in their real on-disk layouts.
+"""Synthetic SYSU-MM01, RegDB and LLCM in their real on-disk layouts.
 
 The real datasets need a signed licence, so the quick start and the tests run on these.
 Each identity is a small "genome" of body SHAPE (head size, shoulder width, leg width and
 gap, bag) and TEXTURE (torso and leg patterns with their frequencies). Both modalities
 render the same shape and texture map:
 
-* RGB (SYSU cams 1,2,4,5; RegDB Visible) paints the texture with id-specific colours;
-* IR (SYSU cams 3,6; RegDB Thermal) maps it through id-specific HEAT levels that are drawn
-  independently of the colours, shown as a grey image,
+* RGB (SYSU cams 1,2,4,5; RegDB Visible; LLCM vis, darkened) paints the texture with
+  id-specific colours;
+* IR (SYSU cams 3,6; RegDB Thermal; LLCM nir) maps it through id-specific HEAT levels that
+  are drawn independently of the colours, shown as a grey image,
 
 so colour alone cannot match across modalities, but shape and texture can. The body is
 laid out top to bottom (hair and head, shoulders, patterned torso, belt, legs, shoes) over
@@ -19,6 +20,7 @@ Deterministic by ``seed`` (same seed -> identical bytes). Usage:
 
     python tools/make_synthetic.py --dataset sysu --out data/SYSU-MM01 --num_ids 40 --seed 0
     python tools/make_synthetic.py --dataset both          # data/SYSU-MM01 and data/RegDB
+    python tools/make_synthetic.py --dataset llcm          # data/LLCM
 """
 import json
 import os
@@ -367,26 +369,124 @@ def make_regdb(out_dir, num_ids=20, seed=0, imgs_per_id=10, trials=10, size=(64,
             "trials": trials, "seconds": time.time() - start}
 
 
+# ----------------------------------------------------------------------------- LLCM
+LLCM_CAMS = {"vis": tuple(range(1, 10)), "nir": (1, 2, 4, 5, 6, 7, 8, 9)}  # no NIR camera 3
+
+
+def _llcm_names(pid, cam, modal, n, rng):
+    """``n`` file names in LLCM's pattern ``<pid:04d>_c<cam:02d>_s<6 digits>_f<frame>_<modal>
+    .jpg`` (one sequence, increasing frames). Frame numbers of different lengths make the
+    name order differ from the frame order, as in the real set."""
+    s = int(rng.integers(100000, 235960))
+    frames = int(rng.integers(1, 9000)) + np.cumsum(rng.integers(1, 900, size=n))
+    return [f"{pid:04d}_c{cam:02d}_s{s:06d}_f{f}_{modal}.jpg" for f in frames.tolist()]
+
+
+def make_llcm(out_dir, num_ids=30, seed=0, imgs_per_cam=(1, 3), cam_prob=0.5,
+              heights=(100, 160), widths=(50, 80), max_pid=1064, dark=(0.3, 0.75), quality=90):
+    """Write a synthetic LLCM into ``out_dir`` in the layout its authors' code reads:
+
+    * ``idx/train_vis.txt``, ``idx/train_nir.txt``: lines ``<vis|nir>/<pid:04d>/<file> <label>``
+      with label = rank of the id among the sorted training ids (the same in both files);
+    * ``vis/<pid:04d>/``, ``nir/<pid:04d>/``: the training images of all cameras together;
+    * ``idx/test_id.txt``: the test ids, one comma-separated line;
+    * ``test_vis/cam1..cam9/<pid:04d>/`` and ``test_nir/cam{1,2,4..9}/<pid:04d>/`` (LLCM
+      has no near-infrared camera 3).
+
+    ``num_ids`` distinct pids are sampled from 1..``max_pid`` and split about 2:1 into
+    train/test (LLCM: 713/351), disjoint. Each (id, camera) holds ``imgs_per_cam``
+    (inclusive range) images with probability ``cam_prob``, so ids miss some cameras; but
+    every id has a visible and a near-infrared camera, and every test camera folder holds
+    a test id. Visible images are darkened by a factor drawn from ``dark`` (low light);
+    near-infrared ones are grey pictures stored as 3 channels. Returns a summary dict."""
+    _check_seed(seed)
+    if not 4 <= num_ids <= max_pid:
+        raise UserError(f"--num_ids must be between 4 and {max_pid} for LLCM, got {num_ids}")
+    lo, hi = imgs_per_cam
+    if not 1 <= lo <= hi:
+        raise UserError(f"imgs_per_cam must be (lo, hi) with 1 <= lo <= hi, got {imgs_per_cam}")
+    start = time.time()
+    out, tmp = _prepare_out(out_dir)
+    try:
+        rng = np.random.default_rng(seed)
+        pids = rng.choice(np.arange(1, max_pid + 1), num_ids, replace=False)
+        n_test = max(2, int(round(num_ids * 351 / 1064)))
+        test = sorted(pids[:n_test].tolist())
+        train = sorted(pids[n_test:].tolist())
+        cams = {}
+        for pid in train + test:
+            prng = np.random.default_rng([seed, pid, 1])
+            for modal, all_cams in LLCM_CAMS.items():
+                got = [c for c in all_cams if prng.random() < cam_prob]
+                cams[pid, modal] = got or [int(prng.choice(all_cams))]
+        for modal, all_cams in LLCM_CAMS.items():   # no empty test camera folder
+            for c in all_cams:
+                if not any(c in cams[pid, modal] for pid in test):
+                    cams[int(rng.choice(test)), modal].append(c)
+
+        counts = {"train_vis": 0, "train_nir": 0, "test_vis": 0, "test_nir": 0}
+        lines = {"vis": [], "nir": []}
+        for pid in sorted(train + test):
+            g = make_identity(np.random.default_rng([seed, pid]))
+            is_test = pid in test
+            for m, modal in enumerate(LLCM_CAMS):
+                for cam in sorted(cams[pid, modal]):
+                    crng = np.random.default_rng([seed, pid, 2, m, cam])
+                    rel = (Path(f"test_{modal}") / f"cam{cam}" if is_test else Path(modal)) \
+                        / f"{pid:04d}"
+                    (tmp / rel).mkdir(parents=True, exist_ok=True)
+                    n = int(crng.integers(lo, hi + 1))
+                    for name in _llcm_names(pid, cam, modal, n, crng):
+                        h, w = _image_size(crng, heights, widths)
+                        if modal == "vis":
+                            img = _to_uint8(render(g, h, w, crng, "rgb") * crng.uniform(*dark))
+                        else:
+                            img = np.repeat(_to_uint8(render(g, h, w, crng, "ir"))[..., None], 3,
+                                            axis=2)
+                        Image.fromarray(img, "RGB").save(tmp / rel / name, quality=quality)
+                        if not is_test:
+                            lines[modal].append(f"{rel.as_posix()}/{name} {train.index(pid)}")
+                    counts[("test_" if is_test else "train_") + modal] += n
+        (tmp / "idx").mkdir()
+        for modal in LLCM_CAMS:
+            (tmp / "idx" / f"train_{modal}.txt").write_text("\n".join(lines[modal]) + "\n")
+        (tmp / "idx" / "test_id.txt").write_text(",".join(map(str, test)) + "\n")
+        _commit_out(out, tmp, {"dataset": "llcm", "num_ids": num_ids, "seed": seed,
+                               "imgs_per_cam": list(imgs_per_cam), "cam_prob": cam_prob,
+                               "note": "synthetic data from tools/make_synthetic.py"})
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return {"out": str(out), "ids": {"train": len(train), "test": len(test)},
+            "splits": {"train": train, "test": test}, "images": counts,
+            "seconds": time.time() - start}
+
+
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
-    p = ArgumentParser(description="Write a synthetic SYSU-MM01 and/or RegDB in the "
+    p = ArgumentParser(description="Write a synthetic SYSU-MM01, RegDB and/or LLCM in the "
                                             "real layouts (for the quick start and the tests).")
-    p.add_argument("--dataset", default="sysu", choices=["sysu", "regdb", "both"])
+    p.add_argument("--dataset", default="sysu", choices=["sysu", "regdb", "llcm", "both", "all"],
+                   help="both = sysu + regdb; all = sysu + regdb + llcm")
     p.add_argument("--out", default=None,
-                   help="output folder (default data/SYSU-MM01 or data/RegDB under the repository "
-                        "root); with --dataset both, the PARENT folder of SYSU-MM01/ and RegDB/")
-    p.add_argument("--num_ids", type=int, default=None, help="identities (default: sysu 40, regdb 20)")
+                   help="output folder (default data/SYSU-MM01, data/RegDB or data/LLCM under the "
+                        "repository root); with --dataset both or all, the PARENT folder of "
+                        "SYSU-MM01/, RegDB/ (and LLCM/)")
+    p.add_argument("--num_ids", type=int, default=None,
+                   help="identities (default: sysu 40, regdb 20, llcm 30)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--imgs_per_cam", type=int, nargs=2, default=(3, 6), metavar=("LO", "HI"),
-                   help="SYSU: images per (id, camera) folder, inclusive range")
+    p.add_argument("--imgs_per_cam", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="SYSU and LLCM: images per (id, camera), inclusive range "
+                        "(default: sysu 3 6, llcm 1 3)")
     p.add_argument("--imgs_per_id", type=int, default=10, help="RegDB: images per id and modality")
     args = p.parse_args(argv)
 
     parent = Path(args.out).expanduser().resolve() if args.out else REPO_ROOT / "data"
-    if args.dataset in ("sysu", "both"):
-        out = parent / "SYSU-MM01" if (args.dataset == "both" or not args.out) else parent
+    several = args.dataset in ("both", "all")
+    if args.dataset in ("sysu", "both", "all"):
+        out = parent / "SYSU-MM01" if (several or not args.out) else parent
         r = make_sysu(out, num_ids=args.num_ids or 40, seed=args.seed,
-                      imgs_per_cam=tuple(args.imgs_per_cam))
+                      imgs_per_cam=tuple(args.imgs_per_cam or (3, 6)))
         pc = r["per_cam"]
         print(f"wrote synthetic SYSU-MM01 to {r['out']} in {r['seconds']:.1f}s")
         print(f"  ids: {r['ids']['train']} train, {r['ids']['val']} val, {r['ids']['test']} test "
@@ -395,12 +495,23 @@ def main(argv=None):
         print(f"  IR images:  {r['ir']} (" + ", ".join(f"cam{c} {pc[c]}" for c in SYSU_IR_CAMS)
               + f"; {r['ir_grey']} stored as 1-channel grey)")
         print(f"  next: python pre_process_sysu.py --data_path {r['out']}")
-    if args.dataset in ("regdb", "both"):
-        out = parent / "RegDB" if (args.dataset == "both" or not args.out) else parent
+    if args.dataset in ("regdb", "both", "all"):
+        out = parent / "RegDB" if (several or not args.out) else parent
         r = make_regdb(out, num_ids=args.num_ids or 20, seed=args.seed, imgs_per_id=args.imgs_per_id)
         print(f"wrote synthetic RegDB to {r['out']} in {r['seconds']:.1f}s")
         print(f"  {r['ids']} ids x {args.imgs_per_id} images per modality (Visible/, Thermal/); "
               f"idx/ splits for trials 1..{r['trials']}")
+    if args.dataset in ("llcm", "all"):
+        out = parent / "LLCM" if (several or not args.out) else parent
+        r = make_llcm(out, num_ids=args.num_ids or 30, seed=args.seed,
+                      imgs_per_cam=tuple(args.imgs_per_cam or (1, 3)))
+        n = r["images"]
+        print(f"wrote synthetic LLCM to {r['out']} in {r['seconds']:.1f}s")
+        print(f"  ids: {r['ids']['train']} train (idx/train_vis.txt, idx/train_nir.txt), "
+              f"{r['ids']['test']} test (idx/test_id.txt)")
+        print(f"  images: train {n['train_vis']} visible + {n['train_nir']} near-infrared; "
+              f"test {n['test_vis']} visible (cam1..9) + {n['test_nir']} near-infrared "
+              f"(cam1,2,4..9)")
 
 
 if __name__ == "__main__":
