@@ -81,30 +81,34 @@ class TrainData:
 
 
 class SYSUData(TrainData):
-    """SYSU-MM01 training set from the npy files written by ``pre_process_sysu.py``,
-    opened with ``mmap_mode='r'``: start-up reads only headers, pages come in on demand."""
+    """A training set from the npy files written by ``pre_process_sysu.py`` (SYSU-MM01, or
+    LLCM with ``title='LLCM'``), opened with ``mmap_mode='r'``: start-up reads only
+    headers, pages come in on demand."""
 
-    def __init__(self, data_path):
+    LAYOUT = {"SYSU-MM01": "SYSU-MM01 with cam1..cam6/ and exp/",
+              "LLCM": "LLCM with idx/, vis/, nir/, test_vis/ and test_nir/"}
+
+    def __init__(self, data_path, title="SYSU-MM01"):
         data_path = Path(data_path)
         if not data_path.is_dir():
-            raise UserError(f"dataset folder not found: {data_path} (expected SYSU-MM01 with "
-                            f"cam1..cam6/ and exp/; see README 'Datasets')")
+            raise UserError(f"dataset folder not found: {data_path} (expected {self.LAYOUT[title]}; "
+                            f"see README 'Datasets')")
+        cmd = "python pre_process_sysu.py" + (" --dataset llcm" if title == "LLCM" else "")
         arrays = {}
         for key in SYSU_NPY:
             f = data_path / f"{key}.npy"
             if not f.is_file():
-                raise UserError(f"missing {f}; run: python pre_process_sysu.py --data_path {data_path}")
+                raise UserError(f"missing {f}; run: {cmd} --data_path {data_path}")
             try:
                 arrays[key] = np.load(f, mmap_mode="r" if key.endswith("img") else None)
             except (ValueError, OSError) as e:
-                raise UserError(f"cannot read {f} ({e}); re-run: python pre_process_sysu.py "
-                                f"--data_path {data_path}")
+                raise UserError(f"cannot read {f} ({e}); re-run: {cmd} --data_path {data_path}")
         self.rgb_img, self.ir_img = arrays["train_rgb_resized_img"], arrays["train_ir_resized_img"]
         self.rgb_label = np.asarray(arrays["train_rgb_resized_label"], dtype=np.int64)
         self.ir_label = np.asarray(arrays["train_ir_resized_label"], dtype=np.int64)
         self.rgb_cam = np.asarray(arrays["train_rgb_resized_cam"], dtype=np.int64)
         self.ir_cam = np.asarray(arrays["train_ir_resized_cam"], dtype=np.int64)
-        self._finish(f"SYSU-MM01 {data_path}")
+        self._finish(f"{title} {data_path}")
 
 
 class RegDBData(TrainData):

@@ -1,4 +1,5 @@
-"""The benchmark registry: everything that differs between SYSU-MM01 and RegDB, in one place.
+"""The benchmark registry: everything that differs between SYSU-MM01, RegDB and LLCM, in one
+place.
 
 Each benchmark declares its default folder, its training set, the images pre-training may
 use for the held-out permutation accuracy, the query/gallery lists of its test protocol
@@ -42,11 +43,12 @@ class TestLists:
     score: object         # (distmat, q_pids, g_pids, q_cams, g_cams) -> (cmc, mAP, mINP)
     camera_rule: bool     # SYSU-MM01's cam-3 query / cam-2 gallery exclusion (rank lists)
     direction: str = ""   # shown beside the trial line, e.g. "thermal to visible"
+    swap: bool = False    # score with the trial gallery as the ranking rows (LLCM's published VIS->IR)
 
     def evaluate(self, q_feats, g_feats):
         """(per-trial [(cmc, mAP, mINP)], their mean) for L2-normalised features."""
         return eval_metrics.evaluate_trials(q_feats, self.q_pids, self.q_cams, g_feats, self.g_pids,
-                                            self.g_cams, self.trial_index, self.score)
+                                            self.g_cams, self.trial_index, self.score, swap=self.swap)
 
 
 class Benchmark:
@@ -146,7 +148,44 @@ class RegDB(Benchmark):
                          direction="thermal to visible" if args.tvsearch else "")
 
 
-BENCHMARKS = {b.name: b for b in (SYSU(), RegDB())}
+class LLCM(Benchmark):
+    """LLCM (Zhang & Wang, DEEN, CVPR 2023): low-light visible cameras 1..9, near-infrared
+    1,2,4..9. Training from the npy arrays of ``pre_process_sysu.py --dataset llcm`` (the
+    idx/train_vis.txt and idx/train_nir.txt lists). Test, following the DEEN authors' test
+    script: every test image of the query modality against one image per (test id,
+    camera) of the other, drawn 10 times (trials 0..9); visible to infrared by default,
+    infrared to visible with --tvsearch. Their evaluator drops gallery items of the query's
+    id AND camera, and scores visible to infrared with the roles swapped (each drawn
+    near-infrared image ranks all visible queries); we score it the same way so the numbers
+    compare with theirs (README 'LLCM')."""
+    name, title, default_path = "llcm", "LLCM", "data/LLCM"
+
+    def train_data(self, args):
+        from data_loader import SYSUData
+        data = SYSUData(self.data_path(args), title="LLCM")
+        data.check_size(args.img_h, args.img_w,
+                        f"pass --img_h {data.img_size[0]} --img_w {data.img_size[1]}, or re-run "
+                        f"pre_process_sysu.py --dataset llcm with --img_h {args.img_h} --img_w {args.img_w}")
+        return data
+
+    def heldout_lists(self, data_path, trial=1):
+        return {"rgb": data_manager.process_query_llcm(data_path, "vis2ir")[0],
+                "ir": data_manager.process_query_llcm(data_path, "ir2vis")[0]}
+
+    def test_lists(self, args):
+        path = self.data_path(args)
+        direction = data_manager.llcm_direction(args.tvsearch)
+        q_paths, q_pids, q_cams = data_manager.process_query_llcm(path, direction)
+        g_paths, g_pids, g_cams, index = data_manager.llcm_gallery_trials(path, direction)
+        vis2ir = direction == "vis2ir"
+        q_modal, g_modal = (VISIBLE, THERMAL) if vis2ir else (THERMAL, VISIBLE)
+        return TestLists(q_paths, q_pids, q_cams, q_modal, g_paths, g_pids, g_cams, g_modal, index,
+                         list(range(len(index))), eval_metrics.eval_llcm, camera_rule=False,
+                         direction="visible to infrared" if vis2ir else "infrared to visible",
+                         swap=vis2ir)
+
+
+BENCHMARKS = {b.name: b for b in (SYSU(), RegDB(), LLCM())}
 NAMES = tuple(BENCHMARKS)
 
 

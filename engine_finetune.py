@@ -61,7 +61,8 @@ def get_args_parser(description, epochs=80, milestones=DEFAULT_MILESTONES):
     a("--mode", default="all", choices=("all", "indoor"), help="SYSU-MM01 search mode")
     a("--gall_mode", default="single", choices=("single", "multi"),
       help="SYSU-MM01 gallery: single-shot or multi-shot (10 images per id and camera)")
-    a("--tvsearch", action="store_true", help="RegDB: thermal queries, visible gallery")
+    a("--tvsearch", action="store_true", help="RegDB / LLCM: thermal (infrared) queries against the "
+      "visible gallery; default visible to thermal")
     a("--test_every", default=2, type=int, help="test every N epochs (and after the last); "
       "0: only after the last")
     a("--visrank", default=0, type=int, metavar="K",

@@ -1,6 +1,11 @@
-"""Turn the SYSU-MM01 training images into the memory-mapped arrays training reads.
+"""Turn the SYSU-MM01 (or LLCM) training images into the memory-mapped arrays training reads.
 
     python pre_process_sysu.py --data_path data/SYSU-MM01 [--workers 8] [--skip-bad]
+    python pre_process_sysu.py --dataset llcm --data_path data/LLCM
+
+LLCM: the images listed in idx/train_vis.txt and idx/train_nir.txt, in file order, with the
+labels written there (the DEEN authors' loader uses them as they are); the camera number is
+read from the file name (<pid>_c<cc>_...), 0 where the name holds none.
 
 Training ids = exp/train_id.txt + exp/val_id.txt (the published protocol trains on both).
 For each id in sorted order, each camera (RGB 1,2,4,5; IR 3,6) and each file in sorted
@@ -19,14 +24,15 @@ half-written array for training to read. A corrupt or unreadable image is an err
 it; ``--skip-bad`` leaves such images out and reports them.
 """
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from data_manager import (SYSU_IR_CAMS, SYSU_RGB_CAMS, iter_decoded, list_sysu_images,
-                          sysu_root, sysu_split_ids)
+from data_manager import (SYSU_IR_CAMS, SYSU_RGB_CAMS, iter_decoded, list_sysu_images, llcm_root,
+                          read_llcm_train, sysu_root, sysu_split_ids)
 from utils import ArgumentParser, UserError, cli, progress, resolve_path
 
 MODALITIES = (("rgb", SYSU_RGB_CAMS["all"]), ("ir", SYSU_IR_CAMS))
@@ -69,11 +75,8 @@ def preprocess_sysu(data_path, workers=0, skip_bad=False, img_w=144, img_h=288, 
     """Write the six ``train_{rgb,ir}_resized_{img,label,cam}.npy`` files into
     ``data_path``; returns a statistics dict (ids, images and per-camera counts per
     modality, skipped files, written paths)."""
-    if workers < 0:
-        raise UserError(f"--workers must be >= 0, got {workers}")
     root = sysu_root(data_path)
     ids = sysu_split_ids(root, "train", "val")
-
     lists = {}
     for mod, cams in MODALITIES:
         paths, pids, cams_ = list_sysu_images(root, ids, cams)
@@ -81,15 +84,39 @@ def preprocess_sysu(data_path, workers=0, skip_bad=False, img_w=144, img_h=288, 
             raise UserError(f"no {mod.upper()} training images for the train+val ids under "
                             + ", ".join(f"cam{c}/" for c in cams) + f" of {root}")
         lists[mod] = (paths, pids, cams_)
+    return write_arrays(root, lists, workers, skip_bad, img_w, img_h, verbose, relabel=True,
+                        title="SYSU-MM01 training set (train_id + val_id)", cam_sets=dict(MODALITIES),
+                        listed_ids=len(ids))
 
+
+def preprocess_llcm(data_path, workers=0, skip_bad=False, img_w=144, img_h=288, verbose=True):
+    """The same arrays for LLCM's training lists (labels as written in idx/)."""
+    root = llcm_root(data_path)
+    lists = {}
+    for mod, modal in (("rgb", "visible"), ("ir", "infrared")):
+        paths, labels = read_llcm_train(root, modal)
+        cams = [int(m.group(1)) if (m := re.search(r"_c(\d+)_", Path(p).name)) else 0 for p in paths]
+        lists[mod] = (paths, list(labels), cams)
+    listed = len(set(lists["rgb"][1]) | set(lists["ir"][1]))
+    return write_arrays(root, lists, workers, skip_bad, img_w, img_h, verbose, relabel=False,
+                        title="LLCM training set (idx/train_vis.txt + idx/train_nir.txt)",
+                        cam_sets={m: sorted(set(v[2])) for m, v in lists.items()}, listed_ids=listed)
+
+
+def write_arrays(root, lists, workers, skip_bad, img_w, img_h, verbose, relabel, title, cam_sets,
+                 listed_ids):
+    """Decode ``lists`` ({'rgb'|'ir': (paths, ids, cams)}) into the six arrays in ``root``;
+    ``cam_sets``: {modality: its camera numbers} for the statistics.
+    ``relabel``: labels 0..N-1 in sorted id order over the ids that kept an image (SYSU);
+    otherwise the ids are the labels (LLCM's files hold them)."""
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
     # the arrays' size is known: refuse up front rather than die mid-write on a full disk
-    # (a memory-mapped write into a full filesystem is a SIGBUS, not an exception)
-    need = sum(len(lists[m][0]) for m, _ in MODALITIES) * (img_h * img_w * 3 + 16) + 2**20
+    need = sum(len(v[0]) for v in lists.values()) * (img_h * img_w * 3 + 16) + 2**20
     free = shutil.disk_usage(root).free
     if free < need:
         raise UserError(f"not enough free space in {root}: the arrays need {need / 2**20:.0f} MiB, "
                         f"{free / 2**20:.0f} MiB are free; nothing was written")
-
     tmps, outputs, errors, stats = [], {}, [], {"data_path": str(root), "skipped": []}
     try:
         for mod, _ in MODALITIES:
@@ -110,7 +137,7 @@ def preprocess_sysu(data_path, workers=0, skip_bad=False, img_w=144, img_h=288, 
         # Relabel over the ids that kept at least one image (sorted pid order, shared by
         # both modalities, so label k is the same person in RGB and IR).
         kept_ids = sorted(set(outputs["rgb"][2]) | set(outputs["ir"][2]))
-        pid2label = {pid: k for k, pid in enumerate(kept_ids)}
+        pid2label = {pid: (k if relabel else pid) for k, pid in enumerate(kept_ids)}
         written = []
         for mod, _ in MODALITIES:
             tmp, dest, pids, cams = outputs[mod]
@@ -135,12 +162,13 @@ def preprocess_sysu(data_path, workers=0, skip_bad=False, img_w=144, img_h=288, 
             if t.exists():
                 t.unlink()
 
-    stats.update(num_ids=len(kept_ids), listed_ids=len(ids), files=written,
-                 img_size=(img_h, img_w))
-    for mod, cams in MODALITIES:
+    stats.update(num_ids=len(kept_ids), listed_ids=listed_ids, files=written,
+                 img_size=(img_h, img_w), title=title,
+                 cams=sorted(set().union(*map(set, cam_sets.values()))))
+    for mod, _ in MODALITIES:
         _, _, pids, cs = outputs[mod]
         stats[mod] = {"images": len(pids), "ids": len(set(pids)),
-                      "per_cam": {c: int(sum(1 for x in cs if x == c)) for c in cams}}
+                      "per_cam": {c: int(sum(1 for x in cs if x == c)) for c in cam_sets[mod]}}
     # ids with images in only one modality (never in the real split; worth a warning)
     stats["missing_modality"] = {mod: sorted(set(kept_ids) - set(outputs[mod][2]))
                                  for mod, _ in MODALITIES}
@@ -155,9 +183,8 @@ def print_stats(stats):
     for f in stats["files"]:
         print(f"  {Path(f).name}")
     h, w = stats["img_size"]
-    print(f"SYSU-MM01 training set (train_id + val_id): {stats['num_ids']} identities, "
-          f"images {w}x{h} (w x h)")
-    cams = list(range(1, 7))
+    print(f"{stats['title']}: {stats['num_ids']} identities, images {w}x{h} (w x h)")
+    cams = stats["cams"]
     print(f"  {'modality':<9}{'ids':>6}{'images':>8}" + "".join(f"{'cam' + str(c):>7}" for c in cams))
     for mod in ("rgb", "ir"):
         s = stats[mod]
@@ -178,8 +205,9 @@ def print_stats(stats):
 def main(argv=None):
     p = ArgumentParser(description="Resize the SYSU-MM01 training images (train_id + "
                                             "val_id) into memory-mappable .npy arrays.")
+    p.add_argument("--dataset", default="sysu", choices=("sysu", "llcm"), help="which training set")
     p.add_argument("--data_path", default=None,
-                   help="SYSU-MM01 folder (default: data/SYSU-MM01 under the repository root)")
+                   help="dataset folder (default: data/SYSU-MM01 or data/LLCM under the repository root)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="decoding processes (0 = in this process; default min(8, CPUs))")
     p.add_argument("--skip-bad", "--skip_bad", dest="skip_bad", action="store_true",
@@ -190,8 +218,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.img_h < 16 or args.img_w < 8:
         raise UserError(f"--img_h/--img_w too small: {args.img_h}x{args.img_w}")
-    preprocess_sysu(resolve_path(args.data_path, "data/SYSU-MM01"), workers=args.workers,
-                    skip_bad=args.skip_bad, img_w=args.img_w, img_h=args.img_h)
+    run, default = {"sysu": (preprocess_sysu, "data/SYSU-MM01"), "llcm": (preprocess_llcm, "data/LLCM")}[args.dataset]
+    run(resolve_path(args.data_path, default), workers=args.workers, skip_bad=args.skip_bad,
+        img_w=args.img_w, img_h=args.img_h)
 
 
 if __name__ == "__main__":

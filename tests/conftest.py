@@ -28,6 +28,7 @@ SMALL_ARGS = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMAL
               "--test-batch", "64", "--workers", "0", "--gpu", "cpu"]
 SYSU_IDS = 40    # -> 24 train + 4 val (28 training identities) and 12 test identities
 REGDB_IDS = 20   # -> 10 training and 10 test identities per trial, 10 images per modality
+LLCM_IDS = 36    # -> about 24 training and 12 test identities
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +39,18 @@ def sysu_small(tmp_path_factory):
     root = tmp_path_factory.mktemp("sysu_small") / "SYSU-MM01"
     make_sysu(root, num_ids=SYSU_IDS, seed=0)
     preprocess_sysu(root, img_h=SMALL_H, img_w=SMALL_W, verbose=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def llcm_small(tmp_path_factory):
+    """A synthetic LLCM folder (idx/, vis/, nir/, test_vis/, test_nir/) with its training
+    npy files at SMALL_H x SMALL_W."""
+    from pre_process_sysu import preprocess_llcm
+    from tools.make_synthetic import make_llcm
+    root = tmp_path_factory.mktemp("llcm_small") / "LLCM"
+    make_llcm(root, num_ids=LLCM_IDS, seed=0, imgs_per_cam=(2, 3))
+    preprocess_llcm(root, img_h=SMALL_H, img_w=SMALL_W, verbose=False)
     return root
 
 
