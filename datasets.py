@@ -44,11 +44,14 @@ class TestLists:
     camera_rule: bool     # SYSU-MM01's cam-3 query / cam-2 gallery exclusion (rank lists)
     direction: str = ""   # shown beside the trial line, e.g. "thermal to visible"
     swap: bool = False    # score with the trial gallery as the ranking rows (LLCM's published VIS->IR)
+    mode: str = ""        # the protocol variant in words, e.g. 'all_single', 'visible_to_thermal'
 
-    def evaluate(self, q_feats, g_feats):
-        """(per-trial [(cmc, mAP, mINP)], their mean) for L2-normalised features."""
+    def evaluate(self, q_feats, g_feats, rerank_args=None):
+        """(per-trial [(cmc, mAP, mINP)], their mean) for L2-normalised features; with
+        ``rerank_args`` (k1, k2, lambda_value) on k-reciprocal re-ranked distances."""
         return eval_metrics.evaluate_trials(q_feats, self.q_pids, self.q_cams, g_feats, self.g_pids,
-                                            self.g_cams, self.trial_index, self.score, swap=self.swap)
+                                            self.g_cams, self.trial_index, self.score, swap=self.swap,
+                                            rerank_args=rerank_args)
 
 
 class Benchmark:
@@ -75,6 +78,11 @@ class Benchmark:
         raise NotImplementedError
 
     def test_lists(self, args):
+        raise NotImplementedError
+
+    def scorer(self, mode):
+        """(evaluator, swap) of the protocol variant ``mode`` (TestLists.mode): what a saved
+        feature file is scored with (features.evaluate)."""
         raise NotImplementedError
 
 
@@ -104,7 +112,11 @@ class SYSU(Benchmark):
         g_paths, g_pids, g_cams, index = data_manager.sysu_gallery_trials(
             path, mode=args.mode, gall_mode=args.gall_mode)
         return TestLists(q_paths, q_pids, q_cams, THERMAL, g_paths, g_pids, g_cams, VISIBLE, index,
-                         list(range(len(index))), eval_metrics.eval_sysu, camera_rule=True)
+                         list(range(len(index))), eval_metrics.eval_sysu, camera_rule=True,
+                         mode=f"{args.mode}_{args.gall_mode}")
+
+    def scorer(self, mode):
+        return eval_metrics.eval_sysu, False
 
 
 def _regdb_score(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=20):
@@ -145,7 +157,11 @@ class RegDB(Benchmark):
                          list(g_paths), g_pids, np.full(len(g_pids), g_modal), g_modal,
                          [np.arange(len(g_pids))], [args.trial],
                          _regdb_score, camera_rule=False,
-                         direction="thermal to visible" if args.tvsearch else "")
+                         direction="thermal to visible" if args.tvsearch else "",
+                         mode="thermal_to_visible" if args.tvsearch else "visible_to_thermal")
+
+    def scorer(self, mode):
+        return _regdb_score, False
 
 
 class LLCM(Benchmark):
@@ -182,7 +198,10 @@ class LLCM(Benchmark):
         return TestLists(q_paths, q_pids, q_cams, q_modal, g_paths, g_pids, g_cams, g_modal, index,
                          list(range(len(index))), eval_metrics.eval_llcm, camera_rule=False,
                          direction="visible to infrared" if vis2ir else "infrared to visible",
-                         swap=vis2ir)
+                         swap=vis2ir, mode="visible_to_infrared" if vis2ir else "infrared_to_visible")
+
+    def scorer(self, mode):
+        return eval_metrics.eval_llcm, mode == "visible_to_infrared"
 
 
 BENCHMARKS = {b.name: b for b in (SYSU(), RegDB(), LLCM())}

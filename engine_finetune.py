@@ -65,6 +65,14 @@ def get_args_parser(description, epochs=80, milestones=DEFAULT_MILESTONES):
       "visible gallery; default visible to thermal")
     a("--test_every", default=2, type=int, help="test every N epochs (and after the last); "
       "0: only after the last")
+    a("--rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al., CVPR 2017) of "
+      "the query-gallery distances before evaluation; the result lines say '(re-ranked)'")
+    a("--rerank_k1", default=20, type=int, help="re-ranking: k1 (k-reciprocal neighbours)")
+    a("--rerank_k2", default=6, type=int, help="re-ranking: k2 (local query expansion)")
+    a("--rerank_lambda", default=0.3, type=float, help="re-ranking: weight of the original distance")
+    a("--save_features", default="", metavar="DIR", help="test scripts: write the query/gallery "
+      "features of every head, ids, cameras, modalities and paths to DIR/<checkpoint>.npz "
+      "(tools/analyze.py reads it)")
     a("--visrank", default=0, type=int, metavar="K",
       help="write rank-list PNGs (query + top K gallery images, green = same identity) of a "
            "few queries to <log_path>/vis_rank/ (and TensorBoard when training)")
@@ -98,6 +106,9 @@ def prepare_args(args, tool_dir):
     if args.batch_size < 2:
         raise UserError(f"--batch-size must be >= 2 identities per step: with {args.batch_size} the "
                         f"triplet loss has no negative and the ID loss no contrast")
+    if args.rerank_k1 < 1 or args.rerank_k2 < 1 or not 0 <= args.rerank_lambda <= 1:
+        raise UserError(f"--rerank_k1/--rerank_k2 must be >= 1 and --rerank_lambda in [0, 1], got "
+                        f"{args.rerank_k1}/{args.rerank_k2}/{args.rerank_lambda}")
     for name in ("test_every", "visrank", "pad"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -352,12 +363,14 @@ def extract_features(net, images_uint8, modal, args, device):
 
 
 def evaluate(net, args, device, feature_names=("POOL", "FC"), testset=None, per_trial=True,
-             tag="test", writer=None, step=0):
+             tag="test", writer=None, step=0, save_to=None):
     """Evaluate ``net`` on the protocol of ``args`` and print the results. Returns
     {feature name: (cmc, mAP, mINP)}, the MEAN over the gallery trials (RegDB: the one
     --trial). Each image's feature is extracted once (the gallery is the union of the trial
-    galleries, indexed per trial). With --visrank K, rank lists of the last feature (gallery
-    trial 0) go to <log_path>/vis_rank/<tag>/."""
+    galleries, indexed per trial). With --rerank the distances are k-reciprocal re-ranked
+    first. With --visrank K, rank lists of the last feature (gallery trial 0) go to
+    <log_path>/vis_rank/<tag>/. ``save_to``: write the features to that .npz
+    (features.save_features)."""
     ts = testset or TestSet(args)
     q_img, g_img = ts.images()
     t = time.time()
@@ -367,24 +380,43 @@ def evaluate(net, args, device, feature_names=("POOL", "FC"), testset=None, per_
         raise ValueError(f"the network returns {len(q_feats)} evaluation features but "
                          f"feature_names has {len(feature_names)}: {feature_names}")
     t_extract = time.time() - t
+    if save_to:
+        _save_features(save_to, ts, feature_names, q_feats, g_feats, args)
+    rerank_args = (dict(k1=args.rerank_k1, k2=args.rerank_k2, lambda_value=args.rerank_lambda)
+                   if args.rerank else None)
     results, trials = {}, {}
     for name, qf, gf in zip(feature_names, q_feats, g_feats):
-        trials[name], results[name] = ts.lists.evaluate(qf, gf)
+        trials[name], results[name] = ts.lists.evaluate(qf, gf, rerank_args)
+    if args.rerank:
+        print(f"k-reciprocal re-ranking: k1={args.rerank_k1} k2={args.rerank_k2} "
+              f"lambda={args.rerank_lambda}")
+    tag_name = (lambda n: f"{n} (re-ranked)") if args.rerank else (lambda n: n)
     if len(ts.trials) > 1:
         if per_trial:
             for i, trial in enumerate(ts.trials):
                 print(f"Test Trial: {trial}")
                 for name in feature_names:
-                    print(eval_metrics.format_metrics(name, *trials[name][i]))
+                    print(eval_metrics.format_metrics(tag_name(name), *trials[name][i]))
         print("All Average:" + (f" ({ts.direction})" if ts.direction else ""))
     else:
         print(f"Test Trial: {ts.trials[0]}" + (f" ({ts.direction})" if ts.direction else ""))
     for name in feature_names:
-        print(eval_metrics.format_metrics(name, *results[name]))
+        print(eval_metrics.format_metrics(tag_name(name), *results[name]))
     print(f"(feature extraction {t_extract:.1f}s, evaluation {time.time() - t - t_extract:.1f}s)")
     if args.visrank:
         _save_rank_lists(ts, q_feats[-1], g_feats[-1], feature_names[-1], args, tag, writer, step)
     return results
+
+
+def _save_features(path, ts, feature_names, q_feats, g_feats, args):
+    import features
+    modal = {datasets.VISIBLE: "visible", datasets.THERMAL: "infrared"}
+    index = np.stack([np.asarray(i, dtype=np.int64) for i in ts.trial_index])
+    features.save_features(path, list(feature_names), list(q_feats), list(g_feats), ts.q_pids, ts.g_pids,
+                           ts.q_cams, ts.g_cams, modal[ts.q_modal], modal[ts.g_modal],
+                           [str(p) for p in ts.q_paths], [str(p) for p in ts.g_paths], index,
+                           args.dataset, ts.mode, str(args.resume))
+    print(f"wrote features of {', '.join(feature_names)} to {path}")
 
 
 def _save_rank_lists(ts, qf, gf, name, args, tag, writer, step):
@@ -405,6 +437,8 @@ def test_main(args, net, feature_names, tool_dir, loaded=None):
     it. Returns the metrics dict of :func:`evaluate`."""
     prepare_args(args, tool_dir)
     path, obj = loaded or read_test_checkpoint(args)
+    if args.save_features:   # a wrong folder fails now, not after the feature extraction
+        utils.check_writable(args.save_features)
     device = utils.select_device(args.gpu)
     utils.set_seed(args.seed, args.deterministic)
     if not isinstance(net, nn.Module):
@@ -427,7 +461,9 @@ def test_main(args, net, feature_names, tool_dir, loaded=None):
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(str(Path(args.vis_log_path) / f"{path.stem}_test"))
     try:
-        return evaluate(net, args, device, feature_names, testset=testset, tag=path.stem, writer=writer)
+        save_to = Path(args.save_features) / f"{path.stem}.npz" if args.save_features else None
+        return evaluate(net, args, device, feature_names, testset=testset, tag=path.stem, writer=writer,
+                        save_to=save_to)
     finally:
         if writer is not None:
             writer.close()

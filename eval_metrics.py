@@ -323,7 +323,7 @@ def _mean_metrics(results):
 
 
 def evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index, score,
-                    max_rank=20, swap=False):
+                    max_rank=20, swap=False, rerank_args=None):
     """Evaluate every gallery trial from features extracted once.
 
     ``g_feats``/``g_pids``/``g_cams`` describe the UNION of the trial galleries and
@@ -333,7 +333,10 @@ def evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_inde
     trial. ``score(distmat, q_pids, g_pids, q_cams, g_cams, max_rank)`` is the benchmark's
     evaluator (:func:`eval_sysu`, :func:`eval_llcm`, or :func:`eval_regdb` ignoring the
     cameras). ``swap`` makes the trial's gallery items the ranking rows and the queries the
-    ranked columns (LLCM's published visible-to-infrared scoring).
+    ranked columns (LLCM's published visible-to-infrared scoring). ``rerank_args`` (a dict of
+    k1, k2, lambda_value): each trial's distances are k-reciprocal re-ranked first
+    (``rerank.re_ranking`` of the squared Euclidean distances; the neighbours come from the
+    queries and that trial's gallery).
 
     Returns ``(per_trial, mean)``: a list of ``(cmc, mAP, mINP)`` per trial and their mean
     (cmc averaged elementwise).
@@ -345,13 +348,20 @@ def evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_inde
     g_pids, g_cams = np.asarray(g_pids), np.asarray(g_cams)
     if len(trial_index) == 0:
         raise ValueError("trial_index is empty: no gallery trial to evaluate")
-    sim = q_feats @ g_feats.T
+    if rerank_args is not None:   # the distance blocks once, sliced per trial
+        import rerank
+        q_g, q_q, g_g = rerank.distance_blocks(q_feats, g_feats)
+    else:
+        sim = q_feats @ g_feats.T
     per_trial = []
     for idx in trial_index:
         idx = np.asarray(idx)
         idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.intp, copy=False)
-        dist = sim[:, idx]                    # a fresh copy: negate it in place
-        np.negative(dist, out=dist)
+        if rerank_args is not None:
+            dist = rerank.re_ranking(q_g[:, idx], q_q, g_g[np.ix_(idx, idx)], **rerank_args)
+        else:
+            dist = sim[:, idx]                    # a fresh copy: negate it in place
+            np.negative(dist, out=dist)
         if swap:
             per_trial.append(score(np.ascontiguousarray(dist.T), g_pids[idx], q_pids, g_cams[idx],
                                    q_cams, max_rank))

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 import eval_metrics
-from rerank import distance_blocks, re_ranking
 from utils import UserError
 
 __all__ = ["FeatureFile", "save_features", "load_features", "evaluate"]
@@ -178,38 +177,17 @@ def load_features(path):
 
 def evaluate(ff, head=None, rerank=False, **rerank_args):
     """Metrics of ``head`` (default: the last head) recomputed from a loaded file, exactly
-    as the test scripts compute them. Returns ``(per_trial, mean)``: a list of
+    as the test scripts compute them (the benchmark's evaluator for the file's protocol
+    variant, ``datasets.Benchmark.scorer``). Returns ``(per_trial, mean)``: a list of
     ``(cmc, mAP, mINP)`` per trial and their mean (``eval_metrics.format_metrics`` prints
-    one).
-
-    * sysu: ``eval_metrics.evaluate_sysu_trials`` (distance ``-(q @ g.T)``, camera rule);
-    * regdb: ``eval_metrics.eval_regdb(-(q @ g.T))`` on the file's one trial;
-    * llcm: no LLCM evaluator exists in eval_metrics, so every trial is evaluated like
-      RegDB (no camera rule) and the trials averaged.
-
-    ``rerank=True``: each trial's distances are first re-ranked (``rerank.re_ranking`` of
-    the squared Euclidean distances, ``rerank_args`` e.g. k1, k2, lambda_value), then
-    evaluated the same way (the re-ranked distance replaces ``-(q @ g.T)``).
-    """
+    one). ``rerank=True``: each trial's distances are k-reciprocal re-ranked first
+    (``rerank_args``: k1, k2, lambda_value), as ``--rerank`` does."""
+    import datasets
     head = ff.heads[-1] if head is None else head
     if head not in ff.heads:
         raise UserError(f"{ff.path}: no head {head!r} (it has {', '.join(ff.heads)})")
-    qf, gf = ff.query_feats[head], ff.gallery_feats[head]
-    if ff.dataset == "sysu" and not rerank:
-        return eval_metrics.evaluate_sysu_trials(qf, ff.query_ids, ff.query_cams, gf,
-                                                 ff.gallery_ids, ff.gallery_cams, ff.trial_index)
-    if rerank:   # distances to the whole gallery once, sliced per trial
-        q_g, q_q, g_g = distance_blocks(qf, gf)
-    per_trial = []
-    for idx in ff.trial_index:
-        if rerank:
-            dist = re_ranking(q_g[:, idx], q_q, g_g[np.ix_(idx, idx)], **rerank_args)
-        else:
-            dist = -(qf @ gf[idx].T)
-        if ff.dataset == "sysu":
-            per_trial.append(eval_metrics.eval_sysu(dist, ff.query_ids, ff.gallery_ids[idx],
-                                                    ff.query_cams, ff.gallery_cams[idx]))
-        else:
-            per_trial.append(eval_metrics.eval_regdb(dist, ff.query_ids, ff.gallery_ids[idx]))
-    # RegDB's one trial: the mean of one result is that result, bit for bit
-    return per_trial, eval_metrics._mean_metrics(per_trial)
+    score, swap = datasets.get(ff.dataset).scorer(ff.mode)
+    return eval_metrics.evaluate_trials(ff.query_feats[head], ff.query_ids, ff.query_cams,
+                                        ff.gallery_feats[head], ff.gallery_ids, ff.gallery_cams,
+                                        ff.trial_index, score, swap=swap,
+                                        rerank_args=rerank_args if rerank else None)

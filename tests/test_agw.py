@@ -308,6 +308,28 @@ def test_test_script_reproduces_training_metrics(sysu_run, sysu_small):
     assert len(lines) == 22 and all(RESULT_LINE.match(ln) for ln in lines)
 
 
+def test_saved_features_reproduce_the_printed_metrics_and_rerank(sysu_run, sysu_small, tmp_path):
+    """--save_features: the .npz holds what the evaluation used (the metrics recomputed from
+    it equal the printed lines, every head); --rerank: marked lines equal re-ranking the file."""
+    import features
+    tmp, _ = sysu_run
+    ckpt = tmp / "save" / "sysu_agw_p4_n8_lr_0.1_seed_0_best.t"
+    out = run_script(TEST, "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS, "--resume", ckpt,
+                     "--save_features", tmp_path / "feat", threads=1).stdout
+    ff = features.load_features(tmp_path / "feat" / "sysu_agw_p4_n8_lr_0.1_seed_0_best.npz")
+    assert ff.heads == ["POOL", "FC"] and ff.dataset == "sysu" and ff.mode == "all_single"
+    assert ff.trial_index.shape[0] == 10 and set(ff.query_modality) == {"infrared"}
+    printed = final_lines(out)
+    for head in ff.heads:
+        assert engine_finetune.eval_metrics.format_metrics(head, *features.evaluate(ff, head)[1]) == printed[head]
+    rr = run_script(TEST, "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS, "--resume", ckpt,
+                    "--rerank", threads=1).stdout
+    assert "k-reciprocal re-ranking: k1=20 k2=6 lambda=0.3" in rr
+    line = [ln for ln in rr.splitlines() if ln.startswith("FC (re-ranked):")][-1]
+    assert line == engine_finetune.eval_metrics.format_metrics(
+        "FC (re-ranked)", *features.evaluate(ff, "FC", rerank=True, k1=20, k2=6, lambda_value=0.3)[1])
+
+
 # ----------------------------------------------------------------------------- RegDB, resume
 @pytest.fixture(scope="module")
 def regdb_run(regdb_small, tmp_path_factory):

@@ -81,10 +81,9 @@ def test_evaluate_equals_eval_metrics(dataset, tmp_path):
     elif dataset == "regdb":    # what the test scripts do
         ref = eval_metrics.eval_regdb(-(qf @ gf.T), ff.query_ids, ff.gallery_ids)
         ref_trials = [ref]
-    else:
-        ref_trials = [eval_metrics.eval_regdb(-(qf @ gf[i].T), ff.query_ids, ff.gallery_ids[i])
-                      for i in ff.trial_index]
-        ref = eval_metrics._mean_metrics(ref_trials)
+    else:   # LLCM: its evaluator (same id AND camera dropped); mode 'all' is not its swapped VIS->IR
+        ref_trials, ref = eval_metrics.evaluate_llcm_trials(qf, ff.query_ids, ff.query_cams, gf, ff.gallery_ids,
+                                                            ff.gallery_cams, ff.trial_index, "ir2vis")
     assert len(per_trial) == len(ref_trials)
     assert eval_metrics.format_metrics("FC", *mean) == eval_metrics.format_metrics("FC", *ref)
     np.testing.assert_array_equal(mean[0], ref[0])
@@ -95,9 +94,9 @@ def test_evaluate_equals_eval_metrics(dataset, tmp_path):
     manual = []
     for i in ff.trial_index:
         d = rerank_features(qp, gp[i], k1=5, k2=2)
-        manual.append(eval_metrics.eval_sysu(d, ff.query_ids, ff.gallery_ids[i], ff.query_cams,
-                                             ff.gallery_cams[i]) if dataset == "sysu" else
-                      eval_metrics.eval_regdb(d, ff.query_ids, ff.gallery_ids[i]))
+        score = {"sysu": eval_metrics.eval_sysu, "llcm": eval_metrics.eval_llcm}.get(dataset)
+        manual.append(score(d, ff.query_ids, ff.gallery_ids[i], ff.query_cams, ff.gallery_cams[i]) if score
+                      else eval_metrics.eval_regdb(d, ff.query_ids, ff.gallery_ids[i]))
     assert rr[1] == pytest.approx(eval_metrics._mean_metrics(manual)[1], abs=1e-12)
     with pytest.raises(UserError, match="no head 'X'"):
         features.evaluate(ff, "X")

@@ -41,6 +41,8 @@ def get_args_parser():
     p = ArgumentParser("analyze.py", description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", help=".npz feature files (features.save_features)")
     p.add_argument("--head", default=None, help="head to analyse (default: each file's last head)")
+    p.add_argument("--labels", nargs="+", default=None, help="one name per file for the plots and "
+                   "the table (default: the checkpoint file names)")
     p.add_argument("--out", default="analysis", help="output folder")
     p.add_argument("--ids", default=10, type=int, help="identities in the t-SNE plot")
     p.add_argument("--max_pairs", default=200000, type=int,
@@ -255,6 +257,11 @@ def main(args):
         if head not in ff.heads:
             raise UserError(f"--head {head}: {ff.path} has only {', '.join(ff.heads)}")
         heads.append(head)
+    if args.labels:
+        if len(args.labels) != len(files):
+            raise UserError(f"--labels: {len(args.labels)} given for {len(files)} files")
+        for ff, label in zip(files, args.labels):
+            ff.label = label
     _unique_labels(files)
     out = Path(args.out)
     check_writable(out)
