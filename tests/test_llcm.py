@@ -13,28 +13,35 @@ PRE_NAME = "llcm_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18"
 PRE = ["--arch", "resnet18", "--img_h", "96", "--img_w", "48", "--gpu", "cpu", "--workers", "0",
        "--batch-size", "8", "--epochs", "1", "--iters_per_epoch", "4", "--warmup_epochs", "1",
        "--print_freq", "2", "--val_images", "40"]
-LEARN = ["--lr", "0.1", "--epochs", "6", "--warmup_epochs", "0", "--test_every", "5", "--print_freq", "100"]
+# Adam, as the DDAG tests: on this small set (24 training ids, dark visible images) SGD at
+# lr 0.1 swings between ~5% and ~25% Rank-1 from epoch to epoch; Adam climbs steadily.
+LEARN = ["--optim", "adam", "--lr", "0.003", "--epochs", "5", "--warmup_epochs", "0", "--test_every", "1",
+         "--print_freq", "100"]
 
 
 @pytest.fixture(scope="module")
 def pretrained(llcm_small, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llcm_pre")
     out = run_script(ROOT / "train.py", "--dataset", "llcm", "--data_path", llcm_small, *PRE,
-                     "--model_path", tmp / "sm", "--log_path", tmp / "log", "--vis_log_path", tmp / "vis")
+                     "--model_path", tmp / "sm", "--log_path", tmp / "log", "--vis_log_path", tmp / "vis",
+                     threads=1)
     assert "LLCM" in out.stdout and "held-out permutation set: 40 RGB + 40 IR" in out.stdout
     return tmp / "sm" / f"{PRE_NAME}_epoch_1.t"
 
 
 def test_agw_from_mmgl_in_both_directions(pretrained, llcm_small, tmp_path):
+    """Fine-tuned (infrared to visible while training) far above the same network before
+    fine-tuning (~6% Rank-1, 11-13% mAP here) and chance (1/12), in both test directions."""
     out = run_script("train.py", "--dataset", "llcm", "--data_path", llcm_small, *SMALL_ARGS, *LEARN,
-                     "--resume", pretrained, *output_args(tmp_path), cwd=ROOT / "AGW", threads=1).stdout
+                     "--tvsearch", "--resume", pretrained, *output_args(tmp_path), cwd=ROOT / "AGW",
+                     threads=1).stdout
     assert "initialising the backbone from" in out
     chance = 1 / len((llcm_small / "idx" / "test_id.txt").read_text().split(","))
     results = epoch_results(out)
     best = max(rank1(r["FC"]) for r in results.values())
     best_map = max(float(RESULT_LINE.match(r["FC"]).group(6)) / 100 for r in results.values())
     assert best > 2 * chance and best_map > 0.2, (best, best_map, chance)
-    ckpt = tmp_path / "save" / "llcm_agw_p4_n8_lr_0.1_seed_0_best.t"
+    ckpt = tmp_path / "save" / "llcm_agw_p4_n8_lr_0.003_seed_0_adam_best.t"
     lines = {}
     for flags in ([], ["--tvsearch"]):
         res = run_script("test.py", "--dataset", "llcm", "--data_path", llcm_small, *SMALL_ARGS, *flags,
@@ -43,13 +50,15 @@ def test_agw_from_mmgl_in_both_directions(pretrained, llcm_small, tmp_path):
         assert f"All Average: ({direction})" in res and res.count("Test Trial:") == 10
         lines[direction] = final_lines(res)["FC"]
     assert lines["visible to infrared"] != lines["infrared to visible"]
-    assert rank1(lines["infrared to visible"]) > 2 * chance, lines
+    for direction, line in lines.items():
+        m_ap = float(RESULT_LINE.match(line).group(6)) / 100
+        assert rank1(line) > 1.5 * chance and m_ap > 0.18, lines
 
 
 def test_ddag_from_mmgl(pretrained, llcm_small, tmp_path):
     out = run_script("train_ddag.py", "--dataset", "llcm", "--data_path", llcm_small, *SMALL_ARGS,
                      "--optim", "adam", "--lr", "0.003", "--epochs", "4", "--warmup_epochs", "0",
-                     "--test_every", "3", "--print_freq", "100", "--wpa", "--tvsearch",
+                     "--test_every", "1", "--print_freq", "100", "--wpa", "--tvsearch",
                      "--resume", pretrained, *output_args(tmp_path), cwd=ROOT / "DDAG", threads=1).stdout
     chance = 1 / len((llcm_small / "idx" / "test_id.txt").read_text().split(","))
     best = max(rank1(r["FC_att"]) for r in epoch_results(out).values())

@@ -210,6 +210,13 @@ def _check_seed(seed):
 
 
 # ----------------------------------------------------------------------------- output dirs
+def _check_range(imgs_per_cam):
+    lo, hi = imgs_per_cam
+    if not 1 <= lo <= hi:
+        raise UserError(f"imgs_per_cam must be (lo, hi) with 1 <= lo <= hi, got {imgs_per_cam}")
+    return lo, hi
+
+
 def _prepare_out(out_dir):
     """A fresh temporary sibling to generate into; the result replaces ``out_dir`` only at
     the end, and only if ``out_dir`` is absent, empty, or a set this tool wrote before (so
@@ -260,9 +267,7 @@ def make_sysu(out_dir, num_ids=40, seed=0, imgs_per_cam=(3, 6), cam_prob=0.8,
         raise UserError(f"--num_ids must be at least 5 for SYSU-MM01 (train/val/test splits), got {num_ids}")
     if num_ids > max_pid:
         raise UserError(f"--num_ids must be at most {max_pid}, got {num_ids}")
-    lo, hi = imgs_per_cam
-    if not 1 <= lo <= hi:
-        raise UserError(f"imgs_per_cam must be (lo, hi) with 1 <= lo <= hi, got {imgs_per_cam}")
+    lo, hi = _check_range(imgs_per_cam)
     start = time.time()
     out, tmp = _prepare_out(out_dir)
     try:
@@ -402,9 +407,7 @@ def make_llcm(out_dir, num_ids=30, seed=0, imgs_per_cam=(1, 3), cam_prob=0.5,
     _check_seed(seed)
     if not 4 <= num_ids <= max_pid:
         raise UserError(f"--num_ids must be between 4 and {max_pid} for LLCM, got {num_ids}")
-    lo, hi = imgs_per_cam
-    if not 1 <= lo <= hi:
-        raise UserError(f"imgs_per_cam must be (lo, hi) with 1 <= lo <= hi, got {imgs_per_cam}")
+    lo, hi = _check_range(imgs_per_cam)
     start = time.time()
     out, tmp = _prepare_out(out_dir)
     try:
