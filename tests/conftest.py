@@ -19,6 +19,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Under pytest-xdist (-n 2, what CI runs) each worker and every script it starts use ONE
+# torch thread: two workers x two threads on two cores made OpenMP's spinning threads fight
+# (the suite took longer than serially); one thread each keeps every core busy.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 import engine_finetune  # noqa: E402
 import model  # noqa: E402
 
