@@ -71,12 +71,14 @@ class RunLog:
         self.log_dir, self.vis_dir = Path(args.log_path), Path(args.vis_log_path)
         self.writer = self.json = None
         self._stdout = sys.stdout
-        # a run that fails before its first epoch is done leaves none of these (utils.cli)
-        self.guard = utils.StartGuard(self.log_dir / f"{run}.txt", self.log_dir / f"{run}.jsonl",
-                                      self.vis_dir / run)
-        if self.rank0:   # a wrong output folder fails now, not at the first save
+        self.guard = None
+        if self.rank0:
+            # a run that fails before its first epoch is done leaves none of these (utils.cli)
+            self.guard = utils.StartGuard(self.log_dir / f"{run}.txt", self.log_dir / f"{run}.jsonl",
+                                          self.vis_dir / run)
+            # a wrong output folder fails now, not at the first save
             utils.check_writable(args.model_path, args.log_path, args.vis_log_path)
-        else:            # one log: the other ranks stay silent (their errors still reach stderr)
+        else:   # one log: the other ranks stay silent (their errors still reach stderr)
             sys.stdout = open(os.devnull, "w")
 
     def open(self, args, device, header_lines):
@@ -96,7 +98,8 @@ class RunLog:
         if self.json is not None:
             self.json.write(**record)
             self.writer.flush()
-        self.guard.disarm()
+        if self.guard is not None:
+            self.guard.disarm()
 
     def close(self):
         if self.writer is not None:

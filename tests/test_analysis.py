@@ -1,7 +1,6 @@
 """Feature files (features.py), tools/analyze.py and tools/plot_log.py on small synthetic
 files, through the real code paths (the tools run as scripts)."""
 import json
-from pathlib import Path
 
 import matplotlib.image
 import numpy as np

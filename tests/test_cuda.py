@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMALL_H, SMALL_W, output_args, run_script
+from conftest import SMALL_H, SMALL_W, output_args
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

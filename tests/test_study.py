@@ -2,7 +2,6 @@
 accuracy, AGW fine-tuning from the chosen checkpoint and from random weights, the report,
 the plot, and a re-run that finds everything done."""
 import json
-import sys
 from pathlib import Path
 
 from conftest import run_script
