@@ -515,6 +515,7 @@ def main(argv=None):
         print(f"  images: train {n['train_vis']} visible + {n['train_nir']} near-infrared; "
               f"test {n['test_vis']} visible (cam1..9) + {n['test_nir']} near-infrared "
               f"(cam1,2,4..9)")
+        print(f"  next: python pre_process_sysu.py --dataset llcm --data_path {r['out']}")
 
 
 if __name__ == "__main__":
