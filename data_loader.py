@@ -93,7 +93,7 @@ class SYSUData(TrainData):
         if not data_path.is_dir():
             raise UserError(f"dataset folder not found: {data_path} (expected {self.LAYOUT[title]}; "
                             f"see README 'Datasets')")
-        cmd = "python pre_process_sysu.py" + (" --dataset llcm" if title == "LLCM" else "")
+        cmd = self.preprocess_cmd = "python pre_process_sysu.py" + (" --dataset llcm" if title == "LLCM" else "")
         arrays = {}
         for key in SYSU_NPY:
             f = data_path / f"{key}.npy"

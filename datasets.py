@@ -40,11 +40,11 @@ class TestLists:
     g_modal: int
     trial_index: list
     trials: list          # the trial numbers printed ("Test Trial: T")
+    mode: str             # the protocol variant in words, e.g. 'all_single', 'visible_to_thermal'
     score: object         # (distmat, q_pids, g_pids, q_cams, g_cams) -> (cmc, mAP, mINP)
+    swap: bool            # score with the trial gallery as the ranking rows (LLCM's published VIS->IR)
     camera_rule: bool     # SYSU-MM01's cam-3 query / cam-2 gallery exclusion (rank lists)
     direction: str = ""   # shown beside the trial line, e.g. "thermal to visible"
-    swap: bool = False    # score with the trial gallery as the ranking rows (LLCM's published VIS->IR)
-    mode: str = ""        # the protocol variant in words, e.g. 'all_single', 'visible_to_thermal'
 
     def evaluate(self, q_feats, g_feats, rerank_args=None):
         """(per-trial [(cmc, mAP, mINP)], their mean) for L2-normalised features; with
@@ -56,7 +56,6 @@ class TestLists:
 
 class Benchmark:
     name = title = default_path = ""
-    trial_flag = False   # whether --trial picks the training/test split (RegDB)
 
     def data_path(self, args):
         """--data_path, or the benchmark's folder under the repository root."""
@@ -81,9 +80,19 @@ class Benchmark:
         raise NotImplementedError
 
     def scorer(self, mode):
-        """(evaluator, swap) of the protocol variant ``mode`` (TestLists.mode): what a saved
-        feature file is scored with (features.evaluate)."""
+        """(evaluator, swap) of the protocol variant ``mode`` (TestLists.mode): how the test
+        scripts and a saved feature file (features.evaluate) are scored."""
         raise NotImplementedError
+
+
+def _preprocessed(bench, args):
+    """The training arrays of pre_process_sysu.py (SYSU-MM01, LLCM) at --img_h x --img_w."""
+    from data_loader import SYSUData
+    data = SYSUData(bench.data_path(args), title=bench.title)
+    data.check_size(args.img_h, args.img_w,
+                    f"pass --img_h {data.img_size[0]} --img_w {data.img_size[1]}, or re-run "
+                    f"{data.preprocess_cmd.removeprefix('python ')} with --img_h {args.img_h} --img_w {args.img_w}")
+    return data
 
 
 class SYSU(Benchmark):
@@ -93,12 +102,7 @@ class SYSU(Benchmark):
     name, title, default_path = "sysu", "SYSU-MM01", "data/SYSU-MM01"
 
     def train_data(self, args):
-        from data_loader import SYSUData
-        data = SYSUData(self.data_path(args))
-        data.check_size(args.img_h, args.img_w,
-                        f"pass --img_h {data.img_size[0]} --img_w {data.img_size[1]}, or re-run "
-                        f"pre_process_sysu.py with --img_h {args.img_h} --img_w {args.img_w}")
-        return data
+        return _preprocessed(self, args)
 
     def heldout_lists(self, data_path, trial=1):
         root = data_manager.sysu_root(data_path)
@@ -111,9 +115,9 @@ class SYSU(Benchmark):
         q_paths, q_pids, q_cams = data_manager.process_query_sysu(path, mode=args.mode)
         g_paths, g_pids, g_cams, index = data_manager.sysu_gallery_trials(
             path, mode=args.mode, gall_mode=args.gall_mode)
+        mode = f"{args.mode}_{args.gall_mode}"
         return TestLists(q_paths, q_pids, q_cams, THERMAL, g_paths, g_pids, g_cams, VISIBLE, index,
-                         list(range(len(index))), eval_metrics.eval_sysu, camera_rule=True,
-                         mode=f"{args.mode}_{args.gall_mode}")
+                         list(range(len(index))), mode, *self.scorer(mode), camera_rule=True)
 
     def scorer(self, mode):
         return eval_metrics.eval_sysu, False
@@ -128,7 +132,6 @@ class RegDB(Benchmark):
     10 random 206/206 splits (--trial 1..10) from idx/. Test: visible queries against the
     thermal gallery of the trial, or thermal to visible with --tvsearch."""
     name, title, default_path = "regdb", "RegDB", "data/RegDB"
-    trial_flag = True
 
     def check_args(self, args):
         if not 1 <= args.trial <= 10:
@@ -153,12 +156,11 @@ class RegDB(Benchmark):
         (q_paths, q_pids), (g_paths, g_pids) = (thr, vis) if args.tvsearch else (vis, thr)
         q_modal, g_modal = (THERMAL, VISIBLE) if args.tvsearch else (VISIBLE, THERMAL)
         q_pids, g_pids = np.asarray(q_pids, dtype=np.int64), np.asarray(g_pids, dtype=np.int64)
+        mode = "thermal_to_visible" if args.tvsearch else "visible_to_thermal"
         return TestLists(list(q_paths), q_pids, np.full(len(q_pids), q_modal), q_modal,
                          list(g_paths), g_pids, np.full(len(g_pids), g_modal), g_modal,
-                         [np.arange(len(g_pids))], [args.trial],
-                         _regdb_score, camera_rule=False,
-                         direction="thermal to visible" if args.tvsearch else "",
-                         mode="thermal_to_visible" if args.tvsearch else "visible_to_thermal")
+                         [np.arange(len(g_pids))], [args.trial], mode, *self.scorer(mode),
+                         camera_rule=False, direction="thermal to visible" if args.tvsearch else "")
 
     def scorer(self, mode):
         return _regdb_score, False
@@ -177,12 +179,7 @@ class LLCM(Benchmark):
     name, title, default_path = "llcm", "LLCM", "data/LLCM"
 
     def train_data(self, args):
-        from data_loader import SYSUData
-        data = SYSUData(self.data_path(args), title="LLCM")
-        data.check_size(args.img_h, args.img_w,
-                        f"pass --img_h {data.img_size[0]} --img_w {data.img_size[1]}, or re-run "
-                        f"pre_process_sysu.py --dataset llcm with --img_h {args.img_h} --img_w {args.img_w}")
-        return data
+        return _preprocessed(self, args)
 
     def heldout_lists(self, data_path, trial=1):
         return {"rgb": data_manager.process_query_llcm(data_path, "vis2ir")[0],
@@ -195,10 +192,10 @@ class LLCM(Benchmark):
         g_paths, g_pids, g_cams, index = data_manager.llcm_gallery_trials(path, direction)
         vis2ir = direction == "vis2ir"
         q_modal, g_modal = (VISIBLE, THERMAL) if vis2ir else (THERMAL, VISIBLE)
+        mode = "visible_to_infrared" if vis2ir else "infrared_to_visible"
         return TestLists(q_paths, q_pids, q_cams, q_modal, g_paths, g_pids, g_cams, g_modal, index,
-                         list(range(len(index))), eval_metrics.eval_llcm, camera_rule=False,
-                         direction="visible to infrared" if vis2ir else "infrared to visible",
-                         swap=vis2ir, mode="visible_to_infrared" if vis2ir else "infrared_to_visible")
+                         list(range(len(index))), mode, *self.scorer(mode), camera_rule=False,
+                         direction=mode.replace("_", " "))
 
     def scorer(self, mode):
         return eval_metrics.eval_llcm, mode == "visible_to_infrared"

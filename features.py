@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+import datasets
 import eval_metrics
 from utils import UserError
 
 __all__ = ["FeatureFile", "save_features", "load_features", "evaluate"]
 
-DATASETS = ("sysu", "regdb", "llcm")
 MODALITIES = ("visible", "infrared")
 _PER_IMAGE = ("ids", "cams", "modality", "paths")
 _SCALARS = ("dataset", "mode", "checkpoint", "label")
@@ -108,8 +108,8 @@ def _check(arrays, where, problem="not a valid feature file"):
         if a.ndim != 0 or a.dtype.kind != "U":
             fail(f"{k} must be a 0-d string array")
         out[k] = str(a)
-    if out["dataset"] not in DATASETS:
-        fail(f"dataset is {out['dataset']!r}, expected one of {', '.join(DATASETS)}")
+    if out["dataset"] not in datasets.NAMES:
+        fail(f"dataset is {out['dataset']!r}, expected one of {', '.join(datasets.NAMES)}")
     return FeatureFile(**out)
 
 
@@ -182,7 +182,6 @@ def evaluate(ff, head=None, rerank=False, **rerank_args):
     ``(cmc, mAP, mINP)`` per trial and their mean (``eval_metrics.format_metrics`` prints
     one). ``rerank=True``: each trial's distances are k-reciprocal re-ranked first
     (``rerank_args``: k1, k2, lambda_value), as ``--rerank`` does."""
-    import datasets
     head = ff.heads[-1] if head is None else head
     if head not in ff.heads:
         raise UserError(f"{ff.path}: no head {head!r} (it has {', '.join(ff.heads)})")

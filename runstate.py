@@ -83,7 +83,7 @@ class RunLog:
 
     def open(self, args, device, header_lines):
         if self.rank0:
-            self.text = utils.setup_log(self.log_dir, self.run)
+            utils.setup_log(self.log_dir, self.run)
             self.json = utils.JsonLog(self.log_dir / f"{self.run}.jsonl")
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(self.vis_dir / self.run))
@@ -152,14 +152,23 @@ def check_stage(path, obj, stage):
                         f"<run>_last.pth written by {what[stage][1]})")
 
 
-def load_last(path, obj, stage, net, optimizer=None, scaler=None, load_net=True):
+def load_last(path, obj, stage, net, optimizer=None, scaler=None, load_net=True, args=None,
+              network_flags=()):
     """Continue from the resumable state ``obj`` read from ``path``: the network (unless the
-    caller loads it itself), optimiser, AMP scaler and RNG states. Returns the normalised
-    state (its 'epoch', 'best', 'state', 'args')."""
+    caller loads it itself), optimiser, AMP scaler and RNG states. A network that does not
+    fit is a UserError naming the ``network_flags`` whose saved value differs from ``args``.
+    Returns the normalised state (its 'epoch', 'best', 'state', 'args')."""
     check_stage(path, obj, stage)
     obj = normalise(obj)
     if load_net:
-        utils.unwrap(net).load_state_dict(obj["net"])
+        try:
+            utils.unwrap(net).load_state_dict(obj["net"])
+        except RuntimeError:
+            saved = obj.get("args") or {}
+            differ = [f"--{k} {saved[k]} (this run: {getattr(args, k)})" for k in network_flags
+                      if k in saved and saved[k] != getattr(args, k)]
+            raise UserError(f"{path} does not match this network: it was written with "
+                            + (", ".join(differ) if differ else "another network layout")) from None
     if optimizer is not None:
         optimizer.load_state_dict(obj["optimizer"])
     if scaler is not None and obj.get("scaler"):

@@ -345,18 +345,8 @@ def main(args):
     last_path = Path(args.model_path) / f"{name}_last.pth"
 
     if resume_path:
-        ckpt = utils.load_checkpoint(resume_path, trust=args.trust_checkpoint)
-        runstate.check_stage(resume_path, ckpt, "pretrain")
-        ckpt = runstate.normalise(ckpt)   # pre-training files of the older schema too
-        try:
-            utils.unwrap(net).load_state_dict(ckpt["net"])
-        except RuntimeError:
-            saved = ckpt.get("args") or {}
-            differ = [f"--{k} {saved[k]} (this run: {getattr(args, k)})" for k in NETWORK_FLAGS
-                      if k in saved and saved[k] != getattr(args, k)]
-            raise UserError(f"{resume_path} does not match this network: it was written with "
-                            + (", ".join(differ) if differ else "another network layout")) from None
-        ckpt = runstate.load_last(resume_path, ckpt, "pretrain", net, optimizer, scaler, load_net=False)
+        ckpt = runstate.load_last(resume_path, utils.load_checkpoint(resume_path, trust=args.trust_checkpoint),
+                                  "pretrain", net, optimizer, scaler, args=args, network_flags=NETWORK_FLAGS)
         scheduler.load_state_dict(ckpt["state"]["scheduler"])
         state.update(global_step=ckpt["state"]["global_step"], start_epoch=ckpt["epoch"] + 1,
                      last_ckpt=str(resume_path))
