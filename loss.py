@@ -153,6 +153,11 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
     * ``cycle`` (cycle-back, as in temporal cycle-consistency): q_x is matched back against
       q's own modality's pool, softmax(q_x.u / t), and the cycle must return to q itself:
       cross-entropy with q as the target, every other stripe of that modality a negative.
+    * ``mutual`` ("cycle-consistent RGB-IR patches" as positives, read literally): a REAL
+      stripe pair (q, v) is positive when v is q's nearest stripe in the other modality
+      and q is v's nearest back (a hard, gradient-free match); InfoNCE of q against every
+      stripe of the other modality with v as the target, over the matched queries only
+      (:func:`_mutual_nce`).
 
     ``pool`` (what "part-aware" restricts): ``all`` searches every B*K stripe of a modality
     regardless of its index k; ``part`` only stripes with the same index k as the query
@@ -179,11 +184,14 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
     q_s / q_x of all ranks too, so N ranks compute the loss of one process holding the
     whole batch.
     """
-    if pool not in ("all", "part") or form not in ("pair", "cycle"):
-        raise ValueError(f"pcc_loss: pool must be all|part and form pair|cycle, got {pool!r}, {form!r}")
+    if pool not in ("all", "part") or form not in ("pair", "cycle", "mutual"):
+        raise ValueError(f"pcc_loss: pool must be all|part and form pair|cycle|mutual, got {pool!r}, {form!r}")
     K, D = z_rgb.shape[1], z_rgb.shape[2]
     pool_rgb = z_rgb if pool_rgb is None else pool_rgb
     pool_ir = z_ir if pool_ir is None else pool_ir
+    if form == "mutual":
+        return 0.5 * (_mutual_nce(z_rgb, pool_rgb, pool_ir, temp, offset, pool)
+                      + _mutual_nce(z_ir, pool_ir, pool_rgb, temp, offset, pool))
     loss = 0.0
     for z, own_pool, other_pool in ((z_rgb, pool_rgb, pool_ir), (z_ir, pool_ir, pool_rgb)):
         q = z.float().reshape(-1, D)
@@ -223,6 +231,32 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
         loss = loss + _info_nce_symmetric(q_x, q_s, temp, gather, offset * K,
                                           groups=K if pool == "part" else 0)
     return loss / 2
+
+
+def _mutual_nce(z, own_pool, other_pool, temp, offset=0, pool="all"):
+    """``form='mutual'`` for one query modality: z [B, K, D] (rows ``offset..`` of
+    own_pool [B_all, K, D]), other_pool [M, K, D]. Each query stripe's hard nearest
+    neighbour in the other modality is its positive when the match is mutual (cycle-
+    consistent); ``pool='part'`` searches the match among stripes of the same index k only
+    (with ``--pcc_order original``: the same body part, "part-aware"), while the InfoNCE
+    always contrasts against EVERY stripe of the other modality, so other parts are
+    negatives. The matching is a constant, only the InfoNCE carries gradient. The mean runs
+    over the matched queries (no host sync); no mutual pair in the batch: 0."""
+    K, D = z.shape[1], z.shape[2]
+    q, own, other = z.float().reshape(-1, D), own_pool.float().reshape(-1, D), other_pool.float().reshape(-1, D)
+    sim = q @ other.t()
+    with torch.no_grad():
+        match, back = sim.detach(), other.detach() @ own.detach().t()
+        if pool == "part":   # candidates of the same index k only
+            k_q, k_other = torch.arange(K, device=q.device).repeat(z.shape[0]), \
+                torch.arange(K, device=q.device).repeat(other_pool.shape[0])
+            k_own = torch.arange(K, device=q.device).repeat(own_pool.shape[0])
+            match = match.masked_fill(k_q[:, None] != k_other[None, :], float("-inf"))
+            back = back.masked_fill(k_other[:, None] != k_own[None, :], float("-inf"))
+        fwd = match.argmax(1)                                    # q -> its nearest other-modality stripe
+        keep = back.argmax(1)[fwd] == offset * K + torch.arange(q.shape[0], device=q.device)
+    ce = F.cross_entropy(sim / temp, fwd, reduction="none")
+    return (ce * keep).sum() / keep.sum().clamp(min=1)
 
 
 # ============================================================================ ReID losses

@@ -11,6 +11,7 @@ whole ResNet-50 of which only conv1/bn1 run (and ``base_resnet.base`` holds an u
 conv1/bn1/fc). Ours hold only what runs; :func:`load_backbone` skips the unused tensors
 of their checkpoints with a one-line report.
 """
+import copy
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -261,21 +262,29 @@ class MMGLNet(TwoStreamBackbone):
     * Local granularity: F pooled into K horizontal stripes -> ``local_conv_list[k]``
       (1x1 conv out_dim->proj_dim, with bias, no BN/ReLU so the embedding is not
       confined to the positive orthant) -> L2 normalised [N, K, proj_dim].
+      ``pcc_head='mlp'`` adds a nonlinear projection head after it (BatchNorm, ReLU,
+      Linear proj_dim->128, as SimCLR/MoCo v2), so the contrast acts on a projection the
+      backbone's stripe features need not equal. ``local_branch='separate'`` gives the
+      stripe branch its OWN copy of the last ResNet stage (MGN-style branches, each with
+      its own layer4) fed by the shared layer3; the permutation head and the backbone that
+      AGW/DDAG load keep the shared layer4.
 
-    The state_dict holds exactly the backbone keys plus ``fc1.``, ``fc2.`` and
-    ``local_conv_list.`` (the keys AGW/DDAG drop). ``part=False`` (``--no-part``) builds no
-    ``local_conv_list`` (a --no-pcc run then has no parameters without gradients, which
+    The state_dict holds exactly the backbone keys plus the head keys of
+    ``HEAD_PREFIXES`` (the keys AGW/DDAG drop). ``part=False`` (``--no-part``) builds no
+    stripe branch (a --no-pcc run then has no parameters without gradients, which
     DDP would otherwise need find_unused_parameters for).
     """
 
-    HEAD_PREFIXES = ("fc1.", "fc2.", "local_conv_list", "perm_bn.")
+    HEAD_PREFIXES = ("fc1.", "fc2.", "local_conv_list", "perm_bn.", "pcc_mlp.", "local_layer4.")
 
     def __init__(self, arch="resnet50", stream="two", num_stripe=6, proj_dim=256,
                  pretrained=None, hidden_dim=1024, part=True, last_stride=1, perm_feat="gap",
-                 perm_bn=False):
+                 perm_bn=False, pcc_head="linear", local_branch="shared", mlp_dim=128):
         super().__init__(arch, stream, last_stride, pretrained)
         utils.check_stripes(num_stripe)
         utils.choice_check("--perm_feat", perm_feat, ("gap", "stripes"))
+        utils.choice_check("--pcc_head", pcc_head, ("linear", "mlp"))
+        utils.choice_check("--local_branch", local_branch, ("shared", "separate"))
         self.num_stripe, self.proj_dim, self.perm_feat = num_stripe, proj_dim, perm_feat
         in_dim = self.out_dim * (num_stripe if perm_feat == "stripes" else 1)
         # perm_bn: BatchNorm1d on the pooled feature before fc1 (like AGW's BNNeck after its
@@ -286,6 +295,11 @@ class MMGLNet(TwoStreamBackbone):
         self.local_conv_list = (nn.ModuleList(nn.Conv2d(self.out_dim, proj_dim, 1)
                                               for _ in range(num_stripe))
                                 if part else None)
+        self.pcc_mlp = (nn.Sequential(nn.BatchNorm1d(proj_dim), nn.ReLU(inplace=True), nn.Linear(proj_dim, mlp_dim))
+                        if part and pcc_head == "mlp" else None)
+        # the separate branch starts as an exact copy of the shared stage, then trains apart
+        self.local_layer4 = (copy.deepcopy(self.base_resnet.base.layer4)
+                             if part and local_branch == "separate" else None)
 
     def perm_head(self, fmap):
         if self.perm_feat == "stripes":   # [N, C, K] -> [N, C*K]: row position kept
@@ -312,22 +326,30 @@ class MMGLNet(TwoStreamBackbone):
         w = torch.stack([m.weight.flatten(1) for m in self.local_conv_list])  # [K, P, C]
         b = torch.stack([m.bias for m in self.local_conv_list])               # [K, P]
         z = torch.einsum("nck,kpc->nkp", stripes, w.to(stripes.dtype)) + b.to(stripes.dtype)
+        if self.pcc_mlp is not None:   # one MLP for all K stripes (BN over the N*K rows)
+            z = self.pcc_mlp(z.flatten(0, 1)).view(z.shape[0], K, -1)
         return F.normalize(z.float(), dim=-1)
 
-    def forward(self, x_rgb, x_ir=None, modal=0, pcc=None, perms=None):
+    def forward(self, x_rgb, x_ir=None, modal=0, pcc=None, perms=None, features=False):
         """Inputs: normalised float NCHW, already stripe-shuffled. modal 0 stacks RGB
         then IR along the batch dim of every output. Returns a dict with 'perm_logits'
         [N, K, K] (float32) and, unless the local branch is off (``pcc=False`` or built
         without it), 'stripes' [N, K, proj_dim] (in original order when ``perms`` [N, K]
-        is given, see :meth:`stripe_embed`)."""
-        fmap = self.forward_body(self.stem(x_rgb, x_ir, modal))
+        is given, see :meth:`stripe_embed`). ``features``: also 'stripe_pool' [N, K, C],
+        the shared backbone's feature map pooled per (shuffled) stripe, for the probes."""
+        body = self.base_resnet.base
+        x = body.layer3(body.layer2(body.layer1(self.stem(x_rgb, x_ir, modal))))
+        fmap = body.layer4(x)
         out = {"perm_logits": self.perm_head(fmap).float()}
+        if features:
+            out["stripe_pool"] = F.adaptive_avg_pool2d(fmap, (self.num_stripe, 1)).flatten(2).transpose(1, 2).float()
         if pcc is None:
             pcc = self.local_conv_list is not None
         if pcc:
             if self.local_conv_list is None:
                 raise ValueError("this MMGLNet was built with part=False (no stripe branch)")
-            out["stripes"] = self.stripe_embed(fmap, perms)
+            local = fmap if self.local_layer4 is None else self.local_layer4(x)
+            out["stripes"] = self.stripe_embed(local, perms)
         return out
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import datasets
+import diagnostics
 import options
 import runstate
 import utils
@@ -73,7 +74,19 @@ def get_args_parser():
     g.add_argument("--cl_temp", default=0.07, type=float)
     g.add_argument("--pcc_form", default="pair", help="pair: the cross-modal and the intra-modal soft "
                    "nearest neighbours of a stripe are the positive pair | cycle: the cross-modal neighbour, "
-                   "matched back into the stripe's own modality, must find the stripe itself")
+                   "matched back into the stripe's own modality, must find the stripe itself | mutual: a real "
+                   "RGB stripe and IR stripe that are each other's nearest neighbour are the positive pair")
+    g.add_argument("--pcc_head", default="linear", help="linear: PCC on the 1x1 stripe projections | mlp: "
+                   "through a nonlinear projection head (BN, ReLU, Linear to 128)")
+    g.add_argument("--local_branch", default="shared", help="shared: PCC's stripes come from the shared "
+                   "last stage | separate: from the stripe branch's own copy of the last ResNet stage")
+    g.add_argument("--pcc_ramp_epochs", default=0, type=int, help="PCC's weight rises linearly from 0 to "
+                   "--cl_weight over this many epochs (after --pcc_start_epoch)")
+    g.add_argument("--pcc_start_epoch", default=0, type=int, help="PCC's weight is 0 before this epoch")
+    g = p.add_argument_group("diagnostics")
+    g.add_argument("--diag", default=True, action=argparse.BooleanOptionalAction,
+                   help="after every epoch: linear probes of the original stripe index on the held-out "
+                        "images and the cosine between the two losses' gradients (diagnostics.py)")
     g.add_argument("--pcc_pool", default="all", help="neighbour pools: all stripes | part: only stripes "
                    "with the same index k (see --pcc_order)")
     g.add_argument("--pcc_detach_pool", action="store_true", help="neighbour pools as constants (no "
@@ -87,12 +100,14 @@ def check_args(args):
     options.check(args)
     utils.choice_check("--stream", args.stream, ("two", "one"))
     utils.choice_check("--perm_feat", args.perm_feat, ("gap", "stripes"))
-    utils.choice_check("--pcc_form", args.pcc_form, ("pair", "cycle"))
+    utils.choice_check("--pcc_form", args.pcc_form, ("pair", "cycle", "mutual"))
+    utils.choice_check("--pcc_head", args.pcc_head, ("linear", "mlp"))
+    utils.choice_check("--local_branch", args.local_branch, ("shared", "separate"))
     utils.choice_check("--perm_reduction", args.perm_reduction, ("mean", "matrix"))
     utils.choice_check("--pcc_pool", args.pcc_pool, ("all", "part"))
     utils.choice_check("--pcc_order", args.pcc_order, ("shuffled", "original"))
     utils.check_stripes(args.num_stripe, args.img_h)
-    for name in ("val_images", "iters_per_epoch"):
+    for name in ("val_images", "iters_per_epoch", "pcc_ramp_epochs", "pcc_start_epoch"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ("batch_size", "sinkhorn_iters", "gumbel_samples"):
@@ -104,7 +119,7 @@ def check_args(args):
 
 
 # the flags that decide the network's tensors (a _last.pth resumes only with the same ones)
-NETWORK_FLAGS = ("arch", "stream", "num_stripe", "perm_feat", "perm_bn", "pcc", "part")
+NETWORK_FLAGS = ("arch", "stream", "num_stripe", "perm_feat", "perm_bn", "pcc", "part", "pcc_head", "local_branch")
 
 
 def run_name(args):
@@ -124,6 +139,11 @@ def run_name(args):
                 if v != d]
     if args.pcc_detach_pool:
         readings.append("detach")
+    readings += [v for v, d in ((args.pcc_head, "linear"), (args.local_branch, "shared")) if v != d]
+    if args.pcc_start_epoch:
+        readings.append(f"start{args.pcc_start_epoch}")
+    if args.pcc_ramp_epochs:
+        readings.append(f"ramp{args.pcc_ramp_epochs}")
     if args.pcc and readings:
         name += "_pcc_" + "_".join(readings)
     if args.train_ratio < 1.0:
@@ -154,8 +174,20 @@ def lr_at(epoch, args):
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def mmgl_losses(out, perms, args):
-    """Eq. (global) + Eq. (local) of the paper for one batch.
+def pcc_weight(epoch, args):
+    """PCC's weight in ``epoch``: --cl_weight (the paper's 0.5), unless a schedule is asked
+    for (our flags; the paper gives none): 0 before --pcc_start_epoch, then a linear ramp
+    over --pcc_ramp_epochs epochs."""
+    if epoch < args.pcc_start_epoch:
+        return 0.0
+    if args.pcc_ramp_epochs:
+        return args.cl_weight * min(1.0, (epoch - args.pcc_start_epoch + 1) / args.pcc_ramp_epochs)
+    return args.cl_weight
+
+
+def mmgl_losses(out, perms, args, cl_weight=None):
+    """Eq. (global) + Eq. (local) of the paper for one batch (``cl_weight``: this epoch's
+    PCC weight, :func:`pcc_weight`; default --cl_weight).
 
     ``out['perm_logits']``: [2B, K, K], RGB rows first then IR, both through the SAME head so
     the two modalities share one permutation space. ``perms``: [B, K], the permutation applied
@@ -178,7 +210,7 @@ def mmgl_losses(out, perms, args):
                                      offset=utils.get_rank() * b, gather=utils.all_gather_with_grad, **reading)
         else:
             losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, **reading)
-        total = total + args.cl_weight * losses["pcc"]
+        total = total + (args.cl_weight if cl_weight is None else cl_weight) * losses["pcc"]
     losses["loss"] = total
     return losses
 
@@ -191,6 +223,7 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
     n_steps = len(loader) if not args.iters_per_epoch else min(len(loader), args.iters_per_epoch)
     meter = runstate.Meter()
     watch = utils.NonFiniteWatch(device)
+    weight = pcc_weight(epoch, args)
     t0 = t_print = time.time()
     for step, (rgb, ir, _, _) in enumerate(loader):
         if step >= n_steps:
@@ -204,7 +237,9 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
         x_ir = aug(ir, train=True, perms=perms).contiguous(memory_format=state["memory_format"])
         with utils.autocast(device, state["amp_dtype"]):
             out = net(x_rgb, x_ir, perms=perms.repeat(2, 1) if args.pcc_order == "original" else None)
-        losses = mmgl_losses(out, perms, args)
+        losses = mmgl_losses(out, perms, args, weight)
+        if args.diag and args.pcc and step == n_steps - 1 and not utils.is_distributed():
+            state["grad_stats"] = loss_gradients(utils.unwrap(net), losses)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
         scaler.step(optimizer)
@@ -230,14 +265,28 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
             print(f"Epoch [{epoch}][{step + 1}/{n_steps}] time {utils.format_time(elapsed)} "
                   f"eta {utils.format_time(eta)} lr {lr:.4g} loss {means['loss']:.4f} ({parts}) "
                   f"train-batch perm_acc {acc:.2%} stripe_acc {stripe_acc:.2%} {ips:.0f} img/s")
-            state["epoch_stats"] = dict(means, perm_acc=acc, stripe_acc=stripe_acc, img_per_s=ips)
+            state["epoch_stats"] = dict(means, perm_acc=acc, stripe_acc=stripe_acc, img_per_s=ips,
+                                        pcc_weight=weight)
             if log is not None:
                 log.scalars(state["global_step"], {**state["epoch_stats"], "lr": lr}, prefix="train/")
             meter.reset()
             t_print = time.time()
     if log is not None and log.writer is not None:
         log_images(log.writer, x_rgb, x_ir, out, perms, args, state["global_step"])
-    return state["epoch_stats"]
+    return dict(state["epoch_stats"], **state.pop("grad_stats", {}))
+
+
+def loss_gradients(net, losses):
+    """Where the two losses fight (diagnostics.grad_cosine): the cosine between the
+    permutation loss's and the (unweighted) PCC loss's gradients, and both norms, on the
+    shared last stage (layer4) and the one before it (layer3), on this step's batch."""
+    body = net.base_resnet.base
+    stats = {}
+    for name in ("layer4", "layer3"):
+        cos, n_perm, n_pcc = diagnostics.grad_cosine(losses["perm_rgb"] + losses["perm_ir"], losses["pcc"],
+                                                     getattr(body, name).parameters())
+        stats.update({f"grad_cos_{name}": cos, f"grad_norm_perm_{name}": n_perm, f"grad_norm_pcc_{name}": n_pcc})
+    return stats
 
 
 @torch.no_grad()
@@ -251,6 +300,8 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
     was_training = net.training
     net.eval()
     logits, perms = [], []
+    probe = {"stripe_pool": [], "stripes": []}
+    branch = net.local_conv_list is not None
     stats = {}
     for modal, m in ((1, "rgb"), (2, "ir")):
         imgs, p_all = getattr(heldout, m), torch.from_numpy(getattr(heldout, f"{m}_perms"))
@@ -259,7 +310,13 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
             p = p_all[i:i + batch].to(device)
             x = aug(torch.from_numpy(imgs[i:i + batch]).to(device), train=False, perms=p)
             with utils.autocast(device, amp_dtype):
-                out.append(net(x, x, modal=modal, pcc=False)["perm_logits"].float())
+                # the PCC probe only in shuffled order: in original order row j IS part j
+                res = net(x, x, modal=modal, pcc=branch and args.diag and args.pcc_order == "shuffled",
+                          features=args.diag)
+            out.append(res["perm_logits"].float())
+            for key in probe:
+                if key in res:
+                    probe[key].append(res[key].float().cpu().numpy())
         out = torch.cat(out)
         utils.check_finite(out.cpu().numpy(), f"held-out permutation logits of the {m.upper()} images", net)
         acc, stripe = perm_accuracy(out, p_all, n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
@@ -271,6 +328,12 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
         logits, perms, n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
     soft = gumbel_sinkhorn(logits, args.sinkhorn_iters, args.sinkhorn_temp, training=False)
     stats["val_perm_mse"] = perm_mse_loss(soft, perm_matrix(perms)).item()
+    if args.diag:
+        # labels: which original stripe each (shuffled) row shows
+        groups = diagnostics.identity_groups(heldout.rgb_paths + heldout.ir_paths)
+        for key, name in (("stripe_pool", "val_probe_backbone"), ("stripes", "val_probe_pcc")):
+            if probe[key]:
+                stats[name] = diagnostics.stripe_probe(np.concatenate(probe[key]), perms.cpu().numpy(), groups)
     net.train(was_training)
     return stats
 
@@ -330,7 +393,7 @@ def main(args):
     # the stripe branch exists only when PCC trains it (an unused branch would break DDP)
     net = MMGLNet(args.arch, args.stream, num_stripe=args.num_stripe, part=args.pcc,
                   pretrained=args.pretrained or None, perm_feat=args.perm_feat,
-                  perm_bn=args.perm_bn).to(device)
+                  perm_bn=args.perm_bn, pcc_head=args.pcc_head, local_branch=args.local_branch).to(device)
     channels_last = args.channels_last
     if channels_last:  # NHWC: tensor-core kernels on a GPU; on the CPU as fast or faster too
         net = net.to(memory_format=torch.channels_last)
@@ -374,6 +437,14 @@ def main(args):
                 held = (f"held-out perm_acc {val['val_perm_acc']:.2%} (RGB {val['val_perm_acc_rgb']:.2%}, "
                         f"IR {val['val_perm_acc_ir']:.2%}) stripe_acc {val['val_stripe_acc']:.2%} "
                         f"mse {val['val_perm_mse']:.4f}; " if val else "")
+                probes = [f"{k[10:]} {val[k]:.1%}" for k in ("val_probe_backbone", "val_probe_pcc")
+                          if val.get(k) is not None]
+                if probes:
+                    held += f"stripe probe {', '.join(probes)}; "
+                if "grad_cos_layer4" in stats:
+                    held += f"grad cos(perm, pcc) layer4 {stats['grad_cos_layer4']:+.3f}; "
+                    log.scalars(state["global_step"], {k: v for k, v in stats.items() if k.startswith("grad_")},
+                                prefix="diag/")
                 print(f"Epoch {epoch} done in {utils.format_time(time.time() - t0)}; {held}"
                       f"training-batch perm_acc {stats['perm_acc']:.2%}; saved {', '.join(saved + [str(last_path)])}")
             utils.barrier()

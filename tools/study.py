@@ -25,6 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import REPO_ROOT, ArgumentParser, UserError, cli  # noqa: E402
 
@@ -46,10 +48,35 @@ PRETRAIN = {
     "gap_k6_pcc_detach": (["--pcc_detach_pool"], "GAP, K=6, PCC with constant neighbour pools"),
     "gap_k6_pcc_permbn": (["--perm_bn"], "GAP + BN, K=6, PCC"),
     "gap_k6_pcc_mse_matrix": (["--perm_reduction", "matrix"], "GAP, K=6, PCC, MSE summed per matrix"),
+    # the screen of PCC readings on the fast diagnostic (stripes head, K=6, PCC at 0.5)
+    "stripes_k6_cw0": (["--perm_feat", "stripes", "--cl_weight", "0"], "stripes, PCC branch built, weight 0 (control)"),
+    "stripes_k6_mlp": (["--perm_feat", "stripes", "--pcc_head", "mlp"], "stripes, PCC through an MLP head"),
+    "stripes_k6_mutual": (["--perm_feat", "stripes", "--pcc_form", "mutual"],
+                          "stripes, PCC mutual-NN real-stripe positives"),
+    "stripes_k6_mutual_part_orig": (["--perm_feat", "stripes", "--pcc_form", "mutual", "--pcc_pool", "part",
+                                     "--pcc_order", "original"],
+                                    "stripes, PCC mutual-NN positives of the same body part"),
+    "stripes_k6_part_orig": (["--perm_feat", "stripes", "--pcc_pool", "part", "--pcc_order", "original"],
+                             "stripes, PCC within body part"),
+    "stripes_k6_part_orig_mlp": (["--perm_feat", "stripes", "--pcc_pool", "part", "--pcc_order", "original",
+                                  "--pcc_head", "mlp"], "stripes, PCC within body part, MLP head"),
+    "stripes_k6_separate": (["--perm_feat", "stripes", "--local_branch", "separate"],
+                            "stripes, PCC on its own copy of layer4"),
+    "stripes_k6_mse_matrix": (["--perm_feat", "stripes", "--perm_reduction", "matrix"],
+                              "stripes, PCC, permutation MSE summed per matrix"),
+    "stripes_k6_mutual_part_orig_mse_matrix": (["--perm_feat", "stripes", "--pcc_form", "mutual", "--pcc_pool",
+                                                "part", "--pcc_order", "original", "--perm_reduction", "matrix"],
+                                               "stripes, PCC mutual-NN same-part positives, MSE summed per matrix"),
+    "stripes_k6_start10": (["--perm_feat", "stripes", "--pcc_start_epoch", "10"],
+                           "stripes, PCC switched on at epoch 10"),
+    "stripes_k6_ramp10": (["--perm_feat", "stripes", "--pcc_ramp_epochs", "10"],
+                          "stripes, PCC weight ramped 0 -> 0.5 over 10 epochs"),
 }
 DEFAULT_CONFIGS = "gap_k6_pcc,gap_k6_nopcc,stripes_k6_pcc,stripes_k6_nopcc,gap_k3_pcc"
 READINGS = ("gap_k6_pcc,gap_k6_nopcc,gap_k6_pcc_cw0,gap_k6_pcc_cw0.05,gap_k6_pcc_cycle,gap_k6_pcc_part_orig,"
             "gap_k6_pcc_detach,gap_k6_pcc_mse_matrix")
+SCREEN = ("stripes_k6_nopcc,stripes_k6_cw0,stripes_k6_pcc,stripes_k6_mlp,stripes_k6_mutual,stripes_k6_mutual_part_orig,"
+          "stripes_k6_part_orig,stripes_k6_part_orig_mlp,stripes_k6_separate,stripes_k6_start10,stripes_k6_ramp10")
 SIZE = ["--img_h", "96", "--img_w", "48"]
 
 
@@ -63,7 +90,8 @@ def get_args_parser():
     p.add_argument("--batch-size", dest="batch_size", default=16, type=int,
                    help="pre-training images per modality per step")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="pre-training configurations to run, or "
-                   "'readings' for the screen of loss-balance readings (known: " + ", ".join(PRETRAIN) + ")")
+                   "'readings' for the first screen of loss-balance readings, 'screen' for the screen of PCC "
+                   "readings on the stripes head (known: " + ", ".join(PRETRAIN) + ")")
     p.add_argument("--ft_epochs", default=10, type=int, help="AGW/DDAG fine-tuning epochs")
     p.add_argument("--seeds", default=3, type=int, help="AGW seeds per initialisation")
     p.add_argument("--ddag_seeds", default=1, type=int, help="DDAG seeds per initialisation (0: skip)")
@@ -184,7 +212,6 @@ def feature_scale(ckpts, data, batches=4):
     modalities, different ids), and the triplet losses on them: the authors' WRT, WRT with
     stable weights, batch-hard with margin 0.3. -> {name: {...}, ..., 'random': {...}}."""
     import importlib.util
-    import numpy as np
     import torch
     import torch.nn.functional as F
     import utils
@@ -229,7 +256,6 @@ def feature_scale(ckpts, data, batches=4):
 
 # ----------------------------------------------------------------------------- reporting
 def _mean_std(xs):
-    import numpy as np
     xs = np.asarray(xs, dtype=float)
     return f"{100 * xs.mean():.1f} ± {100 * xs.std(ddof=1) if len(xs) > 1 else 0:.1f}"
 
@@ -280,6 +306,77 @@ def plot(pre, out):
     plt.close(fig)
 
 
+def _at(log, key, i):
+    v = log[i].get(key) if len(log) > abs(i) else None
+    return "–" if v is None else f"{100 * v:.0f}%"
+
+
+def diagnostics_table(pre):
+    """Rows of the mechanism table from runs that logged train.py --diag (the probes and the
+    gradient cosine/norms); [] when none did."""
+    rows = []
+    for name, r in pre.items():
+        log = [x for x in r["log"] if "val_probe_backbone" in x]
+        if not log:
+            continue
+        cos = [x["grad_cos_layer4"] for x in log if "grad_cos_layer4" in x]
+        ratio = [x["grad_norm_pcc_layer4"] / max(x["grad_norm_perm_layer4"], 1e-12) for x in log
+                 if x.get("grad_norm_pcc_layer4")]
+        ratio3 = [x["grad_norm_pcc_layer3"] / max(x["grad_norm_perm_layer3"], 1e-12) for x in log
+                  if x.get("grad_norm_pcc_layer3")]
+        med = lambda xs, f: f.format(float(np.median(xs))) if xs else "–"   # noqa: E731
+        rows.append(f"| {PRETRAIN[name][1]} | {_at(log, 'val_probe_backbone', 0)} -> {_at(log, 'val_probe_backbone', 9)} "
+                    f"-> {_at(log, 'val_probe_backbone', -1)} | {_at(log, 'val_probe_pcc', 0)} -> "
+                    f"{_at(log, 'val_probe_pcc', -1)} | {med(cos, '{:+.3f}')} | {med(ratio, '{:.0f}')} | "
+                    f"{med(ratio3, '{:.0f}')} |")
+    if not rows:
+        return []
+    return ["## Mechanism diagnostics", "",
+            "Linear probes (logistic regression, `diagnostics.py`) predicting which ORIGINAL stripe each "
+            "shuffled stripe of a held-out image shows, trained on half of the held-out identities and "
+            "scored on the other half (chance 1/6): from the backbone's stripe-pooled features and from "
+            "the PCC embeddings (shuffled order only), after epoch 1 -> 10 -> the last. Gradients: on "
+            "the last training batch of every epoch, the cosine between the permutation loss's and the "
+            "(unweighted) PCC loss's gradients on layer4, and the ratio of their norms on layer4 and "
+            "layer3 (median over epochs).", "",
+            "| configuration | probe, backbone | probe, PCC embedding | grad cosine layer4 | "
+            "\\|g_PCC\\| / \\|g_perm\\| layer4 | same, layer3 |", "|---|---|---|---|---|---|"] + rows + [""]
+
+
+def plot_diagnostics(pre, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {n: [x for x in r["log"] if "val_probe_backbone" in x] for n, r in pre.items()}
+    runs = {n: log for n, log in runs.items() if log}
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for i, (name, log) in enumerate(runs.items()):
+        style = dict(marker=".", label=PRETRAIN[name][1], color=f"C{i % 10}", ls="-" if i < 10 else "--")
+        steps = [x["step"] for x in log]
+        axes[0].plot(steps, [100 * x["val_probe_backbone"] for x in log], **style)
+        pcc = [(x["step"], 100 * x["val_probe_pcc"]) for x in log if x.get("val_probe_pcc") is not None]
+        if pcc:
+            axes[1].plot(*zip(*pcc), **style)
+        g = [x for x in log if x.get("grad_norm_pcc_layer4")]
+        if g:
+            axes[2].plot([x["step"] for x in g], [x["grad_cos_layer4"] for x in g], **style)
+            axes[3].plot([x["step"] for x in g], [x["grad_norm_pcc_layer4"] / max(x["grad_norm_perm_layer4"], 1e-12)
+                                                  for x in g], **style)
+    for ax, title in zip(axes, ("probe: original stripe from backbone stripe features (%)",
+                                "probe: original stripe from PCC embeddings (%)",
+                                "cosine(grad perm, grad PCC), layer4", "|grad PCC| / |grad perm|, layer4")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[3].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "diagnostics.png", dpi=80)
+    plt.close(fig)
+
+
 def report(out, pre, chosen, args):
     lines = ["# MMGL study on synthetic SYSU-MM01", "",
              f"`python tools/study.py --out {args.out} --num_ids {args.num_ids} --epochs {args.epochs} "
@@ -308,6 +405,9 @@ def report(out, pre, chosen, args):
               "set is test-split identities only, each image with a fixed permutation; no augmentation, "
               "no Gumbel noise; a uniform output's noise-free MSE is 0.139 at K=6.",
               "", "![pre-training curves](pretrain_curves.png)", ""]
+    diag = diagnostics_table(pre)
+    if diag:
+        lines += diag + ["![diagnostics](diagnostics.png)", ""]
     rows = finetune_table(out, "agw", "FC") + finetune_table(out, "ddag", "FC_att")
     if chosen and rows:
         acc = [x for x in pre[chosen]["log"] if "val_perm_acc" in x][-1]["val_perm_acc"]
@@ -339,8 +439,7 @@ def report(out, pre, chosen, args):
 def main(args):
     out = Path(args.out)
     out = out if out.is_absolute() else REPO_ROOT / out
-    if args.configs == "readings":
-        args.configs = READINGS
+    args.configs = {"readings": READINGS, "screen": SCREEN}.get(args.configs, args.configs)
     for name in args.configs.split(","):
         if name not in PRETRAIN:
             raise UserError(f"--configs: unknown configuration {name!r} (python tools/study.py --help lists them)")
@@ -364,6 +463,7 @@ def main(args):
         wait(rest)
     pre = pretrain_results(out, args)
     plot(pre, out)
+    plot_diagnostics(pre, out)
     report(out, pre, chosen, args)
 
 

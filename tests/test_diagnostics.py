@@ -1,0 +1,163 @@
+"""The PCC readings added to find out why PCC blocked the permutation task (mutual-NN
+positives, the MLP projection head, the separate local branch, the weight schedule) and
+the diagnostics that measure it (stripe probes, gradient cosine)."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SMALL_H, SMALL_W
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import diagnostics  # noqa: E402
+from loss import pcc_loss  # noqa: E402
+from model import MMGLNet, TwoStreamBackbone, load_backbone  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- probes
+def test_stripe_probe_reads_a_linear_code_and_not_noise():
+    rng = np.random.default_rng(0)
+    n, k, d = 120, 6, 32
+    labels = np.stack([rng.permutation(k) for _ in range(n)])
+    groups = np.repeat(np.arange(30), 4)
+    code = rng.normal(size=(k, d))
+    feats = code[labels] + 0.3 * rng.normal(size=(n, k, d))
+    assert diagnostics.stripe_probe(feats, labels, groups) > 0.95
+    noise = rng.normal(size=(n, k, d))
+    assert diagnostics.stripe_probe(noise, labels, groups) < 0.35   # chance 1/6
+    assert diagnostics.stripe_probe(feats, labels, np.zeros(n)) is None   # one identity: no split
+
+
+def test_stripe_probe_splits_by_identity():
+    """Features that only name the identity (and, per identity, a fixed shuffle) are
+    memorised by a probe that sees that identity, but an identity split cannot use them."""
+    rng = np.random.default_rng(1)
+    n_id, per, k = 20, 6, 6
+    groups = np.repeat(np.arange(n_id), per)
+    id_perm = np.stack([rng.permutation(k) for _ in range(n_id)])
+    labels = id_perm[groups]
+    id_code = rng.normal(size=(n_id, 16))
+    feats = np.repeat(id_code[groups][:, None, :], k, 1) + np.eye(k)[None, :, :].repeat(16 // k + 1, 2)[..., :16]
+    assert diagnostics.stripe_probe(feats, labels, groups) < 0.45
+
+
+def test_identity_groups_from_folders():
+    paths = ["/d/cam3/0007/0001.jpg", "/d/cam6/0007/0002.jpg", "/d/cam1/0011/0001.jpg"]
+    assert list(diagnostics.identity_groups(paths)) == ["0007", "0007", "0011"]
+
+
+def test_grad_cosine_signs_and_norms():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    a = (w * torch.tensor([1.0, 0.0])).sum()
+    cos, na, nb = diagnostics.grad_cosine(a, 2 * a, [w])
+    assert cos == pytest.approx(1.0) and na == pytest.approx(1.0) and nb == pytest.approx(2.0)
+    cos, _, _ = diagnostics.grad_cosine(a, -a, [w])
+    assert cos == pytest.approx(-1.0)
+    cos, _, _ = diagnostics.grad_cosine(a, (w * torch.tensor([0.0, 3.0])).sum(), [w])
+    assert cos == pytest.approx(0.0)
+    other = torch.nn.Parameter(torch.ones(1))
+    assert diagnostics.grad_cosine(a, (other * 2).sum(), [w]) == (0.0, pytest.approx(1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------- mutual-NN PCC
+def test_pcc_mutual_hand_case():
+    """Two RGB and two IR images, K=1: RGB0 <-> IR1 and RGB1 <-> IR0 are mutual nearest
+    neighbours, so each RGB stripe's positive is that IR stripe, against the other IR stripe."""
+    e = torch.eye(4)
+    rgb = torch.stack([e[0], e[1]])[:, None]
+    ir = F.normalize(torch.stack([e[1] + 0.1 * e[2], e[0] + 0.1 * e[3]]), dim=-1)[:, None]
+    t = 0.5
+    sim = rgb[:, 0] @ ir[:, 0].t()
+    want_rgb = F.cross_entropy(sim / t, torch.tensor([1, 0]))
+    want_ir = F.cross_entropy(sim.t() / t, torch.tensor([1, 0]))
+    assert pcc_loss(rgb, ir, t, form="mutual").item() == pytest.approx(0.5 * (want_rgb + want_ir).item(), rel=1e-5)
+
+
+def test_pcc_mutual_only_cycle_consistent_queries_count():
+    """RGB0 and RGB1 both find IR0 nearest; IR0 finds RGB0 back, so RGB1 has no positive and
+    contributes nothing; with no mutual pair at all the loss is exactly 0."""
+    rgb = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.3]]), dim=-1)[:, None]
+    ir = F.normalize(torch.tensor([[1.0, 0.05], [-1.0, 0.2]]), dim=-1)[:, None]
+    t = 0.2
+    sim = rgb[:, 0] @ ir[:, 0].t()
+    rgb_term = F.cross_entropy(sim[:1] / t, torch.tensor([0]))          # only RGB0 is matched back
+    # IR0 -> RGB0 and RGB0 -> IR0: mutual; IR1 -> RGB1 (nearer of two), RGB1 -> IR0: not
+    ir_term = F.cross_entropy(sim.t()[:1] / t, torch.tensor([0]))
+    assert pcc_loss(rgb, ir, t, form="mutual").item() == pytest.approx(0.5 * (rgb_term + ir_term).item(), rel=1e-5)
+
+
+def test_pcc_mutual_part_matches_within_the_part_but_contrasts_all():
+    """pool='part': the positive of stripe k is searched among stripes k of the other
+    modality, while every stripe of the other modality is a negative; gradients flow."""
+    torch.manual_seed(0)
+    rgb = F.normalize(torch.randn(3, 4, 8), dim=-1).requires_grad_()
+    ir = F.normalize(torch.randn(5, 4, 8), dim=-1).requires_grad_()
+    loss = pcc_loss(rgb, ir, 0.1, form="mutual", pool="part")
+    loss.backward()
+    assert rgb.grad.abs().sum() > 0 and ir.grad.abs().sum() > 0
+    # reference: the same loss written out for the RGB queries, hard matches by loops
+    q, o = rgb.detach().reshape(-1, 8), ir.detach().reshape(-1, 8)
+    terms = []
+    for i in range(len(q)):
+        k = i % 4
+        cand = [j for j in range(len(o)) if j % 4 == k]
+        v = max(cand, key=lambda j: float(q[i] @ o[j]))
+        back = max((r for r in range(len(q)) if r % 4 == k), key=lambda r: float(o[v] @ q[r]))
+        if back == i:
+            terms.append(F.cross_entropy((q[i] @ o.t())[None] / 0.1, torch.tensor([v])))
+    from loss import _mutual_nce
+    assert _mutual_nce(rgb.detach(), rgb.detach(), ir.detach(), 0.1, pool="part").item() == \
+        pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- network readings
+def test_mlp_head_and_separate_branch_keys_shapes_and_gradients():
+    torch.manual_seed(0)
+    net = MMGLNet("resnet18", "two", num_stripe=6, pcc_head="mlp", local_branch="separate")
+    heads = [k for k in net.state_dict() if not k.startswith(TwoStreamBackbone.BACKBONE_PREFIXES)]
+    assert all(k.startswith(MMGLNet.HEAD_PREFIXES) for k in heads)
+    assert any(k.startswith("pcc_mlp.") for k in heads) and any(k.startswith("local_layer4.") for k in heads)
+    x = torch.randn(4, 3, SMALL_H, SMALL_W)
+    out = net(x, x, features=True)
+    assert out["stripes"].shape == (8, 6, 128) and out["stripe_pool"].shape == (8, 6, 512)
+    assert torch.allclose(out["stripes"].norm(dim=-1), torch.ones(8, 6))
+    # PCC's gradient reaches its own layer4 copy and layer3, never the shared layer4
+    out["stripes"].sum().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.base_resnet.base.layer4.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.local_layer4.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.base_resnet.base.layer3.parameters())
+    # the fine-tuning backbone takes the shared layer4, not the stripe branch's copy
+    back = TwoStreamBackbone("resnet18", "two")
+    load_backbone(back, net.state_dict(), log=lambda *a: None)
+    sd = net.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_pcc_weight_schedule():
+    from train import get_args_parser, pcc_weight
+    p = get_args_parser()
+    a = p.parse_args(["--pcc_start_epoch", "3", "--pcc_ramp_epochs", "4"])
+    assert [pcc_weight(e, a) for e in range(8)] == [0, 0, 0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    assert [pcc_weight(e, p.parse_args([])) for e in range(3)] == [0.5] * 3
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
+    from test_pretrain import TINY, run_train
+    res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "2", "--iters_per_epoch", "2",
+                    "--perm_feat", "stripes", "--pcc_form", "mutual", "--pcc_head", "mlp", "--pcc_start_epoch", "1",
+                    "--val_images", "40")
+    log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
+    assert [r["pcc_weight"] for r in log] == [0.0, 0.5]
+    for r in log:
+        assert 0 <= r["val_probe_backbone"] <= 1 and 0 <= r["val_probe_pcc"] <= 1
+        assert -1 <= r["grad_cos_layer4"] <= 1 and r["grad_norm_perm_layer4"] > 0 and r["grad_norm_pcc_layer3"] > 0
+    assert "stripe probe backbone" in res.stdout and "grad cos(perm, pcc)" in res.stdout
+    assert "_pcc_mutual_mlp_start1" in next((tmp_path / "log").glob("*.jsonl")).name
