@@ -92,7 +92,7 @@ class SYSUData(TrainData):
         data_path = Path(data_path)
         if not data_path.is_dir():
             raise UserError(f"dataset folder not found: {data_path} (expected {self.LAYOUT[title]}; "
-                            f"see README 'Datasets')")
+                            f"see docs/DATASETS.md)")
         cmd = self.preprocess_cmd = "python pre_process_sysu.py" + (" --dataset llcm" if title == "LLCM" else "")
         arrays = {}
         for key in SYSU_NPY:
@@ -120,7 +120,7 @@ class RegDBData(TrainData):
         data_path = Path(data_path)
         if not data_path.is_dir():
             raise UserError(f"dataset folder not found: {data_path} (expected RegDB with "
-                            f"Visible/, Thermal/ and idx/; see README 'Datasets')")
+                            f"Visible/, Thermal/ and idx/; see docs/DATASETS.md)")
         rgb_paths, self.rgb_label = read_regdb_train(data_path, trial, "visible")
         ir_paths, self.ir_label = read_regdb_train(data_path, trial, "thermal")
         self.rgb_img = load_images(rgb_paths, img_w=img_w, img_h=img_h, workers=workers)

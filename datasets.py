@@ -175,7 +175,7 @@ class LLCM(Benchmark):
     infrared to visible with --tvsearch. Their evaluator drops gallery items of the query's
     id AND camera, and scores visible to infrared with the roles swapped (each drawn
     near-infrared image ranks all visible queries); we score it the same way so the numbers
-    compare with theirs (README 'LLCM')."""
+    compare with theirs (docs/EVALUATION.md, LLCM)."""
     name, title, default_path = "llcm", "LLCM", "data/LLCM"
 
     def train_data(self, args):

@@ -1,4 +1,4 @@
-"""SYSU-MM01, RegDB and LLCM evaluation (README 'Evaluation protocol'): CMC, mAP and mINP,
+"""SYSU-MM01, RegDB and LLCM evaluation (docs/EVALUATION.md): CMC, mAP and mINP,
 vectorised.
 
 Semantics are those of the widely used AGW/DDAG evaluation (see ``eval_sysu``);

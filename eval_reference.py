@@ -1,4 +1,4 @@
-"""The readable definition of the SYSU / RegDB evaluation (README 'Evaluation protocol'): the
+"""The readable definition of the SYSU / RegDB evaluation (docs/EVALUATION.md): the
 per-query reference that the vectorised eval_metrics.py must equal.
 
 This is deliberately the slow, obviously-correct shape of the widely used

@@ -14,7 +14,7 @@ MMGL pre-training (Wan et al., TIFS 2023, §III):
 * Local granularity -- part-aware cycle-contrastive (PCC) loss on the K stripe
   embeddings (:func:`pcc_loss`).
 
-ReID losses shared by AGW and DDAG fine-tuning (README 'AGW fine-tuning'): :func:`pdist`,
+ReID losses shared by AGW and DDAG fine-tuning (docs/FINETUNE.md): :func:`pdist`,
 :class:`TripletLoss` (batch-hard) and :class:`TripletLoss_WRT` (weighted regularisation
 triplet, default = the authors' published numerics).
 

@@ -251,7 +251,7 @@ class TwoStreamBackbone(nn.Module):
 
 # ============================================================================ MMGL network
 class MMGLNet(TwoStreamBackbone):
-    """MMGL pre-training network (paper §III, README 'MMGL pre-training'): backbone + permutation head + PCC projections.
+    """MMGL pre-training network (paper §III, docs/PRETRAIN.md): backbone + permutation head + PCC projections.
 
     * Global granularity: GAP(F) -> ``fc1`` (Linear out_dim->hidden_dim, ReLU) -> ``fc2``
       (Linear hidden_dim->K*K) -> logits [N, K, K]; row i = shuffled position i,

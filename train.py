@@ -120,6 +120,16 @@ def check_args(args):
 
 # the flags that decide the network's tensors (a _last.pth resumes only with the same ones)
 NETWORK_FLAGS = ("arch", "stream", "num_stripe", "perm_feat", "perm_bn", "pcc", "part", "pcc_head", "local_branch")
+# the flags that decide the losses' reading: a run continues only under the reading it began with
+READING_FLAGS = ("pcc_form", "pcc_pool", "pcc_order", "pcc_detach_pool", "perm_reduction")
+
+
+def check_same_reading(path, saved, args):
+    differ = [k for k in READING_FLAGS if k in saved and saved[k] != getattr(args, k)]
+    if differ:
+        raise UserError(f"{path} was written with " + ", ".join(f"--{k} {saved[k]}" for k in differ)
+                        + " (this run: " + ", ".join(f"--{k} {getattr(args, k)}" for k in differ)
+                        + "); pass the same flags to continue it")
 
 
 def run_name(args):
@@ -410,6 +420,7 @@ def main(args):
     if resume_path:
         ckpt = runstate.load_last(resume_path, utils.load_checkpoint(resume_path, trust=args.trust_checkpoint),
                                   "pretrain", net, optimizer, scaler, args=args, network_flags=NETWORK_FLAGS)
+        check_same_reading(resume_path, ckpt.get("args") or {}, args)
         scheduler.load_state_dict(ckpt["state"]["scheduler"])
         state.update(global_step=ckpt["state"]["global_step"], start_epoch=ckpt["epoch"] + 1,
                      last_ckpt=str(resume_path))

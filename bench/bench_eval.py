@@ -2,7 +2,7 @@
 
     python bench/bench_eval.py [--repeat N] [--dtype float32|float64] [--seed S]
 
-Three real-size cases with realistic ids/cameras (README 'Evaluation protocol') and realistic distances
+Three real-size cases with realistic ids/cameras (docs/EVALUATION.md) and realistic distances
 (``-(q @ g.T)`` of L2-normalised features of noisy identity prototypes, float32 like
 the fine-tuning pipeline's features):
 

@@ -1,4 +1,4 @@
-"""The bad inputs of README's Reliability table: each ends in ONE line 'error: ...' on
+"""The bad inputs of docs/RELIABILITY.md's table: each ends in ONE line 'error: ...' on
 stderr (at most ~200 characters), exit status 2, no traceback. Run as a script
 (``python tests/test_bad_inputs.py DATA_DIR``) it prints the table's Markdown rows from
 the real messages."""
@@ -108,7 +108,7 @@ def test_bad_input_is_one_error_line(what, script, args, needle, files):
     assert not list((files["tmp"] / "log").rglob("*.txt"))
 
 
-if __name__ == "__main__":   # the README table from the real messages
+if __name__ == "__main__":   # the docs/RELIABILITY.md table from the real messages
     data, out = Path(sys.argv[1]), Path(sys.argv[2])
     from tools.make_synthetic import make_sysu
     raw = out / "raw" / "SYSU-MM01"

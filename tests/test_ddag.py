@@ -275,7 +275,7 @@ def test_finetune_learns_far_above_chance(sysu_run, sysu_small):
     best_map = max(float(RESULT_LINE.match(line).group(6)) / 100 for r in results.values() for line in r.values())
     # Rank-1 over 12 test identities moves by a few points between CPUs' float kernels, so
     # its bound is 1.5x chance (12.5%; measured ~21%), and mAP must clear 25% (measured
-    # ~30%; README 'Synthetic-data results')
+    # ~30%; docs/STUDY.md)
     assert best > CHANCE_FACTOR * chance, (best, chance, stdout[-2000:])
     assert best_map > 0.25, (best_map, stdout[-2000:])
     acc = [float(a) for a in re.findall(r"Accu: (\d+\.\d+)", stdout)]

@@ -161,3 +161,15 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
         assert -1 <= r["grad_cos_layer4"] <= 1 and r["grad_norm_perm_layer4"] > 0 and r["grad_norm_pcc_layer3"] > 0
     assert "stripe probe backbone" in res.stdout and "grad cos(perm, pcc)" in res.stdout
     assert "_pcc_mutual_mlp_start1" in next((tmp_path / "log").glob("*.jsonl")).name
+
+
+def test_resume_under_another_pcc_reading_is_one_error_line(sysu_small, tmp_path):
+    from test_pretrain import TINY, run_train
+    run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1", "--iters_per_epoch", "1",
+              "--pcc_form", "cycle", "--val_images", "0")
+    last = next((tmp_path / "sm").glob("*_last.pth"))
+    res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "2", "--iters_per_epoch", "1",
+                    "--pcc_form", "pair", "--val_images", "0", "--resume", str(last), check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "--pcc_form cycle" in err[0] and "this run: --pcc_form pair" in err[0], err

@@ -1,4 +1,4 @@
-"""eval_metrics: SYSU / RegDB CMC, mAP, mINP (README 'Evaluation protocol').
+"""eval_metrics: SYSU / RegDB CMC, mAP, mINP (docs/EVALUATION.md).
 
 Hand-worked cases: every expected number below is derived by hand in the comments,
 never by calling the code. Then a randomised cross-check of the vectorised

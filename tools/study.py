@@ -48,6 +48,8 @@ PRETRAIN = {
     "gap_k6_pcc_detach": (["--pcc_detach_pool"], "GAP, K=6, PCC with constant neighbour pools"),
     "gap_k6_pcc_permbn": (["--perm_bn"], "GAP + BN, K=6, PCC"),
     "gap_k6_pcc_mse_matrix": (["--perm_reduction", "matrix"], "GAP, K=6, PCC, MSE summed per matrix"),
+    "gap_k6_mutual_part_orig": (["--pcc_form", "mutual", "--pcc_pool", "part", "--pcc_order", "original"],
+                                "GAP, K=6, PCC mutual-NN positives of the same body part"),
     # the screen of PCC readings on the fast diagnostic (stripes head, K=6, PCC at 0.5)
     "stripes_k6_cw0": (["--perm_feat", "stripes", "--cl_weight", "0"], "stripes, PCC branch built, weight 0 (control)"),
     "stripes_k6_mlp": (["--perm_feat", "stripes", "--pcc_head", "mlp"], "stripes, PCC through an MLP head"),
@@ -95,6 +97,8 @@ def get_args_parser():
     p.add_argument("--ft_epochs", default=10, type=int, help="AGW/DDAG fine-tuning epochs")
     p.add_argument("--seeds", default=3, type=int, help="AGW seeds per initialisation")
     p.add_argument("--ddag_seeds", default=1, type=int, help="DDAG seeds per initialisation (0: skip)")
+    p.add_argument("--ft_from", default="", help="fine-tune from this configuration's checkpoint (default: "
+                   "the finished K=6 run with the highest held-out permutation accuracy)")
     p.add_argument("--jobs", default=2, type=int, help="runs at once")
     p.add_argument("--threads", default=1, type=int, help="CPU threads per run")
     p.add_argument("--gpu", default="cpu")
@@ -282,6 +286,33 @@ def finetune_table(out, method, feature):
     return rows
 
 
+def finetune_finals(out, method, feature):
+    """{init: {seed: final test entry}} of one method's runs."""
+    res = {}
+    for init in ("mmgl", "random"):
+        for d in sorted((out / method).glob(f"{init}_seed*")):
+            log = read_jsonl(next(iter(d.glob("log/*.jsonl")), d / "none"))
+            tested = [r for r in log if feature in r]
+            if tested:
+                res.setdefault(init, {})[int(d.name.rsplit("seed", 1)[1])] = tested[-1][feature]
+    return res
+
+
+def paired_rows(out, method, feature):
+    """MMGL minus random init, seed by seed (same seed = same identity batches and head
+    initialisation): mean difference ± its standard error (std / sqrt(n))."""
+    finals = finetune_finals(out, method, feature)
+    seeds = sorted(set(finals.get("mmgl", {})) & set(finals.get("random", {})))
+    if not seeds:
+        return []
+    cells = []
+    for key in ("rank1", "mAP"):
+        d = np.array([finals["mmgl"][s][key] - finals["random"][s][key] for s in seeds]) * 100
+        se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+        cells.append(f"{d.mean():+.1f} ± {se:.1f} ({', '.join(f'{x:+.1f}' for x in d)})")
+    return [f"| {method.upper()} | {len(seeds)} | {cells[0]} | {cells[1]} |"]
+
+
 def plot(pre, out):
     import matplotlib
     matplotlib.use("Agg")
@@ -420,6 +451,11 @@ def report(out, pre, chosen, args):
                   "| method | init | seeds | Rank-1 % | mAP % | first-step ID loss | first-step triplet "
                   "loss | first-step feature norm / pairwise distance |", "|---|---|---|---|---|---|---|---|"]
         lines += rows
+        paired = paired_rows(out, "agw", "FC") + paired_rows(out, "ddag", "FC_att")
+        if paired:
+            lines += ["", "Paired by seed (MMGL minus random init; mean ± standard error over seeds, "
+                      "per-seed differences in brackets, percentage points):", "",
+                      "| method | seeds | Rank-1 difference | mAP difference |", "|---|---|---|---|"] + paired
         # the chosen checkpoint, every other finished K=6 one, and random weights
         ckpts = {n: r["ckpt"] for n, r in pre.items() if r["ckpt"] and "_k6_" in n}
         scale = feature_scale(ckpts, out / "data" / "SYSU-MM01")
@@ -440,7 +476,7 @@ def main(args):
     out = Path(args.out)
     out = out if out.is_absolute() else REPO_ROOT / out
     args.configs = {"readings": READINGS, "screen": SCREEN}.get(args.configs, args.configs)
-    for name in args.configs.split(","):
+    for name in args.configs.split(",") + ([args.ft_from] if args.ft_from else []):
         if name not in PRETRAIN:
             raise UserError(f"--configs: unknown configuration {name!r} (python tools/study.py --help lists them)")
     data = prepare_data(out, args)
@@ -455,7 +491,9 @@ def main(args):
         pre = pretrain_results(out, args)
         # the MMGL init: the finished K=6 run with the highest final held-out permutation accuracy
         scored = [(r["log"][-1].get("val_perm_acc", 0), n) for n, r in pre.items() if r["ckpt"] and n in k6]
-        chosen = max(scored)[1] if scored else None
+        chosen = args.ft_from or (max(scored)[1] if scored else None)
+        if chosen and not (chosen in pre and pre[chosen]["ckpt"]):
+            raise UserError(f"--ft_from {chosen}: that configuration has no finished checkpoint under {out}")
         if chosen and (args.seeds or args.ddag_seeds):
             jobs = finetune_jobs(out, data, pre[chosen]["ckpt"], args)
             print(f"==> fine-tuning from {chosen}: {len(jobs)} run(s) to do", flush=True)
