@@ -3,8 +3,14 @@ its losses, MMGL checkpoints initialise the backbone, bad --resume files fail cl
 short fine-tune clearly beats chance and the untrained network, test.py reproduces what
 training printed, RegDB runs in both search directions, a killed run resumes exactly from
 its <run>_last.pth, and a NaN loss stops the run without saving."""
+import json
 import re
+import socket
+import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -434,3 +440,50 @@ def test_warmup_longer_than_the_run_warns(sysu_small, capsys):
     assert "warning: --warmup_epochs 10 > --epochs 3" in capsys.readouterr().out
     pretrain.check_args(pretrain.get_args_parser().parse_args(["--epochs", "30"]))
     assert "warning" not in capsys.readouterr().out
+
+# ----------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_serves_both_stages_scalars(sysu_run, sysu_small, tmp_path):
+    """The viewer requirements.txt installs opens both stages' runs: started on a tiny
+    pre-training's and the AGW run's logs (loopback, a free port, stopped at the end), its
+    HTTP API lists the scalars a user looks for, with values."""
+    agw_tmp, _ = sysu_run
+    run_script(ROOT / "train.py", "--data_path", sysu_small, "--arch", "resnet18", "--img_h", "96", "--img_w", "48",
+               "--gpu", "cpu", "--workers", "0", "--batch-size", "8", "--epochs", "2", "--iters_per_epoch", "2",
+               "--print_freq", "1", "--warmup_epochs", "1", "--val_images", "20", "--model_path", tmp_path / "sm",
+               "--log_path", tmp_path / "log", "--vis_log_path", tmp_path / "vis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = f"mmgl:{tmp_path / 'vis'},agw:{agw_tmp / 'log' / 'vis'}"
+    tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir_spec", spec, "--host", "127.0.0.1",
+                           "--port", str(port), "--reload_interval", "1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    want = {"mmgl": {"train/perm_rgb", "train/perm_ir", "train/pcc", "val/perm_acc", "val/stripe_acc"},
+            "agw": {"total_loss", "id_loss", "tri_loss", "rank1", "mAP"}}
+
+    def get(path, **query):
+        url = f"http://127.0.0.1:{port}{path}" + ("?" + urllib.parse.urlencode(query) if query else "")
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())
+    try:
+        tags, deadline = {}, time.time() + 120
+        while time.time() < deadline:
+            try:
+                tags = get("/data/plugin/scalars/tags")
+                found = {stage: {t for run, ts in tags.items() if run.startswith(stage) for t in ts}
+                         for stage in want}
+                if all(want[s] <= found[s] for s in want):
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        found = {stage: {t for run, ts in tags.items() if run.startswith(stage) for t in ts} for stage in want}
+        assert all(want[s] <= found[s] for s in want), (want, tags)
+        for run, ts in tags.items():
+            for tag in want["mmgl" if run.startswith("mmgl") else "agw"]:
+                if tag in ts:
+                    points = get("/data/plugin/scalars/scalars", run=run, tag=tag)
+                    assert points and all(len(p) == 3 and p[2] == p[2] for p in points), (run, tag, points)
+    finally:
+        tb.terminate()
+        tb.wait(timeout=30)
