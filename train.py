@@ -379,8 +379,14 @@ def main(args):
     utils.set_seed(args.seed + utils.get_rank(), deterministic=args.deterministic)
     for key in ("model_path", "log_path", "vis_log_path"):
         setattr(args, key, str(utils.resolve_path(getattr(args, key))))
-    # a missing --resume file fails here, before any log or data work
+    # a missing, unreadable or wrong-kind --resume file, or one of another PCC reading,
+    # fails here, before the run header and before any data is read
     resume_path = utils.find_checkpoint(args.resume, args.model_path) if args.resume else None
+    resume_obj = None
+    if resume_path:
+        resume_obj = utils.load_checkpoint(resume_path, trust=args.trust_checkpoint)
+        runstate.check_stage(resume_path, resume_obj, "pretrain")
+        check_same_reading(resume_path, runstate.normalise(resume_obj).get("args") or {}, args)
     name = run_name(args)
     log = runstate.RunLog(args, name)
 
@@ -418,9 +424,8 @@ def main(args):
     last_path = Path(args.model_path) / f"{name}_last.pth"
 
     if resume_path:
-        ckpt = runstate.load_last(resume_path, utils.load_checkpoint(resume_path, trust=args.trust_checkpoint),
-                                  "pretrain", net, optimizer, scaler, args=args, network_flags=NETWORK_FLAGS)
-        check_same_reading(resume_path, ckpt.get("args") or {}, args)
+        ckpt = runstate.load_last(resume_path, resume_obj, "pretrain", net, optimizer, scaler, args=args,
+                                  network_flags=NETWORK_FLAGS)
         scheduler.load_state_dict(ckpt["state"]["scheduler"])
         state.update(global_step=ckpt["state"]["global_step"], start_epoch=ckpt["epoch"] + 1,
                      last_ckpt=str(resume_path))

@@ -173,3 +173,11 @@ def test_resume_under_another_pcc_reading_is_one_error_line(sysu_small, tmp_path
     assert res.returncode == 2, res.stdout + res.stderr
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "--pcc_form cycle" in err[0] and "this run: --pcc_form pair" in err[0], err
+    assert res.stdout == ""   # refused before the run header and before any data is read
+    # a text file given as --resume: the same, before any work
+    notes = tmp_path / "notes.t"
+    notes.write_text("not a checkpoint")
+    res = run_train(tmp_path, "--data_path", str(tmp_path / "nowhere"), *TINY, "--resume", str(notes),
+                    "--trust-checkpoint", check=False)
+    assert res.returncode == 2 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "not a PyTorch checkpoint" in res.stderr

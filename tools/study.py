@@ -50,6 +50,9 @@ PRETRAIN = {
     "gap_k6_pcc_mse_matrix": (["--perm_reduction", "matrix"], "GAP, K=6, PCC, MSE summed per matrix"),
     "gap_k6_mutual_part_orig": (["--pcc_form", "mutual", "--pcc_pool", "part", "--pcc_order", "original"],
                                 "GAP, K=6, PCC mutual-NN positives of the same body part"),
+    "gap_k6_mutual_part_orig_start10": (["--pcc_form", "mutual", "--pcc_pool", "part", "--pcc_order", "original",
+                                         "--pcc_start_epoch", "10"],
+                                        "GAP, K=6, PCC mutual-NN same-part positives, switched on at epoch 10"),
     # the screen of PCC readings on the fast diagnostic (stripes head, K=6, PCC at 0.5)
     "stripes_k6_cw0": (["--perm_feat", "stripes", "--cl_weight", "0"], "stripes, PCC branch built, weight 0 (control)"),
     "stripes_k6_mlp": (["--perm_feat", "stripes", "--pcc_head", "mlp"], "stripes, PCC through an MLP head"),
