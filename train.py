@@ -72,27 +72,37 @@ def get_args_parser():
                    help="PCC loss on the stripe features (--no-pcc for the ablation)")
     g.add_argument("--cl_weight", default=0.5, type=float)
     g.add_argument("--cl_temp", default=0.07, type=float)
-    g.add_argument("--pcc_form", default="pair", help="pair: the cross-modal and the intra-modal soft "
-                   "nearest neighbours of a stripe are the positive pair | cycle: the cross-modal neighbour, "
-                   "matched back into the stripe's own modality, must find the stripe itself | mutual: a real "
-                   "RGB stripe and IR stripe that are each other's nearest neighbour are the positive pair")
+    # The default reading (December 2026; docs/PRETRAIN.md "The paper vs our reading"):
+    # "cycle-consistent RGB-IR patches" of the same body part are the positives (mutual,
+    # part, original), and PCC joins once the permutation features have formed. Our first
+    # reading is --pcc_form pair --pcc_pool all --pcc_order shuffled --pcc_start_acc 0.
+    g.add_argument("--pcc_form", default="mutual", help="mutual: a real RGB stripe and IR stripe that are "
+                   "each other's nearest neighbour (within --pcc_pool) are the positive pair, contrasted "
+                   "against every stripe of the other modality | pair: the cross-modal and the intra-modal "
+                   "soft nearest neighbours of a stripe are the positive pair | cycle: the cross-modal "
+                   "neighbour, matched back into the stripe's own modality, must find the stripe itself")
+    g.add_argument("--pcc_pool", default="part", help="where neighbours are searched: part: only stripes "
+                   "with the same index k (see --pcc_order; pair/cycle also draw their negatives there) "
+                   "| all: every stripe")
+    g.add_argument("--pcc_order", default="original", help="stripe index k is the body part, i.e. the "
+                   "stripes put back in order before local_conv_list[k] (original) or the shuffled row (shuffled)")
+    g.add_argument("--pcc_detach_pool", action="store_true", help="neighbour pools as constants (no "
+                   "gradient through the neighbours, as NNCLR's support set)")
     g.add_argument("--pcc_head", default="linear", help="linear: PCC on the 1x1 stripe projections | mlp: "
                    "through a nonlinear projection head (BN, ReLU, Linear to 128)")
     g.add_argument("--local_branch", default="shared", help="shared: PCC's stripes come from the shared "
                    "last stage | separate: from the stripe branch's own copy of the last ResNet stage")
+    g.add_argument("--pcc_start_acc", default=2.0, type=float, help="PCC's weight is 0 until the held-out "
+                   "stripe accuracy has reached this multiple of chance (1/K) after an epoch, i.e. until the "
+                   "permutation features have formed; 0: PCC from the first epoch")
+    g.add_argument("--pcc_start_epoch", default=0, type=int, help="PCC's weight is 0 before this epoch "
+                   "(with --pcc_start_acc 0)")
     g.add_argument("--pcc_ramp_epochs", default=0, type=int, help="PCC's weight rises linearly from 0 to "
-                   "--cl_weight over this many epochs (after --pcc_start_epoch)")
-    g.add_argument("--pcc_start_epoch", default=0, type=int, help="PCC's weight is 0 before this epoch")
+                   "--cl_weight over this many epochs once it is on")
     g = p.add_argument_group("diagnostics")
     g.add_argument("--diag", default=True, action=argparse.BooleanOptionalAction,
                    help="after every epoch: linear probes of the original stripe index on the held-out "
                         "images and the cosine between the two losses' gradients (diagnostics.py)")
-    g.add_argument("--pcc_pool", default="all", help="neighbour pools: all stripes | part: only stripes "
-                   "with the same index k (see --pcc_order)")
-    g.add_argument("--pcc_detach_pool", action="store_true", help="neighbour pools as constants (no "
-                   "gradient through the neighbours, as NNCLR's support set)")
-    g.add_argument("--pcc_order", default="shuffled", help="stripe index k is the shuffled position "
-                   "(shuffled) or the body part, i.e. the stripes put back in order (original)")
     return p
 
 
@@ -107,7 +117,7 @@ def check_args(args):
     utils.choice_check("--pcc_pool", args.pcc_pool, ("all", "part"))
     utils.choice_check("--pcc_order", args.pcc_order, ("shuffled", "original"))
     utils.check_stripes(args.num_stripe, args.img_h)
-    for name in ("val_images", "iters_per_epoch", "pcc_ramp_epochs", "pcc_start_epoch"):
+    for name in ("val_images", "iters_per_epoch", "pcc_ramp_epochs", "pcc_start_epoch", "pcc_start_acc"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ("batch_size", "sinkhorn_iters", "gumbel_samples"):
@@ -115,7 +125,17 @@ def check_args(args):
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.pcc and not args.part:
         args.pcc = False  # PCC lives on the part branch: --no-part implies --no-pcc
+    if args.pcc and args.pcc_start_acc and (args.dummy or not args.val_images):
+        print(f"warning: {'--dummy' if args.dummy else '--val_images 0'} leaves no held-out set for "
+              f"--pcc_start_acc {args.pcc_start_acc:g}: PCC is on from epoch {args.pcc_start_epoch}")
     return args
+
+
+def pcc_start(args):
+    """The epoch PCC is on from, as far as known before training: --pcc_start_epoch, or None
+    while --pcc_start_acc waits for the held-out stripe accuracy (:func:`pcc_switch`)."""
+    waits = args.pcc and args.pcc_start_acc and not args.dummy and args.val_images
+    return None if waits else args.pcc_start_epoch
 
 
 # the flags that decide the network's tensors (a _last.pth resumes only with the same ones)
@@ -145,11 +165,16 @@ def run_name(args):
         name += "_permbn"
     if args.perm_reduction != "mean":
         name += f"_mse_{args.perm_reduction}"
-    readings = [v for v, d in ((args.pcc_form, "pair"), (args.pcc_pool, "all"), (args.pcc_order, "shuffled"))
-                if v != d]
+    # PCC readings that differ from the defaults, in a fixed order (the default adds nothing)
+    default = get_args_parser().get_default
+    readings = []
+    for flag in ("pcc_form", "pcc_pool", "pcc_order", "pcc_head", "local_branch"):
+        if getattr(args, flag) != default(flag):
+            readings.append(str(getattr(args, flag)))
     if args.pcc_detach_pool:
         readings.append("detach")
-    readings += [v for v, d in ((args.pcc_head, "linear"), (args.local_branch, "shared")) if v != d]
+    if args.pcc_start_acc != default("pcc_start_acc"):
+        readings.append(f"startacc{args.pcc_start_acc:g}")
     if args.pcc_start_epoch:
         readings.append(f"start{args.pcc_start_epoch}")
     if args.pcc_ramp_epochs:
@@ -184,15 +209,33 @@ def lr_at(epoch, args):
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def pcc_weight(epoch, args):
-    """PCC's weight in ``epoch``: --cl_weight (the paper's 0.5), unless a schedule is asked
-    for (our flags; the paper gives none): 0 before --pcc_start_epoch, then a linear ramp
-    over --pcc_ramp_epochs epochs."""
-    if epoch < args.pcc_start_epoch:
+def pcc_weight(epoch, args, pcc_from):
+    """PCC's weight in ``epoch``: --cl_weight (the paper's 0.5) from epoch ``pcc_from`` on
+    (:func:`pcc_start`, :func:`pcc_switch`; None: not yet), 0 before; with --pcc_ramp_epochs
+    a linear ramp up to it. The schedule is our reading: the paper gives none."""
+    if pcc_from is None or epoch < pcc_from:
         return 0.0
     if args.pcc_ramp_epochs:
-        return args.cl_weight * min(1.0, (epoch - args.pcc_start_epoch + 1) / args.pcc_ramp_epochs)
+        return args.cl_weight * min(1.0, (epoch - pcc_from + 1) / args.pcc_ramp_epochs)
     return args.cl_weight
+
+
+def pcc_switch(state, val, epoch, args):
+    """--pcc_start_acc: after an epoch whose held-out stripe accuracy reached the threshold,
+    PCC is on from the next epoch on (decided on rank 0, sent to every rank). Returns a line
+    to print when it switches, else ''."""
+    line = ""
+    if args.pcc and args.pcc_start_acc and state["pcc_from"] is None and val:
+        need = args.pcc_start_acc / args.num_stripe
+        if val["val_stripe_acc"] >= need:
+            state["pcc_from"] = epoch + 1
+            line = (f"PCC on from epoch {epoch + 1}: held-out stripe accuracy {val['val_stripe_acc']:.1%} "
+                    f">= {args.pcc_start_acc:g} x chance ({need:.1%})")
+    if utils.is_distributed():
+        box = [state["pcc_from"]]
+        torch.distributed.broadcast_object_list(box, src=0)
+        state["pcc_from"] = box[0]
+    return line
 
 
 def mmgl_losses(out, perms, args, cl_weight=None):
@@ -233,7 +276,7 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
     n_steps = len(loader) if not args.iters_per_epoch else min(len(loader), args.iters_per_epoch)
     meter = runstate.Meter()
     watch = utils.NonFiniteWatch(device)
-    weight = pcc_weight(epoch, args)
+    weight = pcc_weight(epoch, args, state["pcc_from"])
     t0 = t_print = time.time()
     for step, (rgb, ir, _, _) in enumerate(loader):
         if step >= n_steps:
@@ -419,7 +462,7 @@ def main(args):
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_at(e, args))
     amp_dtype, scaler = utils.amp_setup(args.amp, device)
-    state = {"global_step": 0, "start_epoch": 0, "last_ckpt": None, "amp_dtype": amp_dtype,
+    state = {"global_step": 0, "start_epoch": 0, "last_ckpt": None, "amp_dtype": amp_dtype, "pcc_from": pcc_start(args),
              "memory_format": torch.channels_last if channels_last else torch.contiguous_format}
     last_path = Path(args.model_path) / f"{name}_last.pth"
 
@@ -428,7 +471,7 @@ def main(args):
                                   network_flags=NETWORK_FLAGS)
         scheduler.load_state_dict(ckpt["state"]["scheduler"])
         state.update(global_step=ckpt["state"]["global_step"], start_epoch=ckpt["epoch"] + 1,
-                     last_ckpt=str(resume_path))
+                     last_ckpt=str(resume_path), pcc_from=ckpt["state"].get("pcc_from", pcc_start(args)))
         print(f"resumed {resume_path}: continuing at epoch {state['start_epoch']}")
 
     aug = DeviceAugment(args.img_h, args.img_w, device=device)
@@ -439,15 +482,18 @@ def main(args):
             loader = make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
             stats = train_one_epoch(model, loader, optimizer, scaler, aug, epoch, args, device, log, state)
             scheduler.step()
+            val = {}
             if utils.is_main_process():
                 saved = []
                 if (epoch + 1) % args.save_epoch == 0 or epoch + 1 == args.epochs:
                     saved.append(str(save_epoch_checkpoint(net, args, epoch + 1)))
-                runstate.save_last(last_path, "pretrain", net, optimizer, scaler, epoch, args,
-                                   state={"scheduler": scheduler.state_dict(),
-                                          "global_step": state["global_step"]})
-                state["last_ckpt"] = str(last_path)
                 val = evaluate_perm(net, heldout, aug, args, device, amp_dtype) if heldout else {}
+            switched = pcc_switch(state, val, epoch, args)   # before the save: a resumed run switches alike
+            if utils.is_main_process():
+                runstate.save_last(last_path, "pretrain", net, optimizer, scaler, epoch, args,
+                                   state={"scheduler": scheduler.state_dict(), "global_step": state["global_step"],
+                                          "pcc_from": state["pcc_from"]})
+                state["last_ckpt"] = str(last_path)
                 log.scalars(state["global_step"], {k[4:]: v for k, v in val.items()}, prefix="val/")
                 log.epoch(epoch=epoch, step=state["global_step"], time=time.time() - t0, **stats, **val)
                 held = (f"held-out perm_acc {val['val_perm_acc']:.2%} (RGB {val['val_perm_acc_rgb']:.2%}, "
@@ -463,6 +509,8 @@ def main(args):
                                 prefix="diag/")
                 print(f"Epoch {epoch} done in {utils.format_time(time.time() - t0)}; {held}"
                       f"training-batch perm_acc {stats['perm_acc']:.2%}; saved {', '.join(saved + [str(last_path)])}")
+                if switched:
+                    print(switched)
             utils.barrier()
     finally:
         log.close()

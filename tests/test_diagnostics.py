@@ -141,35 +141,49 @@ def test_mlp_head_and_separate_branch_keys_shapes_and_gradients():
 
 
 def test_pcc_weight_schedule():
-    from train import get_args_parser, pcc_weight
+    from train import get_args_parser, pcc_start, pcc_weight
     p = get_args_parser()
-    a = p.parse_args(["--pcc_start_epoch", "3", "--pcc_ramp_epochs", "4"])
-    assert [pcc_weight(e, a) for e in range(8)] == [0, 0, 0, 0.125, 0.25, 0.375, 0.5, 0.5]
-    assert [pcc_weight(e, p.parse_args([])) for e in range(3)] == [0.5] * 3
+    a = p.parse_args(["--pcc_start_acc", "0", "--pcc_start_epoch", "3", "--pcc_ramp_epochs", "4"])
+    assert [pcc_weight(e, a, pcc_start(a)) for e in range(8)] == [0, 0, 0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    d = p.parse_args([])
+    assert pcc_start(d) is None and [pcc_weight(e, d, None) for e in range(3)] == [0, 0, 0]  # waits
+    assert [pcc_weight(e, d, 1) for e in range(3)] == [0, 0.5, 0.5]
+    assert pcc_start(p.parse_args(["--val_images", "0"])) == 0 and pcc_start(p.parse_args(["--no-pcc"])) == 0
 
 
 # ----------------------------------------------------------------------------- end to end
 def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
     from test_pretrain import TINY, run_train
     res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "2", "--iters_per_epoch", "2",
-                    "--perm_feat", "stripes", "--pcc_form", "mutual", "--pcc_head", "mlp", "--pcc_start_epoch", "1",
-                    "--val_images", "40")
+                    "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40",
+                    "--pcc_order", "shuffled")   # shuffled: the PCC embedding probe runs too
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
     assert [r["pcc_weight"] for r in log] == [0.0, 0.5]
     for r in log:
         assert 0 <= r["val_probe_backbone"] <= 1 and 0 <= r["val_probe_pcc"] <= 1
         assert -1 <= r["grad_cos_layer4"] <= 1 and r["grad_norm_perm_layer4"] > 0 and r["grad_norm_pcc_layer3"] > 0
     assert "stripe probe backbone" in res.stdout and "grad cos(perm, pcc)" in res.stdout
-    assert "_pcc_mutual_mlp_start1" in next((tmp_path / "log").glob("*.jsonl")).name
+    # the switch: any stripe accuracy passes 0.5 x chance, so PCC is on from epoch 1, said once
+    assert res.stdout.count("PCC on from epoch 1: held-out stripe accuracy") == 1
+    assert "_pcc_shuffled_mlp_startacc0.5" in next((tmp_path / "log").glob("*.jsonl")).name
+    # a resumed run keeps the switch (it is in _last.pth), with no second announcement
+    last = next((tmp_path / "sm").glob("*_last.pth"))
+    assert torch.load(last, weights_only=False)["state"]["pcc_from"] == 1
+    res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "3", "--iters_per_epoch", "2",
+                    "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40",
+                    "--pcc_order", "shuffled", "--resume", str(last))
+    log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
+    assert log[-1]["pcc_weight"] == 0.5 and "PCC on from" not in res.stdout
 
 
 def test_resume_under_another_pcc_reading_is_one_error_line(sysu_small, tmp_path):
     from test_pretrain import TINY, run_train
     run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1", "--iters_per_epoch", "1",
-              "--pcc_form", "cycle", "--val_images", "0")
+              "--pcc_form", "cycle", "--val_images", "0", "--pcc_start_acc", "0")
     last = next((tmp_path / "sm").glob("*_last.pth"))
     res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "2", "--iters_per_epoch", "1",
-                    "--pcc_form", "pair", "--val_images", "0", "--resume", str(last), check=False)
+                    "--pcc_form", "pair", "--val_images", "0", "--pcc_start_acc", "0", "--resume", str(last),
+                    check=False)
     assert res.returncode == 2, res.stdout + res.stderr
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "--pcc_form cycle" in err[0] and "this run: --pcc_form pair" in err[0], err

@@ -17,7 +17,10 @@ def test_study_runs_reports_and_resumes(tmp_path):
     assert "==> pre-training: 2 run(s) to do" in res.stdout
     assert "==> fine-tuning from gap_k6_pcc: 2 run(s) to do" in res.stdout
     text = (out / "results.md").read_text()
-    assert "| GAP, K=6, PCC (paper default) | " in text and "| GAP, K=3, PCC | " in text
+    assert "| GAP, K=6, PCC first reading (the paper's configuration) | " in text
+    assert "| GAP, K=3, PCC first reading | " in text
+    assert "## Mechanism diagnostics" in text and (out / "diagnostics.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| AGW | 1 | " in text   # the paired (per-seed) MMGL - random difference
     assert "| AGW | mmgl | 1 | " in text and "| AGW | random | 1 | " in text
     assert "## Feature scale at the first fine-tuning step" in text
     png = (out / "pretrain_curves.png").read_bytes()
