@@ -187,8 +187,8 @@ def test_fine_tune_checkpoint_is_not_resumable(two_stream_run, sysu_small, tmp_p
 def test_permutation_recovery_is_learnt(sysu_small, tmp_path):
     """A short CPU pre-training on synthetic data predicts whole stripe permutations far
     above chance. The CPU budget is ~100 steps, so this run uses --num_stripe 3 (chance
-    1/3! = 16.7%) and no PCC; everything else is the default objective. README says how the
-    6-stripe default behaves on this budget."""
+    1/3! = 16.7%) and no PCC; everything else is the default objective. The 6-stripe
+    default is tested with the stripes head below."""
     res = run_train(tmp_path, "--data_path", str(sysu_small), *LEARN_ARGS)
     accs = [float(line.split("perm_acc ")[1].split("%")[0]) for line in res.stdout.splitlines()
             if line.startswith("Epoch [")]
@@ -247,23 +247,27 @@ def test_heldout_set_is_test_ids_only_and_evaluation_is_deterministic(sysu_small
         (first["val_perm_acc_ir"], first["val_stripe_acc_ir"]))
 
 
-def test_stripes_head_learns_six_stripe_permutations_on_held_out_images(sysu_small, tmp_path):
-    """--perm_feat stripes, K=6 (PCC off: with it on, nothing moves in a CI budget; README
-    'Is my pre-training healthy?'): after ~135 steps the held-out images (test identities,
-    fixed permutations, never trained on) get whole 6-stripe permutations right far above
-    chance (1/720 = 0.14%; measured 2.5-3.0% on two runs: the bound is 7x chance), single
-    stripes well above 1/6 (measured 38-40%), and the noise-free MSE falls (measured
-    0.140 -> 0.115)."""
+def test_stripes_head_learns_six_stripe_permutations_with_the_default_pcc(sysu_small, tmp_path):
+    """--perm_feat stripes, K=6, the DEFAULT PCC reading (same-part mutual-NN positives,
+    switched on once the held-out stripe accuracy reaches 2x chance): after ~240 steps the
+    held-out images (test identities, fixed permutations, never trained on) get whole
+    6-stripe permutations right far above chance (1/720 = 0.14%; measured 9.6% on an AMD
+    EPYC: the bound is 14x chance), single stripes well above 1/6 (measured 45.6%), the
+    noise-free MSE falls (measured 0.141 -> 0.108), PCC did switch on, and its loss falls
+    once it is on."""
     import json
-    run_train(tmp_path, "--data_path", str(sysu_small), *STRIPES_ARGS)
+    res = run_train(tmp_path, "--data_path", str(sysu_small), *STRIPES_ARGS)
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*_stripes.jsonl")).read_text().splitlines()]
-    assert len(log) == 5 and all("val_perm_acc" in r for r in log)
-    assert log[-1]["val_perm_acc"] >= 0.01, log[-1]
-    assert log[-1]["val_stripe_acc"] > 0.28, log[-1]
+    assert len(log) == 9 and all("val_perm_acc" in r for r in log)
+    assert log[-1]["val_perm_acc"] >= 0.02, log[-1]
+    assert log[-1]["val_stripe_acc"] > 0.33, log[-1]
     assert log[-1]["val_perm_mse"] < log[0]["val_perm_mse"] - 0.01, log
+    assert res.stdout.count("PCC on from epoch") == 1, res.stdout[-3000:]
+    on = [r for r in log if r["pcc_weight"] > 0]
+    assert on and log[0]["pcc_weight"] == 0 and on[-1]["pcc"] < on[0]["pcc"], [(r["pcc_weight"], r["pcc"]) for r in log]
 
 
-STRIPES_ARGS = [*TINY, "--perm_feat", "stripes", "--no-pcc", "--num_stripe", "6", "--epochs", "5",
+STRIPES_ARGS = [*TINY, "--perm_feat", "stripes", "--num_stripe", "6", "--epochs", "9",
                 "--batch-size", "16", "--lr", "0.1", "--warmup_epochs", "1", "--print_freq", "100",
                 "--seed", "0", "--val_images", "100"]
 

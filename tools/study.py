@@ -105,6 +105,8 @@ def get_args_parser():
     p.add_argument("--ft_epochs", default=10, type=int, help="AGW/DDAG fine-tuning epochs")
     p.add_argument("--seeds", default=3, type=int, help="AGW seeds per initialisation")
     p.add_argument("--ddag_seeds", default=1, type=int, help="DDAG seeds per initialisation (0: skip)")
+    p.add_argument("--report", action="store_true", help="only rebuild the tables and plots from the JSON "
+                   "lines already under --out; start no run (unfinished runs are reported as far as they got)")
     p.add_argument("--ft_from", default="", help="fine-tune from this configuration's checkpoint (default: "
                    "the finished K=6 run with the highest held-out permutation accuracy)")
     p.add_argument("--jobs", default=2, type=int, help="runs at once")
@@ -426,7 +428,7 @@ def report(out, pre, chosen, args):
              "1 warm-up epoch, cosine).", "",
              "## Pre-training: held-out permutation accuracy", "",
              "| configuration | steps | held-out perm acc (RGB / IR) | held-out stripe acc | best perm acc "
-             "(epoch) | first epoch >= 20% | noise-free MSE | PCC loss first -> last | time |",
+             "(epoch) | first epoch >= 20% | noise-free MSE | PCC loss, first epoch on -> last | time |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in pre.items():
         log = [x for x in r["log"] if "val_perm_acc" in x]
@@ -435,7 +437,9 @@ def report(out, pre, chosen, args):
         last = log[-1]
         best = max(log, key=lambda x: x["val_perm_acc"])
         hit = next((x["epoch"] + 1 for x in log if x["val_perm_acc"] >= 0.2), None)
-        pcc = f"{log[0]['pcc']:.3f} -> {last['pcc']:.3f}" if "pcc" in last else "–"
+        # from the first epoch PCC was on (a switched-on run logs its loss at weight 0 before)
+        on = next((x for x in log if x.get("pcc_weight", 1) > 0), log[0])
+        pcc = f"{on['pcc']:.3f} -> {last['pcc']:.3f}" if "pcc" in last else "–"
         minutes = sum(x["time"] for x in r["log"]) / 60
         lines.append(f"| {PRETRAIN[name][1]} | {last['step']} | {100 * last['val_perm_acc']:.1f}% "
                      f"({100 * last['val_perm_acc_rgb']:.1f} / {100 * last['val_perm_acc_ir']:.1f}) | "
@@ -489,8 +493,14 @@ def main(args):
     for name in args.configs.split(",") + ([args.ft_from] if args.ft_from else []):
         if name not in PRETRAIN:
             raise UserError(f"--configs: unknown configuration {name!r} (python tools/study.py --help lists them)")
-    data = prepare_data(out, args)
     names = args.configs.split(",")
+    if args.report:
+        pre = pretrain_results(out, args)
+        plot(pre, out)
+        plot_diagnostics(pre, out)
+        report(out, pre, args.ft_from or None, args)
+        return
+    data = prepare_data(out, args)
     # K=6 runs first: the fine-tuning starts from one of them and runs beside the others
     k6 = [n for n in names if "_k6_" in n]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
