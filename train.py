@@ -472,6 +472,8 @@ def main(args):
         scheduler.load_state_dict(ckpt["state"]["scheduler"])
         state.update(global_step=ckpt["state"]["global_step"], start_epoch=ckpt["epoch"] + 1,
                      last_ckpt=str(resume_path), pcc_from=ckpt["state"].get("pcc_from", pcc_start(args)))
+        if "pcc_from" not in ckpt["state"] and "pcc_start_acc" not in (ckpt.get("args") or {"pcc_start_acc": 0}):
+            state["pcc_from"] = 0   # written before PCC had a schedule: it was on from the first epoch
         print(f"resumed {resume_path}: continuing at epoch {state['start_epoch']}")
 
     aug = DeviceAugment(args.img_h, args.img_w, device=device)

@@ -54,7 +54,7 @@ def test_old_and_new_pretraining_last_files_resume(sysu_small, tmp_path):
     new = utils.load_checkpoint(last)
     assert new["stage"] == "pretrain" and {"net", "optimizer", "scaler", "epoch", "rng", "args",
                                            "state", "best"} <= set(new)
-    assert set(new["state"]) == {"scheduler", "global_step"} and new["state"]["global_step"] == 2
+    assert set(new["state"]) == {"scheduler", "global_step", "pcc_from"} and new["state"]["global_step"] == 2
     old = tmp_path / "old_last.pth"
     torch.save(_old_pretrain_schema(new), old)
     out = run_script(ROOT / "train.py", *common, "--epochs", "2", "--resume", old).stdout
