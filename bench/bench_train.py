@@ -333,7 +333,8 @@ def bench_mmgl(args, device, rows, extra):
     ref_opt = torch.optim.SGD(ref_net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     amp_dtype, scaler = utils.amp_setup(ours_args.amp, device)       # as train.main does
     aug = DeviceAugment(args.img_h, args.img_w, device=device)
-    state = {"global_step": 0, "amp_dtype": amp_dtype,
+    # pcc_from 0: PCC on, as in every step after the switch (the steps it costs most)
+    state = {"global_step": 0, "amp_dtype": amp_dtype, "pcc_from": 0,
              "memory_format": torch.channels_last if channels_last else torch.contiguous_format}
     epoch = [0]
 
@@ -351,7 +352,7 @@ def bench_mmgl(args, device, rows, extra):
 
     def ref_step(batch):
         x_rgb, x_ir, perms = (t.to(device, non_blocking=True) for t in batch)
-        out = ref_net(x_rgb, x_ir)
+        out = ref_net(x_rgb, x_ir, perms=perms.repeat(2, 1) if ref_args.pcc_order == "original" else None)
         losses = train.mmgl_losses(out, perms, ref_args)
         ref_opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
