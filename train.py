@@ -125,7 +125,7 @@ def check_args(args):
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.pcc and not args.part:
         args.pcc = False  # PCC lives on the part branch: --no-part implies --no-pcc
-    if args.pcc and args.pcc_start_acc and (args.dummy or not args.val_images):
+    if args.pcc and args.pcc_start_acc and pcc_start(args) is not None:   # no held-out set to wait on
         print(f"warning: {'--dummy' if args.dummy else '--val_images 0'} leaves no held-out set for "
               f"--pcc_start_acc {args.pcc_start_acc:g}: PCC is on from epoch {args.pcc_start_epoch}")
     return args
