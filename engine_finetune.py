@@ -142,13 +142,12 @@ def checkpoint_num_classes(obj, key="classifier.weight"):
     return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim == 2 else None
 
 
-def load_finetune_state(net, state_dict, source, hint="--method/--arch/--dataset"):
+def load_finetune_state(net, state_dict, source, hint="--method/--arch/--dataset", log=print):
     """Load a fine-tuning network's state_dict strictly, except for the tensors the authors'
     networks carry but never run (their stems' whole ResNets), which are skipped with a
     note. Any other missing, unexpected or mis-shaped tensor is a UserError naming a few."""
     net = utils.unwrap(net)
-    notes = []
-    report = model.load_backbone(net, state_dict, log=notes.append, source=source)
+    report = model.load_backbone(net, state_dict, log=lambda *_: None, source=source)
     own = net.state_dict()
     written = {own[k].data_ptr() for k in report["loaded"]}
     missing = [k for k, v in own.items()
@@ -164,15 +163,30 @@ def load_finetune_state(net, state_dict, source, hint="--method/--arch/--dataset
         raise UserError(f"{source} does not fit this network: " + "; ".join(problems)
                         + f". Was it trained with other {hint}?")
     skipped = len(report["skipped_unused"])
-    print(f"loaded all {len(report['loaded'])} tensors of {source}"
+    log(f"loaded all {len(report['loaded'])} tensors of {source}"
           + (f" (skipped {skipped} never-used stem/base tensors of the authors' network)"
              if skipped else ""))
 
 
-def read_resume(args):
-    """(path, loaded object) of --resume; UserError if it is missing or unreadable."""
+def read_resume(args, build=None):
+    """(path, loaded object) of --resume; UserError if it is missing or unreadable or, given
+    ``build`` (class_num -> network), if it does not fit the network: it is then loaded
+    into a throwaway copy (the identity count read from the file), so that a wrong file
+    fails before the run header and before any data is read."""
     path = utils.find_checkpoint(args.resume, args.model_path)
-    return path, utils.load_checkpoint(path, trust=args.trust_checkpoint)
+    obj = utils.load_checkpoint(path, trust=args.trust_checkpoint)
+    if build is not None:
+        load_checkpoint_into(build(checkpoint_num_classes(obj) or 1), path, obj, log=lambda *_: None)
+    return path, obj
+
+
+def load_checkpoint_into(net, path, obj, log=print):
+    """The network part of any --resume kind into ``net``: a pre-training checkpoint into
+    its backbone (heads keep their initial values), a fine-tuning one strictly."""
+    if checkpoint_kind(obj) == "pretrain":
+        model.load_backbone(net, pretrain_state(obj), log=log, source=str(path))
+    else:
+        load_finetune_state(net, obj["net"], str(path), log=log)
 
 
 def read_test_checkpoint(args):
@@ -443,16 +457,17 @@ def test_main(args, net, feature_names, tool_dir, loaded=None):
     utils.set_seed(args.seed, args.deterministic)
     if not isinstance(net, nn.Module):
         net = net(checkpoint_num_classes(obj) or 1)
+    notes = []   # a file that does not fit fails here, before the header; its notes follow it
+    if checkpoint_kind(obj) == "pretrain":
+        notes.append("note: testing a pre-training checkpoint (backbone only; the heads keep their "
+                     "initial values)")
+    load_checkpoint_into(net, path, obj, log=notes.append)
+    if checkpoint_kind(obj) != "pretrain" and obj.get("epoch") is not None:
+        notes.append(f"==> checkpoint of epoch {obj['epoch']}")
     testset = TestSet(args)
     utils.print_run_header(args, device, extra=["Test set:", testset.stats()])
-    if checkpoint_kind(obj) == "pretrain":
-        print("note: testing a pre-training checkpoint (backbone only; the heads keep their "
-              "initial values)")
-        model.load_backbone(net, pretrain_state(obj), source=str(path))
-    else:
-        load_finetune_state(net, obj["net"], str(path))
-        if obj.get("epoch") is not None:
-            print(f"==> checkpoint of epoch {obj['epoch']}")
+    for line in notes:
+        print(line)
     net.to(device)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)

@@ -126,8 +126,8 @@ def check_args(args):
     if args.pcc and not args.part:
         args.pcc = False  # PCC lives on the part branch: --no-part implies --no-pcc
     if args.pcc and args.pcc_start_acc and pcc_start(args) is not None:   # no held-out set to wait on
-        print(f"warning: {'--dummy' if args.dummy else '--val_images 0'} leaves no held-out set for "
-              f"--pcc_start_acc {args.pcc_start_acc:g}: PCC is on from epoch {args.pcc_start_epoch}")
+        utils.warn(f"{'--dummy' if args.dummy else '--val_images 0'} leaves no held-out set for "
+                   f"--pcc_start_acc {args.pcc_start_acc:g}: PCC is on from epoch {args.pcc_start_epoch}")
     return args
 
 

@@ -5,6 +5,7 @@ Every script in the repository (pre-training, AGW/, DDAG/, tools) imports this m
 so nothing here may depend on a particular method.
 """
 import argparse
+import atexit
 import datetime
 import json
 import os
@@ -29,6 +30,25 @@ class UserError(Exception):
     """
 
 
+_PENDING_WARNINGS = []
+
+
+def warn(message):
+    """A warning about the flags or the machine, printed with the run header rather than at
+    once: a user error found later is then the only output, and the warning reaches the
+    run's log. Scripts without a header print them at exit."""
+    _PENDING_WARNINGS.append(f"warning: {message}")
+
+
+def flush_warnings():
+    for line in _PENDING_WARNINGS:
+        print(line)
+    _PENDING_WARNINGS.clear()
+
+
+atexit.register(flush_warnings)
+
+
 def cli(main):
     """Run ``main()``; a :class:`UserError` becomes ``error: <message>`` and exit 2. On any
     failure, runs that had not finished an epoch leave no outputs (:class:`StartGuard`)."""
@@ -36,6 +56,7 @@ def cli(main):
         return main()
     except UserError as e:
         StartGuard.cleanup_all()
+        _PENDING_WARNINGS.clear()   # the run never started: its warnings are moot
         sys.stdout.flush()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -83,8 +104,8 @@ def check_schedule(args):
     if not args.lr > 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.warmup_epochs > args.epochs:
-        print(f"warning: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the lr never "
-              f"reaches --lr {args.lr} (it stops at {args.lr * args.epochs / args.warmup_epochs:.3g})")
+        warn(f"--warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the lr never "
+             f"reaches --lr {args.lr} (it stops at {args.lr * args.epochs / args.warmup_epochs:.3g})")
 
 
 def check_stripes(num_stripe, img_h=None):
@@ -202,6 +223,7 @@ def print_run_header(args, device, extra=None):
                             initial_indent="args: ", subsequent_indent="  "))
     for line in (extra or []):
         print(line)
+    flush_warnings()
     print("=" * 78)
 
 
@@ -276,7 +298,7 @@ def _cuda_usable(gpu):
     if gpu.lower() in ("", "cpu", "-1"):
         return False
     if not torch.cuda.is_available():
-        print(f"warning: --gpu {gpu} asked for CUDA but none is available; running on the CPU")
+        warn(f"--gpu {gpu} asked for CUDA but none is available; running on the CPU")
         return False
     return True
 
@@ -297,7 +319,7 @@ def select_device(gpu):
         except ValueError:
             raise UserError(f"--gpu must be a device index such as 0, or 'cpu'; got {gpu!r}")
     if idx >= torch.cuda.device_count():
-        print(f"warning: --gpu {gpu} but only {torch.cuda.device_count()} CUDA device(s); using cuda:0")
+        warn(f"--gpu {gpu} but only {torch.cuda.device_count()} CUDA device(s); using cuda:0")
         idx = 0
     torch.cuda.set_device(idx)
     torch.backends.cudnn.benchmark = True

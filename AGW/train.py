@@ -69,7 +69,7 @@ def main(args=None):
     engine.prepare_args(args, TOOL_DIR)
     if args.milestones is None:
         args.milestones = list(MILESTONES)
-    resume = engine.read_resume(args) if args.resume else None   # fails before any data work
+    resume = engine.read_resume(args, build) if args.resume else None   # fails before any data work
     device = utils.init_distributed(args.gpu)
     utils.set_seed(args.seed + utils.get_rank(), args.deterministic)
     run = engine.run_name(args, args.method)

@@ -98,7 +98,7 @@ def main(args=None):
     if args.milestones is None:
         args.milestones = list(MILESTONES)
     names = ("FC", "FC_att") if args.wpa else ("FC",)
-    resume = engine.read_resume(args) if args.resume else None   # fails before any data work
+    resume = engine.read_resume(args, build) if args.resume else None   # fails before any data work
     device = utils.init_distributed(args.gpu)
     utils.set_seed(args.seed + utils.get_rank(), args.deterministic)
     run = engine.run_name(args, method_name(args))

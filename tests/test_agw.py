@@ -435,8 +435,11 @@ def test_warmup_longer_than_the_run_warns(sysu_small, capsys):
     import train as pretrain
     args = engine_finetune.get_args_parser("t").parse_args(["--data_path", str(sysu_small), "--epochs", "3"])
     engine_finetune.prepare_args(args, ROOT / "AGW")
+    assert capsys.readouterr().out == ""      # held for the run header (an error found later is alone)
+    utils.flush_warnings()
     assert "warning: --warmup_epochs 10 > --epochs 3: the lr never reaches --lr 0.1" in capsys.readouterr().out
     pretrain.check_args(pretrain.get_args_parser().parse_args(["--epochs", "3"]))
+    utils.flush_warnings()
     assert "warning: --warmup_epochs 10 > --epochs 3" in capsys.readouterr().out
     pretrain.check_args(pretrain.get_args_parser().parse_args(["--epochs", "30"]))
     assert "warning" not in capsys.readouterr().out
