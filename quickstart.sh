@@ -44,6 +44,10 @@ $PY test.py --dataset sysu --mode all --data_path "$DATA" --arch resnet18 "${SIZ
     | tee "$ROOT/log/demo/quickstart_test.txt"
 cd "$ROOT"
 
+step "curves (held-out accuracy and losses of the pre-training, AGW's Rank-1/mAP per tested epoch)"
+$PY tools/plot_log.py log/demo/*.jsonl AGW/log/demo/*.jsonl --out log/demo/quickstart.png \
+    --fields 'val_perm_acc,val_stripe_acc,perm_rgb,perm_ir,pcc,FC.rank1,FC.mAP'
+
 step "done. Outputs:"
 echo "  data                 $DATA"
 echo "  MMGL checkpoint      $CKPT"
@@ -53,5 +57,6 @@ echo "  AGW logs             AGW/log/demo/  (text, JSON lines; TensorBoard runs 
 echo "                       the test's rank lists under .../vis_log/*_best_test/)"
 echo "  rank-list PNGs       AGW/log/demo/vis_rank/"
 echo "  test output          log/demo/quickstart_test.txt"
+echo "  curves (PNG)         log/demo/quickstart.png"
 echo "  TensorBoard, all:    tensorboard --logdir_spec mmgl:log/demo/vis_log,agw:AGW/log/demo/vis_log"
 grep -A2 "All Average" "$ROOT/log/demo/quickstart_test.txt" | tail -2 | sed 's/^/  final /'
