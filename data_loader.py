@@ -75,9 +75,67 @@ class TrainData:
         return self
 
     def stats(self):
-        return (f"{self.name}: {len(np.unique(self.rgb_label))} ids | RGB {len(self.rgb_pool)}"
-                f"/{len(self.rgb_img)} images | IR {len(self.ir_pool)}/{len(self.ir_img)} images"
-                f" | {self.img_size[0]}x{self.img_size[1]}")
+        ids = np.unique(self.rgb_label)
+        return (f"{self.name}: {'unlabelled' if (ids < 0).all() else f'{len(ids)} ids'} | RGB "
+                f"{len(self.rgb_pool)}/{len(self.rgb_img)} images | IR {len(self.ir_pool)}/"
+                f"{len(self.ir_img)} images | {self.img_size[0]}x{self.img_size[1]}")
+
+
+class _Stacked:
+    """Several uint8 [N_i, H, W, 3] arrays (memory maps) read as one [sum N_i, H, W, 3]
+    without copying them: an index array is split by part and each part is read with one
+    fancy index, as for a single array."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.offsets = np.cumsum([0] + [len(a) for a in arrays])
+        self.shape = (int(self.offsets[-1]),) + tuple(arrays[0].shape[1:])
+        self.ndim, self.dtype = len(self.shape), arrays[0].dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, idx):
+        idx = np.asarray(idx)
+        part = np.searchsorted(self.offsets, idx, side="right") - 1
+        out = np.empty(idx.shape + self.shape[1:], dtype=self.dtype)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.arrays[p][idx[sel] - self.offsets[p]]
+        return out
+
+
+class UnionData(TrainData):
+    """Pre-training on several training sets at once (``--dataset sysu,llcm``): their
+    images in one index space, at one image size (each set checks --img_h/--img_w itself). Labels are offset per set so that no two
+    sets share an identity (pre-training reads none; unlabelled sets keep -1); each set's
+    ``--train_ratio`` fraction is drawn on its own."""
+
+    def __init__(self, parts):
+        self.parts, offset = parts, 0
+        for m in ("rgb", "ir"):
+            setattr(self, f"{m}_img", _Stacked([getattr(p, f"{m}_img") for p in parts]))
+            setattr(self, f"{m}_cam", np.concatenate([getattr(p, f"{m}_cam") for p in parts]))
+        labels = {"rgb": [], "ir": []}
+        for p in parts:
+            for m in labels:
+                lab = getattr(p, f"{m}_label")
+                labels[m].append(np.where(lab < 0, lab, lab + offset))
+            offset += max(p.num_classes, 0)
+        self.rgb_label, self.ir_label = (np.concatenate(labels[m]) for m in ("rgb", "ir"))
+        self._finish(" + ".join(p.name for p in parts))
+
+    def subsample(self, ratio, seed):
+        for p in self.parts:
+            p.subsample(ratio, seed)
+        for m in ("rgb", "ir"):
+            offsets = getattr(self, f"{m}_img").offsets
+            setattr(self, f"{m}_pool", np.concatenate([getattr(p, f"{m}_pool") + o
+                                                       for p, o in zip(self.parts, offsets)]))
+        return self
+
+    def stats(self):
+        return "\n".join(p.stats() for p in self.parts)
 
 
 class SYSUData(TrainData):
@@ -86,14 +144,16 @@ class SYSUData(TrainData):
     headers, pages come in on demand."""
 
     LAYOUT = {"SYSU-MM01": "SYSU-MM01 with cam1..cam6/ and exp/",
-              "LLCM": "LLCM with idx/, vis/, nir/, test_vis/ and test_nir/"}
+              "LLCM": "LLCM with idx/, vis/, nir/, test_vis/ and test_nir/",
+              "image folder": "a folder with rgb/ and ir/ sub-folders of images"}
+    FLAG = {"LLCM": " --dataset llcm", "image folder": " --dataset folder"}
 
     def __init__(self, data_path, title="SYSU-MM01"):
         data_path = Path(data_path)
         if not data_path.is_dir():
             raise UserError(f"dataset folder not found: {data_path} (expected {self.LAYOUT[title]}; "
                             f"see docs/DATASETS.md)")
-        cmd = self.preprocess_cmd = "python pre_process_sysu.py" + (" --dataset llcm" if title == "LLCM" else "")
+        cmd = self.preprocess_cmd = "python pre_process_sysu.py" + self.FLAG.get(title, "")
         arrays = {}
         for key in SYSU_NPY:
             f = data_path / f"{key}.npy"
@@ -148,20 +208,28 @@ class PermHeldout:
     def __init__(self, lists, num_stripe, img_h, img_w, n=300, seed=0, workers=0):
         from data_manager import load_images
         pick, perm_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
-        for m, paths in lists.items():
-            if not paths:
-                raise UserError(f"no {m} test images for the held-out "
-                                f"permutation accuracy (--val_images 0 turns it off)")
-            keep = np.sort(pick.choice(len(paths), min(n, len(paths)), replace=False))
-            setattr(self, f"{m}_paths", [str(paths[i]) for i in keep])
-            setattr(self, f"{m}", load_images(getattr(self, f"{m}_paths"), img_w=img_w,
-                                               img_h=img_h, workers=workers))
-            setattr(self, f"{m}_perms", np.stack([perm_rng.permutation(num_stripe)
-                                                  for _ in keep]).astype(np.int64))
+        # several training sets: [(name, lists), ...], n images per modality from each
+        self.sources = lists if isinstance(lists, list) else [("", lists)]
+        drawn = {"rgb": [], "ir": []}
+        for name, source in self.sources:
+            for m, paths in source.items():
+                if not paths:
+                    raise UserError(f"no {m} test images{f' of {name}' if name else ''} for the "
+                                    f"held-out permutation accuracy (--val_images 0 turns it off)")
+                keep = np.sort(pick.choice(len(paths), min(n, len(paths)), replace=False))
+                drawn[m] += [(str(paths[i]), name, perm_rng.permutation(num_stripe)) for i in keep]
+        for m, rows in drawn.items():
+            setattr(self, f"{m}_paths", [r[0] for r in rows])
+            setattr(self, f"{m}_source", np.array([r[1] for r in rows]))
+            setattr(self, m, load_images(getattr(self, f"{m}_paths"), img_w=img_w, img_h=img_h,
+                                         workers=workers))
+            setattr(self, f"{m}_perms", np.stack([r[2] for r in rows]).astype(np.int64))
 
     def stats(self):
+        each = (" (" + ", ".join(f"{name}: {(self.rgb_source == name).sum()} + {(self.ir_source == name).sum()}"
+                                 for name, _ in self.sources) + ")") if len(self.sources) > 1 else ""
         return (f"held-out permutation set: {len(self.rgb)} RGB + {len(self.ir)} IR test "
-                f"images with fixed permutations")
+                f"images with fixed permutations{each}")
 
 
 # ----------------------------------------------------------------------------- samplers

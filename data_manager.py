@@ -328,6 +328,52 @@ def read_llcm_train(data_path, modal):
     return _read_image_list(root, f, "LLCM", "<vis|nir>/<pid:04d>/<file>.jpg <label>")
 
 
+# ----------------------------------------------------------------------------- an image folder
+FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+FOLDER_LAYOUT = ("expected a folder with rgb/ and ir/ sub-folders of images (any depth; "
+                 "jpg, png or bmp); make a synthetic one with: python tools/make_synthetic.py "
+                 "--dataset folder")
+FOLDER_HELDOUT = {"rgb": "heldout_rgb.txt", "ir": "heldout_ir.txt"}
+
+
+def folder_root(data_path):
+    root = Path(data_path)
+    if not root.is_dir():
+        raise UserError(f"folder not found: {root} ({FOLDER_LAYOUT})")
+    return root
+
+
+def list_folder_images(data_path):
+    """{'rgb': sorted image paths under rgb/, 'ir': ... under ir/}: every file with an image
+    suffix at any depth (other files are ignored). An empty or missing modality is an error:
+    MMGL needs both."""
+    root = folder_root(data_path)
+    lists = {}
+    for m in ("rgb", "ir"):
+        sub = root / m
+        paths = sorted(str(p) for p in sub.rglob("*") if p.suffix.lower() in FOLDER_SUFFIXES
+                       and p.is_file()) if sub.is_dir() else []
+        if not paths:
+            raise UserError(f"no {m.upper()} images under {sub}: MMGL pre-trains on both "
+                            f"modalities ({FOLDER_LAYOUT})")
+        lists[m] = paths
+    return lists
+
+
+def read_folder_heldout(data_path):
+    """The held-out images ``pre_process_sysu.py --dataset folder`` set aside (never in the
+    training arrays): {'rgb': paths, 'ir': paths}."""
+    root = folder_root(data_path)
+    lists = {}
+    for m, name in FOLDER_HELDOUT.items():
+        f = root / name
+        if not f.is_file():
+            raise UserError(f"missing {f}; run: python pre_process_sysu.py --dataset folder "
+                            f"--data_path {root}")
+        lists[m] = [str(root / line) for line in f.read_text().splitlines() if line.strip()]
+    return lists
+
+
 # ----------------------------------------------------------------------------- images
 def decode_image(path, img_w=144, img_h=288):
     """Decode one image fully, convert to RGB (grey 'L' thermal images become three equal

@@ -12,6 +12,7 @@ is one new class here (plus its file lists in data_manager.py and its tests).
     lists = bench.test_lists(args)           # TestLists: query, union gallery, trial index
     per_trial, mean = lists.evaluate(q_feat, g_feat)
 """
+import argparse
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,7 @@ class TestLists:
 
 class Benchmark:
     name = title = default_path = ""
+    labelled = True   # identities and a test protocol: fine-tuning and testing can use it
 
     def data_path(self, args):
         """--data_path, or the benchmark's folder under the repository root."""
@@ -76,6 +78,10 @@ class Benchmark:
         """{'rgb': paths, 'ir': paths}: test-split images pre-training never reads."""
         raise NotImplementedError
 
+    def heldout_sources(self, args):
+        """[(set name, heldout_lists)]: one entry per training set (data_loader.PermHeldout)."""
+        return [(self.name, self.heldout_lists(self.data_path(args), args.trial))]
+
     def test_lists(self, args):
         raise NotImplementedError
 
@@ -86,7 +92,7 @@ class Benchmark:
 
 
 def _preprocessed(bench, args):
-    """The training arrays of pre_process_sysu.py (SYSU-MM01, LLCM) at --img_h x --img_w."""
+    """The training arrays of pre_process_sysu.py (SYSU-MM01, LLCM, a folder) at --img_h x --img_w."""
     from data_loader import SYSUData
     data = SYSUData(bench.data_path(args), title=bench.title)
     data.check_size(args.img_h, args.img_w,
@@ -201,11 +207,94 @@ class LLCM(Benchmark):
         return eval_metrics.eval_llcm, mode == "visible_to_infrared"
 
 
-BENCHMARKS = {b.name: b for b in (SYSU(), RegDB(), LLCM())}
+class Folder(Benchmark):
+    """Your own unlabelled RGB and IR crops: every jpg/png/bmp under DIR/rgb/ and DIR/ir/, from
+    the arrays of ``pre_process_sysu.py --dataset folder``, which also set a seeded held-out
+    fraction aside (heldout_{rgb,ir}.txt) for the permutation accuracy. No identities, so
+    pre-training only: fine-tuning and testing refuse it."""
+    name, title, default_path = "folder", "image folder", ""
+    labelled = False
+
+    def data_path(self, args):
+        if not getattr(args, "data_path", None):
+            raise UserError("--dataset folder needs --data_path DIR (a folder with rgb/ and ir/)")
+        return utils.resolve_path(args.data_path)
+
+    def train_data(self, args):
+        data = _preprocessed(self, args)
+        batch = getattr(args, "batch_size", 1)
+        for m in ("rgb", "ir"):
+            if len(getattr(data, f"{m}_img")) < batch:
+                raise UserError(f"{data.name}: {len(getattr(data, f'{m}_img'))} {m.upper()} training "
+                                f"images, fewer than one batch (--batch-size {batch}); add images or "
+                                f"lower --batch-size")
+        return data
+
+    def heldout_lists(self, data_path, trial=1):
+        return data_manager.read_folder_heldout(data_path)
+
+
+class Joint(Benchmark):
+    """Pre-training on several training sets at once: ``--dataset sysu,llcm --data_path
+    P1,P2`` (one path per set, or none for the sets' default folders). One image size for
+    all; the held-out permutation accuracy is reported per set as well. Pre-training only."""
+    labelled = False
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+        self.title = " + ".join(p.title for p in parts)
+
+    def _part_args(self, args):
+        paths = [p.strip() for p in args.data_path.split(",")] if getattr(args, "data_path", None) else [None] * len(self.parts)
+        if len(paths) != len(self.parts):
+            raise UserError(f"--dataset {args.dataset} names {len(self.parts)} sets but --data_path "
+                            f"{args.data_path} gives {len(paths)} folders; give one per set, in the "
+                            f"same order, separated by commas")
+        return [(b, argparse.Namespace(**{**vars(args), "dataset": b.name, "data_path": p}))
+                for b, p in zip(self.parts, paths)]
+
+    def data_path(self, args):
+        return ",".join(str(b.data_path(a)) for b, a in self._part_args(args))
+
+    def check_args(self, args):
+        for b, a in self._part_args(args):
+            b.check_args(a)
+
+    def run_suffix(self, args):
+        return "".join(b.run_suffix(a) for b, a in self._part_args(args))
+
+    def train_data(self, args):
+        from data_loader import UnionData
+        return UnionData([b.train_data(a) for b, a in self._part_args(args)])
+
+    def heldout_sources(self, args):
+        return [src for b, a in self._part_args(args) for src in b.heldout_sources(a)]
+
+
+BENCHMARKS = {b.name: b for b in (SYSU(), RegDB(), LLCM(), Folder())}
 NAMES = tuple(BENCHMARKS)
 
 
 def get(name):
-    """The registered benchmark called ``name`` (a UserError naming the choices otherwise)."""
-    utils.choice_check("--dataset", name, NAMES)
-    return BENCHMARKS[name]
+    """The registered benchmark called ``name`` (a UserError naming the choices otherwise);
+    ``a,b``: the sets a and b pre-trained on together (:class:`Joint`)."""
+    names = [n.strip() for n in name.split(",")]
+    for n in names:
+        utils.choice_check("--dataset", n, NAMES)
+    if len(names) == 1:
+        return BENCHMARKS[name]
+    if len(set(names)) < len(names):
+        raise UserError(f"--dataset {name} names a set twice")
+    return Joint([BENCHMARKS[n] for n in names])
+
+
+def get_labelled(name, what):
+    """The benchmark for a stage that needs identities (fine-tuning, testing): one clear
+    line for an unlabelled folder or several sets."""
+    bench = get(name)
+    if not bench.labelled:
+        raise UserError(f"--dataset {name}: {what} need identities and a test protocol (one of "
+                        f"{', '.join(n for n, b in BENCHMARKS.items() if b.labelled)}); an "
+                        f"unlabelled folder or several sets at once are for pre-training (train.py)")
+    return bench

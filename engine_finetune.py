@@ -96,6 +96,7 @@ def _tool_path(path, tool_dir):
 def prepare_args(args, tool_dir):
     """Resolve paths (outputs against the method's folder, the dataset against the
     repository root by default) and check the flag values argparse cannot."""
+    datasets.get_labelled(args.dataset, "fine-tuning and testing")
     options.check(args)
     for key in ("model_path", "log_path", "vis_log_path"):
         setattr(args, key, str(_tool_path(getattr(args, key), tool_dir)))

@@ -18,9 +18,12 @@ ARCHS = ("resnet50", "resnet18")
 def data_parser():
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="sysu", help=f"benchmark: {' | '.join(datasets.NAMES)}")
+    g.add_argument("--dataset", default="sysu", help=f"benchmark: {' | '.join(datasets.NAMES)} "
+                   "(folder: your unlabelled rgb/ and ir/ images, pre-training only; pre-training "
+                   "also takes several sets at once, comma-separated: sysu,llcm)")
     g.add_argument("--data_path", default=None, help="dataset folder (default: data/SYSU-MM01, "
-                   "data/RegDB, ... under the repository root)")
+                   "data/RegDB, ... under the repository root); several sets: one folder each, "
+                   "comma-separated in the --dataset order")
     g.add_argument("--trial", default=1, type=int, help="RegDB split 1..10")
     g.add_argument("--img_h", default=288, type=int, help="image height")
     g.add_argument("--img_w", default=144, type=int, help="image width")

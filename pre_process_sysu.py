@@ -1,7 +1,15 @@
-"""Turn the SYSU-MM01 (or LLCM) training images into the memory-mapped arrays training reads.
+"""Turn the SYSU-MM01 (or LLCM, or an unlabelled image folder's) training images into the
+memory-mapped arrays training reads.
 
     python pre_process_sysu.py --data_path data/SYSU-MM01 [--workers 8] [--skip-bad]
     python pre_process_sysu.py --dataset llcm --data_path data/LLCM
+    python pre_process_sysu.py --dataset folder --data_path DIR [--heldout 0.1]
+
+An image folder (your own unlabelled RGB and IR crops): every jpg/png/bmp under DIR/rgb/
+and DIR/ir/, at any depth, in sorted path order. A seeded fraction of each modality
+(--heldout, default 10%, at least one image) is set aside for the held-out permutation
+accuracy and listed in DIR/heldout_rgb.txt and DIR/heldout_ir.txt; the arrays hold the
+rest, with label -1 (no identities) and camera 0.
 
 LLCM: the images listed in idx/train_vis.txt and idx/train_nir.txt, in file order, with the
 labels written there (the DEEN authors' loader uses them as they are); the camera number is
@@ -31,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_manager import (SYSU_IR_CAMS, SYSU_RGB_CAMS, iter_decoded, list_sysu_images, llcm_root,
-                          read_llcm_train, sysu_root, sysu_split_ids)
+from data_manager import (FOLDER_HELDOUT, SYSU_IR_CAMS, SYSU_RGB_CAMS, folder_root, iter_decoded,
+                          list_folder_images, list_sysu_images, llcm_root, read_llcm_train, sysu_root,
+                          sysu_split_ids)
 from utils import ArgumentParser, UserError, cli, progress, resolve_path
 
 MODALITIES = (("rgb", SYSU_RGB_CAMS["all"]), ("ir", SYSU_IR_CAMS))
@@ -101,6 +110,51 @@ def preprocess_llcm(data_path, workers=0, skip_bad=False, img_w=144, img_h=288, 
     return write_arrays(root, lists, workers, skip_bad, img_w, img_h, verbose, relabel=False,
                         title="LLCM training set (idx/train_vis.txt + idx/train_nir.txt)",
                         cam_sets={m: sorted(set(v[2])) for m, v in lists.items()}, listed_ids=listed)
+
+
+def split_heldout(paths, fraction, seed=0):
+    """(training paths, held-out paths): a seeded ``fraction`` of ``paths`` held out, at
+    least one image when fraction > 0, never all of them; both in sorted order."""
+    n = len(paths)
+    k = min(n - 1, max(1, int(round(n * fraction)))) if fraction > 0 else 0
+    held = set(np.random.default_rng(seed).choice(n, k, replace=False).tolist()) if k else set()
+    return ([p for i, p in enumerate(paths) if i not in held],
+            [p for i, p in enumerate(paths) if i in held])
+
+
+def preprocess_folder(data_path, workers=0, skip_bad=False, img_w=144, img_h=288, verbose=True,
+                      heldout=0.1):
+    """The arrays for an unlabelled folder (rgb/ and ir/ at any depth), minus a seeded
+    held-out fraction listed in heldout_{rgb,ir}.txt. Held-out images are decoded once
+    here too, so a corrupt one follows the same --skip-bad rule as a training image."""
+    if not 0 <= heldout < 1:
+        raise UserError(f"--heldout must be in [0, 1), got {heldout}")
+    root = folder_root(data_path)
+    lists, held, bad = {}, {}, []
+    for m, paths in list_folder_images(root).items():
+        train, held[m] = split_heldout(paths, heldout, seed={"rgb": 0, "ir": 1}[m])
+        lists[m] = (train, [-1] * len(train), [0] * len(train))
+        for path, (_, err) in zip(list(held[m]), iter_decoded(held[m], img_w, img_h, workers)):
+            if err is not None:
+                bad.append(err)
+                held[m].remove(path)
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"{bad[0]}{more}; nothing was written; fix or remove the file(s), or pass "
+                        f"--skip-bad to leave them out")
+    stats = write_arrays(root, lists, workers, skip_bad, img_w, img_h, False, relabel=False,
+                         title=f"image folder {root.name}/ (unlabelled)", cam_sets={"rgb": [0], "ir": [0]},
+                         listed_ids=1)
+    for m, name in FOLDER_HELDOUT.items():   # after the arrays: a failed run leaves the old pair
+        tmp = _tmp_name(root / name)
+        tmp.write_text("".join(f"{Path(p).relative_to(root).as_posix()}\n" for p in held[m]))
+        os.replace(tmp, root / name)
+        stats["files"].append(str(root / name))
+    stats.update(unlabelled=True, heldout={m: len(v) for m, v in held.items()})
+    stats["skipped"] += bad
+    if verbose:
+        print_stats(stats)
+    return stats
 
 
 def write_arrays(root, lists, workers, skip_bad, img_w, img_h, verbose, relabel, title, cam_sets,
@@ -183,6 +237,12 @@ def print_stats(stats):
     for f in stats["files"]:
         print(f"  {Path(f).name}")
     h, w = stats["img_size"]
+    if stats.get("unlabelled"):
+        print(f"{stats['title']}: images {w}x{h} (w x h); training RGB {stats['rgb']['images']}, "
+              f"IR {stats['ir']['images']}; held out for the permutation accuracy (never trained "
+              f"on): RGB {stats['heldout']['rgb']}, IR {stats['heldout']['ir']}")
+        _print_skipped(stats["skipped"])
+        return
     print(f"{stats['title']}: {stats['num_ids']} identities, images {w}x{h} (w x h)")
     cams = stats["cams"]
     print(f"  {'modality':<9}{'ids':>6}{'images':>8}" + "".join(f"{'cam' + str(c):>7}" for c in cams))
@@ -195,19 +255,28 @@ def print_stats(stats):
     for mod, missing in stats["missing_modality"].items():
         if missing:
             print(f"warning: {len(missing)} ids have no {mod.upper()} image: {missing[:10]}")
-    if stats["skipped"]:
-        n = len(stats["skipped"])
+    _print_skipped(stats["skipped"])
+
+
+def _print_skipped(skipped):
+    if skipped:
+        n = len(skipped)
         print(f"skipped {n} unreadable image{'s' if n > 1 else ''}:")
-        for e in stats["skipped"]:
+        for e in skipped:
             print(f"  {e}")
 
 
 def main(argv=None):
     p = ArgumentParser(description="Resize the SYSU-MM01 training images (train_id + "
                                             "val_id) into memory-mappable .npy arrays.")
-    p.add_argument("--dataset", default="sysu", choices=("sysu", "llcm"), help="which training set")
+    p.add_argument("--dataset", default="sysu", choices=("sysu", "llcm", "folder"),
+                   help="which training set (folder: unlabelled images under DIR/rgb/ and DIR/ir/)")
     p.add_argument("--data_path", default=None,
-                   help="dataset folder (default: data/SYSU-MM01 or data/LLCM under the repository root)")
+                   help="dataset folder (default: data/SYSU-MM01 or data/LLCM under the repository "
+                        "root; --dataset folder needs it)")
+    p.add_argument("--heldout", type=float, default=0.1,
+                   help="folder: seeded fraction of each modality set aside for the held-out "
+                        "permutation accuracy (at least one image)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="decoding processes (0 = in this process; default min(8, CPUs))")
     p.add_argument("--skip-bad", "--skip_bad", dest="skip_bad", action="store_true",
@@ -218,9 +287,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.img_h < 16 or args.img_w < 8:
         raise UserError(f"--img_h/--img_w too small: {args.img_h}x{args.img_w}")
+    common = dict(workers=args.workers, skip_bad=args.skip_bad, img_w=args.img_w, img_h=args.img_h)
+    if args.dataset == "folder":
+        if not args.data_path:
+            raise UserError("--dataset folder needs --data_path DIR (a folder with rgb/ and ir/)")
+        preprocess_folder(resolve_path(args.data_path), heldout=args.heldout, **common)
+        return
     run, default = {"sysu": (preprocess_sysu, "data/SYSU-MM01"), "llcm": (preprocess_llcm, "data/LLCM")}[args.dataset]
-    run(resolve_path(args.data_path, default), workers=args.workers, skip_bad=args.skip_bad,
-        img_w=args.img_w, img_h=args.img_h)
+    run(resolve_path(args.data_path, default), **common)
 
 
 if __name__ == "__main__":

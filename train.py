@@ -47,6 +47,8 @@ def get_args_parser():
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", default=32, type=int,
                    help="images PER MODALITY per step (per GPU under torchrun)")
     g.add_argument("--iters_per_epoch", default=0, type=int, help="cap steps per epoch (0: a full pass)")
+    g.add_argument("--optimizer", default="sgd", help="sgd (the authors': momentum 0.9, weight decay "
+                   "5e-4) | adam (weight decay 5e-4; give it a small --lr such as 1e-3)")
     g.add_argument("--val_images", default=300, type=int,
                    help="held-out test images per modality for the permutation accuracy printed after "
                         "every epoch (0: off)")
@@ -116,6 +118,7 @@ def check_args(args):
     utils.choice_check("--perm_reduction", args.perm_reduction, ("mean", "matrix"))
     utils.choice_check("--pcc_pool", args.pcc_pool, ("all", "part"))
     utils.choice_check("--pcc_order", args.pcc_order, ("shuffled", "original"))
+    utils.choice_check("--optimizer", args.optimizer, ("sgd", "adam"))
     utils.check_stripes(args.num_stripe, args.img_h)
     for name in ("val_images", "iters_per_epoch", "pcc_ramp_epochs", "pcc_start_epoch", "pcc_start_acc"):
         if getattr(args, name) < 0:
@@ -140,8 +143,8 @@ def pcc_start(args):
 
 # the flags that decide the network's tensors (a _last.pth resumes only with the same ones)
 NETWORK_FLAGS = ("arch", "stream", "num_stripe", "perm_feat", "perm_bn", "pcc", "part", "pcc_head", "local_branch")
-# the flags that decide the losses' reading: a run continues only under the reading it began with
-READING_FLAGS = ("pcc_form", "pcc_pool", "pcc_order", "pcc_detach_pool", "perm_reduction")
+# the flags that decide the losses' reading and the optimiser: a run continues only under the ones it began with
+READING_FLAGS = ("pcc_form", "pcc_pool", "pcc_order", "pcc_detach_pool", "perm_reduction", "optimizer")
 
 
 def check_same_reading(path, saved, args):
@@ -154,7 +157,7 @@ def check_same_reading(path, saved, args):
 
 def run_name(args):
     """Like the authors' ``sysu_two_cw_0.5_ct_0.07_so_20_spm_10`` (+ epoch suffix)."""
-    name = f"{args.dataset}_{args.stream}_cw_{args.cl_weight if args.pcc else 0}_ct_{args.cl_temp}" \
+    name = f"{datasets.get(args.dataset).name}_{args.stream}_cw_{args.cl_weight if args.pcc else 0}_ct_{args.cl_temp}" \
            f"_so_{args.sinkhorn_iters}_spm_{args.gumbel_samples}"
     name += datasets.get(args.dataset).run_suffix(args)
     if args.arch != "resnet50":
@@ -183,6 +186,8 @@ def run_name(args):
         name += "_pcc_" + "_".join(readings)
     if args.train_ratio < 1.0:
         name += f"_ratio_{args.train_ratio}"
+    if args.optimizer != "sgd":
+        name += f"_{args.optimizer}"
     return name
 
 
@@ -379,6 +384,12 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
     logits, perms = torch.cat(logits), torch.cat(perms)
     stats["val_perm_acc"], stats["val_stripe_acc"] = perm_accuracy(
         logits, perms, n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
+    if len(heldout.sources) > 1:   # several training sets: each one's accuracy too
+        source = np.concatenate([heldout.rgb_source, heldout.ir_source])
+        for name, _ in heldout.sources:
+            sel = torch.from_numpy(source == name).to(logits.device)
+            stats[f"val_perm_acc_{name}"], stats[f"val_stripe_acc_{name}"] = perm_accuracy(
+                logits[sel], perms[sel], n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
     soft = gumbel_sinkhorn(logits, args.sinkhorn_iters, args.sinkhorn_temp, training=False)
     stats["val_perm_mse"] = perm_mse_loss(soft, perm_matrix(perms)).item()
     if args.diag:
@@ -442,7 +453,7 @@ def main(args):
     # held-out permutation accuracy: test-split images only, fixed permutations
     heldout = None
     if utils.is_main_process() and not args.dummy and args.val_images:
-        heldout = PermHeldout(bench.heldout_lists(bench.data_path(args), args.trial), args.num_stripe, args.img_h, args.img_w,
+        heldout = PermHeldout(bench.heldout_sources(args), args.num_stripe, args.img_h, args.img_w,
                               n=args.val_images, seed=0, workers=args.workers)
     # the logs start once the data is in, so a run that cannot start leaves none behind
     log.open(args, device, [data.stats(), heldout.stats() if heldout else
@@ -459,7 +470,10 @@ def main(args):
     net = utils.wrap_ddp(net, device, args.sync_bn)
     model = torch.compile(net) if args.compile else net
 
-    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    if args.optimizer == "adam":   # not the paper's: for short CPU runs (the quick start)
+        optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=5e-4)
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_at(e, args))
     amp_dtype, scaler = utils.amp_setup(args.amp, device)
     state = {"global_step": 0, "start_epoch": 0, "last_ckpt": None, "amp_dtype": amp_dtype, "pcc_from": pcc_start(args),
@@ -501,6 +515,9 @@ def main(args):
                 held = (f"held-out perm_acc {val['val_perm_acc']:.2%} (RGB {val['val_perm_acc_rgb']:.2%}, "
                         f"IR {val['val_perm_acc_ir']:.2%}) stripe_acc {val['val_stripe_acc']:.2%} "
                         f"mse {val['val_perm_mse']:.4f}; " if val else "")
+                if val and len(heldout.sources) > 1:
+                    held += "per set " + ", ".join(f"{n} {val[f'val_perm_acc_{n}']:.2%}"
+                                                   for n, _ in heldout.sources) + "; "
                 probes = [f"{k[10:]} {val[k]:.1%}" for k in ("val_probe_backbone", "val_probe_pcc")
                           if val.get(k) is not None]
                 if probes:

@@ -15,7 +15,8 @@ SMALL = ["--arch", "resnet18", "--img_h", "96", "--img_w", "48", "--gpu", "cpu",
 
 # (what, script, args, needle); {data}: a preprocessed synthetic SYSU-MM01 at 96x48, {raw}: one
 # without its npy files, {tmp}: an empty folder, {text}: a text file, {cut}: a truncated
-# checkpoint, {plain}: a plain state_dict (a pre-training .t), {blocker}: a file.
+# checkpoint, {plain}: a plain state_dict (a pre-training .t), {blocker}: a file, {folder}: an
+# unlabelled image folder preprocessed at 48x24, {onergb}: a folder with rgb/ images only.
 CASES = [
     ("unknown --dataset", "train.py", ["--dataset", "market"], "--dataset must be one of"),
     ("unknown --stream", "train.py", ["--stream", "three"], "--stream must be one of"),
@@ -72,6 +73,24 @@ CASES = [
      "dataset folder not found"),
     ("a folder that is not SYSU-MM01", "pre_process_sysu.py", ["--data_path", "{tmp}"], "no cam1..cam6/ folders"),
     ("--img_h 0", "pre_process_sysu.py", ["--data_path", "{raw}", "--img_h", "0"], "too small: 0x144"),
+    ("--dataset folder without --data_path", "pre_process_sysu.py", ["--dataset", "folder"],
+     "--dataset folder needs --data_path"),
+    ("a folder without rgb/ and ir/", "pre_process_sysu.py", ["--dataset", "folder", "--data_path", "{tmp}"],
+     "no RGB images under"),
+    ("a folder with RGB images only", "pre_process_sysu.py", ["--dataset", "folder", "--data_path", "{onergb}"],
+     "no IR images under"),
+    ("--heldout 1", "pre_process_sysu.py", ["--dataset", "folder", "--data_path", "{onergb}", "--heldout", "1"],
+     "--heldout must be in [0, 1)"),
+    ("a folder not preprocessed", "train.py", ["--dataset", "folder", "--data_path", "{onergb}"],
+     "run: python pre_process_sysu.py --dataset folder"),
+    ("fewer folder images than one batch", "train.py", ["--dataset", "folder", "--data_path", "{folder}",
+     "--img_h", "48", "--img_w", "24", "--batch-size", "500"], "fewer than one batch"),
+    ("several sets, one --data_path", "train.py", ["--dataset", "sysu,folder"], "names 2 sets but --data_path"),
+    ("several sets of different image sizes", "train.py", ["--dataset", "sysu,folder", "--data_path",
+     "{data},{folder}"], "holds 48x24 images but --img_h/--img_w ask for 96x48"),
+    ("a set named twice", "train.py", ["--dataset", "sysu,sysu"], "names a set twice"),
+    ("--dataset folder", "AGW/train.py", ["--dataset", "folder", "--data_path", "{folder}"], "need identities"),
+    ("several sets", "DDAG/test_ddag.py", ["--dataset", "sysu,llcm", "--resume", "{r18}"], "need identities"),
     ("unknown configuration", "tools/study.py", ["--out", "{tmp}/study", "--configs", "nope"],
      "unknown configuration 'nope'"),
 ]
@@ -101,8 +120,16 @@ def make_files(data, raw, tmp):
     r18, r50 = tmp / "mmgl_r18.t", tmp / "mmgl_r50.t"   # pre-training checkpoints, as train.py writes them
     torch.save(MMGLNet("resnet18", "two").state_dict(), r18)
     torch.save(MMGLNet("resnet50", "two").state_dict(), r50)
+    # an unlabelled folder preprocessed at 48x24, and one with RGB images only
+    from pre_process_sysu import preprocess_folder
+    from tools.make_synthetic import make_folder
+    folder, onergb = tmp / "crops", tmp / "rgb_only"
+    make_folder(folder, num_ids=4, seed=0)
+    preprocess_folder(folder, img_h=48, img_w=24, verbose=False)
+    (onergb / "rgb").mkdir(parents=True)
+    (folder / "rgb" / "day").rename(onergb / "rgb" / "day")
     return {"data": data, "raw": raw, "tmp": tmp, "text": text, "cut": cut, "plain": plain,
-            "alien": alien, "blocker": blocker, "r18": r18, "r50": r50}
+            "alien": alien, "blocker": blocker, "r18": r18, "r50": r50, "folder": folder, "onergb": onergb}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Synthetic SYSU-MM01, RegDB and LLCM in their real on-disk layouts.
+"""Synthetic SYSU-MM01, RegDB and LLCM in their real on-disk layouts, and an unlabelled
+RGB-IR image folder.
 
 The real datasets need a signed licence, so the quick start and the tests run on these.
 Each identity is a small "genome" of body SHAPE (head size, shoulder width, leg width and
@@ -21,6 +22,7 @@ Deterministic by ``seed`` (same seed -> identical bytes). Usage:
     python tools/make_synthetic.py --dataset sysu --out data/SYSU-MM01 --num_ids 40 --seed 0
     python tools/make_synthetic.py --dataset both          # data/SYSU-MM01 and data/RegDB
     python tools/make_synthetic.py --dataset llcm          # data/LLCM
+    python tools/make_synthetic.py --dataset folder        # data/folder: unlabelled rgb/, ir/
 """
 import json
 import os
@@ -465,23 +467,71 @@ def make_llcm(out_dir, num_ids=30, seed=0, imgs_per_cam=(1, 3), cam_prob=0.5,
             "seconds": time.time() - start}
 
 
+# ----------------------------------------------------------------------------- an unlabelled folder
+FOLDER_LAYOUT = {"rgb": ("day/cam_a", "day/cam_b", "dusk"), "ir": ("night/cam_a", "night/cam_c")}
+FOLDER_FORMATS = ("jpg", "png", "bmp")
+
+
+def make_folder(out_dir, num_ids=30, seed=0, imgs_per_id=(2, 5), heights=(100, 160),
+                widths=(50, 80), quality=90):
+    """Write an UNLABELLED set of person crops into ``out_dir``, the layout ``--dataset
+    folder`` reads: ``rgb/`` and ``ir/`` with sub-folders of several depths, jpg, png and bmp
+    files named by frame (no identity, camera or split in any name), and one non-image file
+    that the reader must ignore. ``num_ids`` people are rendered, each into ``imgs_per_id``
+    (inclusive range) images per modality. Returns a summary dict."""
+    _check_seed(seed)
+    if num_ids < 1:
+        raise UserError(f"--num_ids must be at least 1, got {num_ids}")
+    lo, hi = _check_range(imgs_per_id)
+    start = time.time()
+    out, tmp = _prepare_out(out_dir)
+    try:
+        counts = {"rgb": 0, "ir": 0}
+        frame = np.random.default_rng([seed, 7]).permutation(100000)   # names carry no identity
+        for person in range(num_ids):
+            g = make_identity(np.random.default_rng([seed, person]))
+            prng = np.random.default_rng([seed, person, 1])
+            for modality, folders in FOLDER_LAYOUT.items():
+                for _ in range(int(prng.integers(lo, hi + 1))):
+                    h, w = _image_size(prng, heights, widths)
+                    img = _to_uint8(render(g, h, w, prng, modality))
+                    folder = tmp / modality / folders[int(prng.integers(len(folders)))]
+                    folder.mkdir(parents=True, exist_ok=True)
+                    ext = FOLDER_FORMATS[int(prng.integers(len(FOLDER_FORMATS)))]
+                    name = folder / f"frame_{int(frame[sum(counts.values())]):05d}.{ext}"
+                    pil = Image.fromarray(img, "L" if modality == "ir" else "RGB")
+                    pil.save(name, **({"quality": quality} if ext == "jpg" else {}))
+                    counts[modality] += 1
+        (tmp / "rgb" / "notes.txt").write_text("not an image: the reader skips it\n")
+        _commit_out(out, tmp, {"dataset": "folder", "num_ids": num_ids, "seed": seed,
+                               "imgs_per_id": list(imgs_per_id),
+                               "note": "synthetic data from tools/make_synthetic.py"})
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return {"out": str(out), "images": counts, "seconds": time.time() - start}
+
+
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
     p = ArgumentParser(description="Write a synthetic SYSU-MM01, RegDB and/or LLCM in the "
                                             "real layouts (for the quick start and the tests).")
-    p.add_argument("--dataset", default="sysu", choices=["sysu", "regdb", "llcm", "both", "all"],
-                   help="both = sysu + regdb; all = sysu + regdb + llcm")
+    p.add_argument("--dataset", default="sysu", choices=["sysu", "regdb", "llcm", "folder", "both", "all"],
+                   help="both = sysu + regdb; all = sysu + regdb + llcm; folder = unlabelled "
+                        "rgb/ and ir/ crops (for train.py --dataset folder)")
     p.add_argument("--out", default=None,
                    help="output folder (default data/SYSU-MM01, data/RegDB or data/LLCM under the "
                         "repository root); with --dataset both or all, the PARENT folder of "
                         "SYSU-MM01/, RegDB/ (and LLCM/)")
     p.add_argument("--num_ids", type=int, default=None,
-                   help="identities (default: sysu 40, regdb 20, llcm 30)")
+                   help="identities (default: sysu 40, regdb 20, llcm 30, folder 30)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--imgs_per_cam", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="SYSU and LLCM: images per (id, camera), inclusive range "
                         "(default: sysu 3 6, llcm 1 3)")
     p.add_argument("--imgs_per_id", type=int, default=10, help="RegDB: images per id and modality")
+    p.add_argument("--folder_imgs", type=int, nargs=2, default=(2, 5), metavar=("LO", "HI"),
+                   help="folder: images per person and modality, inclusive range")
     args = p.parse_args(argv)
 
     parent = Path(args.out).expanduser().resolve() if args.out else REPO_ROOT / "data"
@@ -504,6 +554,12 @@ def main(argv=None):
         print(f"wrote synthetic RegDB to {r['out']} in {r['seconds']:.1f}s")
         print(f"  {r['ids']} ids x {args.imgs_per_id} images per modality (Visible/, Thermal/); "
               f"idx/ splits for trials 1..{r['trials']}")
+    if args.dataset == "folder":
+        out = parent if args.out else parent / "folder"
+        r = make_folder(out, num_ids=args.num_ids or 30, seed=args.seed, imgs_per_id=tuple(args.folder_imgs))
+        print(f"wrote an unlabelled RGB-IR folder to {r['out']} in {r['seconds']:.1f}s: "
+              f"{r['images']['rgb']} images under rgb/, {r['images']['ir']} under ir/ (jpg, png, bmp)")
+        print(f"  next: python pre_process_sysu.py --dataset folder --data_path {r['out']}")
     if args.dataset in ("llcm", "all"):
         out = parent / "LLCM" if (several or not args.out) else parent
         r = make_llcm(out, num_ids=args.num_ids or 30, seed=args.seed,
