@@ -85,8 +85,10 @@ PRETRAIN = {
 DEFAULT_CONFIGS = "gap_k6_pcc,gap_k6_nopcc,stripes_k6_pcc,stripes_k6_nopcc,gap_k3_pcc"
 READINGS = ("gap_k6_pcc,gap_k6_nopcc,gap_k6_pcc_cw0,gap_k6_pcc_cw0.05,gap_k6_pcc_cycle,gap_k6_pcc_part_orig,"
             "gap_k6_pcc_detach,gap_k6_pcc_mse_matrix")
-SCREEN = ("stripes_k6_nopcc,stripes_k6_cw0,stripes_k6_pcc,stripes_k6_mlp,stripes_k6_mutual,stripes_k6_mutual_part_orig,"
-          "stripes_k6_part_orig,stripes_k6_part_orig_mlp,stripes_k6_separate,stripes_k6_start10,stripes_k6_ramp10")
+SCREEN = ("stripes_k6_nopcc,stripes_k6_cw0,stripes_k6_pcc,stripes_k6_mlp,stripes_k6_mutual,stripes_k6_part_orig,"
+          "stripes_k6_part_orig_mlp,stripes_k6_separate,stripes_k6_start10,stripes_k6_ramp10,"
+          "stripes_k6_mutual_part_orig,stripes_k6_default,stripes_k6_mse_matrix,stripes_k6_mutual_part_orig_mse_matrix,"
+          "gap_k6_mutual_part_orig_start10")
 SIZE = ["--img_h", "96", "--img_w", "48"]
 
 
