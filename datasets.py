@@ -249,7 +249,7 @@ class Joint(Benchmark):
         paths = [p.strip() for p in args.data_path.split(",")] if getattr(args, "data_path", None) else [None] * len(self.parts)
         if len(paths) != len(self.parts):
             raise UserError(f"--dataset {args.dataset} names {len(self.parts)} sets but --data_path "
-                            f"{args.data_path} gives {len(paths)} folders; give one per set, in the "
+                            f"{args.data_path} gives {len(paths)}; give one folder per set, in the "
                             f"same order, separated by commas")
         return [(b, argparse.Namespace(**{**vars(args), "dataset": b.name, "data_path": p}))
                 for b, p in zip(self.parts, paths)]

@@ -2,6 +2,7 @@
 stderr (at most ~200 characters), exit status 2, no traceback. Run as a script
 (``python tests/test_bad_inputs.py DATA_DIR``) it prints the table's Markdown rows from
 the real messages."""
+import re
 import sys
 from pathlib import Path
 
@@ -153,6 +154,16 @@ def test_bad_input_is_one_error_line(what, script, args, needle, files):
     # the error is the only output: no run header, nothing trained, no log of a run that never started
     assert res.stdout.strip() == "", res.stdout[-2000:]
     assert not list((files["tmp"] / "log").rglob("*.txt"))
+
+
+def test_reliability_table_lists_every_case():
+    """docs/RELIABILITY.md's table is this list, printed by running this file as a script:
+    one row per case, in order, each with its message (the needle), so it cannot drift."""
+    rows = [line for line in (ROOT / "docs" / "RELIABILITY.md").read_text().splitlines()
+            if re.match(r"\| \d+ \| `", line)]
+    assert len(rows) == len(CASES), "re-run: python tests/test_bad_inputs.py DATA OUT"
+    for row, (what, script, _, needle) in zip(rows, CASES):
+        assert f"`{script}`: {what} |" in row and needle.replace("|", "\\|") in row, (row, what, needle)
 
 
 if __name__ == "__main__":   # the docs/RELIABILITY.md table from the real messages
