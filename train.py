@@ -47,7 +47,7 @@ def get_args_parser():
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", default=32, type=int,
                    help="images PER MODALITY per step (per GPU under torchrun)")
     g.add_argument("--iters_per_epoch", default=0, type=int, help="cap steps per epoch (0: a full pass)")
-    g.add_argument("--optimizer", default="sgd", help="sgd (the authors': momentum 0.9, weight decay "
+    g.add_argument("--optim", default="sgd", help="sgd (the authors': momentum 0.9, weight decay "
                    "5e-4) | adam (weight decay 5e-4; give it a small --lr such as 1e-3)")
     g.add_argument("--val_images", default=300, type=int,
                    help="held-out test images per modality for the permutation accuracy printed after "
@@ -118,7 +118,7 @@ def check_args(args):
     utils.choice_check("--perm_reduction", args.perm_reduction, ("mean", "matrix"))
     utils.choice_check("--pcc_pool", args.pcc_pool, ("all", "part"))
     utils.choice_check("--pcc_order", args.pcc_order, ("shuffled", "original"))
-    utils.choice_check("--optimizer", args.optimizer, ("sgd", "adam"))
+    utils.choice_check("--optim", args.optim, ("sgd", "adam"))
     utils.check_stripes(args.num_stripe, args.img_h)
     for name in ("val_images", "iters_per_epoch", "pcc_ramp_epochs", "pcc_start_epoch", "pcc_start_acc"):
         if getattr(args, name) < 0:
@@ -144,7 +144,7 @@ def pcc_start(args):
 # the flags that decide the network's tensors (a _last.pth resumes only with the same ones)
 NETWORK_FLAGS = ("arch", "stream", "num_stripe", "perm_feat", "perm_bn", "pcc", "part", "pcc_head", "local_branch")
 # the flags that decide the losses' reading and the optimiser: a run continues only under the ones it began with
-READING_FLAGS = ("pcc_form", "pcc_pool", "pcc_order", "pcc_detach_pool", "perm_reduction", "optimizer")
+READING_FLAGS = ("pcc_form", "pcc_pool", "pcc_order", "pcc_detach_pool", "perm_reduction", "optim")
 
 
 def check_same_reading(path, saved, args):
@@ -186,8 +186,8 @@ def run_name(args):
         name += "_pcc_" + "_".join(readings)
     if args.train_ratio < 1.0:
         name += f"_ratio_{args.train_ratio}"
-    if args.optimizer != "sgd":
-        name += f"_{args.optimizer}"
+    if args.optim != "sgd":
+        name += f"_{args.optim}"
     return name
 
 
@@ -470,7 +470,7 @@ def main(args):
     net = utils.wrap_ddp(net, device, args.sync_bn)
     model = torch.compile(net) if args.compile else net
 
-    if args.optimizer == "adam":   # not the paper's: for short CPU runs (the quick start)
+    if args.optim == "adam":   # not the paper's: for short CPU runs (the quick start)
         optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=5e-4)
     else:
         optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)

@@ -95,8 +95,8 @@ def test_old_fine_tuning_last_file_resumes(tmp_path):
 def test_registry(sysu_small, regdb_small):
     """Every script asks the registry: names, default folders, run suffixes, flag checks, and
     test lists whose trial galleries index the union gallery."""
-    assert datasets.NAMES == ("sysu", "regdb", "llcm")
-    with pytest.raises(UserError, match="--dataset must be one of sysu, regdb, llcm"):
+    assert datasets.NAMES == ("sysu", "regdb", "llcm", "folder")
+    with pytest.raises(UserError, match="--dataset must be one of sysu, regdb, llcm, folder"):
         datasets.get("market")
     args = engine_finetune.get_args_parser("t").parse_args(["--data_path", str(sysu_small), *SMALL_ARGS])
     sysu = datasets.get("sysu")
