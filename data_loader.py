@@ -262,23 +262,27 @@ class UnpairedSampler(_EpochBatches):
     """MMGL pre-training batches: ``batch_size`` RGB and ``batch_size`` IR images drawn
     independently (unpaired: no identity labels are used). One epoch walks a fresh random
     order of the larger modality once; the smaller one is cycled through its own random
-    orders."""
+    orders. ``steps`` > 0 fixes the epoch's length instead: fewer steps are the first ones of
+    that pass, more keep cycling both modalities through fresh random orders (an epoch as
+    long as a bigger set's, for a small one)."""
 
-    def __init__(self, rgb_pool, ir_pool, batch_size, seed=0, epoch=0, rank=None, world=None):
+    def __init__(self, rgb_pool, ir_pool, batch_size, seed=0, epoch=0, rank=None, world=None, steps=0):
         self.rgb_pool, self.ir_pool = np.asarray(rgb_pool), np.asarray(ir_pool)
-        self.batch_size = batch_size
+        self.batch_size, self.steps = batch_size, steps
         super().__init__(seed, epoch, rank, world)
 
     def _global_batches(self, rng):
         gb = self.batch_size * self.world
-        steps = max(1, max(len(self.rgb_pool), len(self.ir_pool)) // gb)
+        # one pass, or longer when asked: then cut to the asked length (a shorter epoch is
+        # the start of the same pass, so a capped run sees the batches it always saw)
+        steps = max(1, max(len(self.rgb_pool), len(self.ir_pool)) // gb, self.steps)
 
         def stream(pool):
             reps = -(-steps * gb // len(pool))
             return np.concatenate([rng.permutation(pool) for _ in range(reps)])[: steps * gb]
 
         rgb, ir = stream(self.rgb_pool), stream(self.ir_pool)
-        return [(rgb[s * gb:(s + 1) * gb], ir[s * gb:(s + 1) * gb]) for s in range(steps)]
+        return [(rgb[s * gb:(s + 1) * gb], ir[s * gb:(s + 1) * gb]) for s in range(self.steps or steps)]
 
 
 class IdentitySampler(_EpochBatches):

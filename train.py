@@ -46,7 +46,9 @@ def get_args_parser():
     g.add_argument("--dummy", action="store_true", help="random images instead of a dataset (smoke runs, benchmarks)")
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", default=32, type=int,
                    help="images PER MODALITY per step (per GPU under torchrun)")
-    g.add_argument("--iters_per_epoch", default=0, type=int, help="cap steps per epoch (0: a full pass)")
+    g.add_argument("--iters_per_epoch", default=0, type=int, help="steps per epoch (0: one pass over the larger "
+                   "modality; more than a pass cycles through fresh random orders, so a small set can be "
+                   "trained for the same steps as a big one)")
     g.add_argument("--optim", default="sgd", help="sgd (the authors': momentum 0.9, weight decay "
                    "5e-4) | adam (weight decay 5e-4; give it a small --lr such as 1e-3)")
     g.add_argument("--val_images", default=300, type=int,
@@ -278,14 +280,12 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
     on the device and read at print intervals only; a non-finite loss is recorded (with its
     step) on the device and raised at the next read."""
     net.train()
-    n_steps = len(loader) if not args.iters_per_epoch else min(len(loader), args.iters_per_epoch)
+    n_steps = len(loader)
     meter = runstate.Meter()
     watch = utils.NonFiniteWatch(device)
     weight = pcc_weight(epoch, args, state["pcc_from"])
     t0 = t_print = time.time()
     for step, (rgb, ir, _, _) in enumerate(loader):
-        if step >= n_steps:
-            break
         rgb = rgb.to(device, non_blocking=True)
         ir = ir.to(device, non_blocking=True)
         # the SAME permutation for the RGB and the IR image of pair j (paper: "shuffled
@@ -494,7 +494,8 @@ def main(args):
     try:
         for epoch in range(state["start_epoch"], args.epochs):
             t0 = time.time()
-            sampler = UnpairedSampler(data.rgb_pool, data.ir_pool, args.batch_size, seed=args.seed, epoch=epoch)
+            sampler = UnpairedSampler(data.rgb_pool, data.ir_pool, args.batch_size, seed=args.seed, epoch=epoch,
+                                      steps=args.iters_per_epoch)
             loader = make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
             stats = train_one_epoch(model, loader, optimizer, scaler, aug, epoch, args, device, log, state)
             scheduler.step()

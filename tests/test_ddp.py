@@ -56,6 +56,23 @@ def test_unpaired_sampler_shards_the_global_batch(world):
     assert not np.array_equal(other_epoch[0][0], ranks[0][0][0])
 
 
+def test_unpaired_sampler_epoch_length():
+    """--iters_per_epoch: a shorter epoch is the start of the full pass (capped runs see the
+    batches they always saw); a longer one keeps cycling both modalities evenly."""
+    rgb, ir = np.arange(100), np.arange(1000, 1060)
+    full = list(UnpairedSampler(rgb, ir, 8, seed=5, epoch=2))
+    assert len(full) == 12
+    short = list(UnpairedSampler(rgb, ir, 8, seed=5, epoch=2, steps=5))
+    assert len(short) == 5 and all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+                                   for a, b in zip(short, full))
+    long = list(UnpairedSampler(rgb[:10], ir[:6], 8, seed=5, epoch=2, steps=30))
+    assert len(long) == 30 and all(len(r) == 8 and len(i) == 8 for r, i in long)
+    count_rgb = np.bincount(np.concatenate([r for r, _ in long]))
+    count_ir = np.bincount(np.concatenate([i for _, i in long]) - 1000)
+    # 240 draws over 10 RGB / 6 IR images: whole random orders, so every image 24 / 40 times
+    assert set(count_rgb) == {24} and set(count_ir) == {40}
+
+
 def test_identity_sampler_shards_identities():
     rng = np.random.default_rng(0)
     rgb_label, ir_label = rng.integers(0, 20, 300), rng.integers(0, 20, 150)

@@ -134,11 +134,14 @@ def test_resume_is_exact(sysu_small, two_stream_run, tmp_path):
 
 
 def test_train_ratio_uses_a_seeded_fraction(sysu_small, tmp_path):
-    res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1",
-                    "--iters_per_epoch", "1", "--train_ratio", "0.25")
+    # an epoch longer than the small fraction's one pass: the sampler cycles through it
     data = SYSUData(sysu_small)
     n_rgb = int(round(len(data.rgb_img) * 0.25))
+    steps = max(n_rgb, int(round(len(data.ir_img) * 0.25))) // 4 + 3
+    res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1", "--batch-size", "4",
+                    "--iters_per_epoch", str(steps), "--train_ratio", "0.25", "--print_freq", "1")
     assert f"RGB {n_rgb}/{len(data.rgb_img)} images" in res.stdout
+    assert f"Epoch [0][{steps}/{steps}]" in res.stdout
     assert list((tmp_path / "sm").glob("*_ratio_0.25_epoch_1.t"))
 
 

@@ -38,6 +38,8 @@ FIRST = ["--pcc_form", "pair", "--pcc_pool", "all", "--pcc_order", "shuffled", "
 PART_MUTUAL = ["--pcc_form", "mutual", "--pcc_pool", "part", "--pcc_order", "original"]
 NOW = ["--pcc_start_acc", "0"]
 S = ["--perm_feat", "stripes"]
+LLCM_DATA = "<llcm>"   # replaced by the study's synthetic LLCM (another seed: other people)
+STEPS = "<steps>"      # replaced by --steps_per_epoch
 # name -> (train.py flags, label in tables and plots)
 PRETRAIN = {
     "gap_k6_pcc": (FIRST, "GAP, K=6, PCC first reading (the paper's configuration)"),
@@ -81,6 +83,13 @@ PRETRAIN = {
     "stripes_k6_ramp10": (S + FIRST + ["--pcc_ramp_epochs", "10"],
                           "stripes, PCC weight ramped 0 -> 0.5 over 10 epochs"),
     "stripes_k6_default": (S, "stripes, PCC default (same-part mutual-NN, on at stripe acc 2x chance)"),
+    # the paper's transfer and data-efficiency claims: the default configuration on other
+    # data, each for the SAME steps (--steps_per_epoch) as the default on the study's SYSU-MM01
+    "gap_k6_default_sysu": (["--iters_per_epoch", STEPS], "GAP, K=6, default PCC, pre-trained on SYSU-MM01"),
+    "gap_k6_default_llcm": (["--dataset", "llcm", "--data_path", LLCM_DATA, "--iters_per_epoch", STEPS],
+                            "GAP, K=6, default PCC, pre-trained on LLCM only (transfer)"),
+    "gap_k6_default_ratio0.05": (["--train_ratio", "0.05", "--iters_per_epoch", STEPS],
+                                 "GAP, K=6, default PCC, pre-trained on 5% of the SYSU-MM01 images"),
 }
 DEFAULT_CONFIGS = "gap_k6_pcc,gap_k6_nopcc,stripes_k6_pcc,stripes_k6_nopcc,gap_k3_pcc"
 READINGS = ("gap_k6_pcc,gap_k6_nopcc,gap_k6_pcc_cw0,gap_k6_pcc_cw0.05,gap_k6_pcc_cycle,gap_k6_pcc_part_orig,"
@@ -101,6 +110,8 @@ def get_args_parser():
     p.add_argument("--epochs", default=30, type=int, help="pre-training epochs of every configuration")
     p.add_argument("--batch-size", dest="batch_size", default=16, type=int,
                    help="pre-training images per modality per step")
+    p.add_argument("--steps_per_epoch", default=40, type=int, help="pre-training steps per epoch of the "
+                   "transfer and data-efficiency configurations (40: one pass over the default 60-id set)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="pre-training configurations to run, or "
                    "'readings' for the first screen of loss-balance readings, 'screen' for the screen of PCC "
                    "readings on the stripes head (known: " + ", ".join(PRETRAIN) + ")")
@@ -111,6 +122,8 @@ def get_args_parser():
                    "lines already under --out; start no run (unfinished runs are reported as far as they got)")
     p.add_argument("--ft_from", default="", help="fine-tune from this configuration's checkpoint (default: "
                    "the finished K=6 run with the highest held-out permutation accuracy)")
+    p.add_argument("--ft_also", default="", help="comma-separated configurations whose checkpoints AGW is "
+                   "also fine-tuned from (--seeds seeds each; the transfer and data-efficiency table)")
     p.add_argument("--jobs", default=2, type=int, help="runs at once")
     p.add_argument("--threads", default=1, type=int, help="CPU threads per run")
     p.add_argument("--gpu", default="cpu")
@@ -163,6 +176,21 @@ def prepare_data(out, args):
     return data
 
 
+def prepare_llcm(out, args):
+    """The synthetic LLCM of the transfer rows: as many identities as the SYSU-MM01 set, from
+    another seed (other people), preprocessed at the same size."""
+    data = out / "data" / "LLCM"
+    if (data / "train_ir_resized_img.npy").is_file():
+        return data
+    print(f"==> synthetic LLCM, {args.num_ids} ids -> {data}", flush=True)
+    py = sys.executable
+    run([py, "tools/make_synthetic.py", "--dataset", "llcm", "--out", str(data), "--num_ids",
+         str(args.num_ids), "--seed", str(args.data_seed + 1)], out / "data.log", args)
+    run([py, "pre_process_sysu.py", "--dataset", "llcm", "--data_path", str(data), *SIZE, "--workers",
+         str(args.jobs)], out / "data.log", args)
+    return data
+
+
 def pretrain_jobs(out, data, args, names):
     jobs = []
     for name in names:
@@ -170,6 +198,9 @@ def pretrain_jobs(out, data, args, names):
         d = out / "pretrain" / name
         if len(read_jsonl(next(iter(d.glob("log/*.jsonl")), d / "none"))) >= args.epochs:
             continue
+        if LLCM_DATA in flags:
+            flags = [str(prepare_llcm(out, args)) if f == LLCM_DATA else f for f in flags]
+        flags = [str(args.steps_per_epoch) if f == STEPS else f for f in flags]
         cmd = [sys.executable, "train.py", "--dataset", "sysu", "--data_path", str(data), *SIZE,
                "--arch", "resnet18", "--batch-size", str(args.batch_size), "--lr", "0.1",
                "--warmup_epochs", "1", "--epochs", str(args.epochs), "--save_epoch", str(args.epochs),
@@ -194,11 +225,16 @@ def pretrain_results(out, args):
     return res
 
 
-def finetune_jobs(out, data, ckpt, args):
+def finetune_jobs(out, data, inits, args):
+    """``inits``: {folder prefix: checkpoint, or None for random weights}. AGW ``--seeds``
+    seeds and DDAG ``--ddag_seeds`` seeds of each; the ``from_*`` sources (``--ft_also``)
+    AGW only."""
     jobs = []
     for method, script, seeds in (("agw", "train.py", args.seeds), ("ddag", "train_ddag.py", args.ddag_seeds)):
         for seed in range(seeds):
-            for init in ("mmgl", "random"):
+            for init, ckpt in inits.items():
+                if method == "ddag" and init.startswith("from_"):
+                    continue
                 d = out / method / f"{init}_seed{seed}"
                 if len(read_jsonl(next(iter(d.glob("log/*.jsonl")), d / "none"))) >= args.ft_epochs:
                     continue
@@ -212,7 +248,10 @@ def finetune_jobs(out, data, ckpt, args):
                 last = list(d.glob("*_last.pth"))
                 if last:
                     cmd += ["--resume", str(last[0])]
-                elif init == "mmgl":
+                elif init != "random":
+                    if not ckpt:   # a finished pre-training whose checkpoint was not kept
+                        raise UserError(f"{d}: nothing to fine-tune from (no pre-training checkpoint under "
+                                        f"{out / 'pretrain'} for {init})")
                     cmd += ["--resume", str(ckpt)]
                 d.mkdir(parents=True, exist_ok=True)
                 jobs.append((cmd, d / "run.log", REPO_ROOT / method.upper()))
@@ -298,16 +337,26 @@ def finetune_table(out, method, feature):
     return rows
 
 
-def finetune_finals(out, method, feature):
+def finetune_finals(out, method, feature, inits=("mmgl", "random")):
     """{init: {seed: final test entry}} of one method's runs."""
     res = {}
-    for init in ("mmgl", "random"):
+    for init in inits:
         for d in sorted((out / method).glob(f"{init}_seed*")):
             log = read_jsonl(next(iter(d.glob("log/*.jsonl")), d / "none"))
             tested = [r for r in log if feature in r]
             if tested:
                 res.setdefault(init, {})[int(d.name.rsplit("seed", 1)[1])] = tested[-1][feature]
     return res
+
+
+def _paired(a, b, seeds):
+    """MMGL-minus-random cells for Rank-1 and mAP: mean ± standard error, then each seed."""
+    cells = []
+    for key in ("rank1", "mAP"):
+        d = np.array([a[s][key] - b[s][key] for s in seeds]) * 100
+        se = f"{d.std(ddof=1) / np.sqrt(len(d)):.1f}" if len(d) > 1 else "–"
+        cells.append(f"{d.mean():+.1f} ± {se} ({', '.join(f'{x:+.1f}' for x in d)})")
+    return cells
 
 
 def paired_rows(out, method, feature):
@@ -317,12 +366,30 @@ def paired_rows(out, method, feature):
     seeds = sorted(set(finals.get("mmgl", {})) & set(finals.get("random", {})))
     if not seeds:
         return []
-    cells = []
-    for key in ("rank1", "mAP"):
-        d = np.array([finals["mmgl"][s][key] - finals["random"][s][key] for s in seeds]) * 100
-        se = f"{d.std(ddof=1) / np.sqrt(len(d)):.1f}" if len(d) > 1 else "–"
-        cells.append(f"{d.mean():+.1f} ± {se} ({', '.join(f'{x:+.1f}' for x in d)})")
+    cells = _paired(finals["mmgl"], finals["random"], seeds)
     return [f"| {method.upper()} | {len(seeds)} | {cells[0]} | {cells[1]} |"]
+
+
+def claims_rows(out, pre, sources):
+    """AGW from each pre-training source ({folder prefix: configuration}) and from random
+    weights, over the seeds that every source has: the transfer / data-efficiency table."""
+    finals = finetune_finals(out, "agw", "FC", [*sources, "random"])
+    seeds = sorted(set.intersection(*[set(finals.get(i, {})) for i in [*sources, "random"]]))
+    if not seeds:
+        return []
+    rows = ["| pre-trained on | steps | held-out perm acc of the checkpoint | seeds | Rank-1 % | mAP % | "
+            "Rank-1 vs random (paired) | mAP vs random (paired) |", "|---|---|---|---|---|---|---|---|"]
+    for init, name in [*sources.items(), ("random", None)]:
+        r1 = [finals[init][s]["rank1"] for s in seeds]
+        mAP = [finals[init][s]["mAP"] for s in seeds]
+        if name is None:
+            rows.append(f"| random weights | – | – | {len(seeds)} | {_mean_std(r1)} | {_mean_std(mAP)} | – | – |")
+            continue
+        last = [x for x in pre[name]["log"] if "val_perm_acc" in x][-1]
+        cells = _paired(finals[init], finals["random"], seeds)
+        rows.append(f"| {PRETRAIN[name][1]} | {last['step']} | {100 * last['val_perm_acc']:.1f}% | {len(seeds)} | "
+                    f"{_mean_std(r1)} | {_mean_std(mAP)} | {cells[0]} | {cells[1]} |")
+    return rows
 
 
 def plot(pre, out):
@@ -472,9 +539,20 @@ def report(out, pre, chosen, args):
             lines += ["", "Paired by seed (MMGL minus random init; mean ± standard error over seeds, "
                       "per-seed differences in brackets, percentage points):", "",
                       "| method | seeds | Rank-1 difference | mAP difference |", "|---|---|---|---|"] + paired
+        claims = claims_rows(out, pre, {"mmgl": chosen, **{f"from_{n}": n for n in args.ft_also.split(",") if n}})
+        if args.ft_also and claims:
+            lines += ["", "## Transfer and data efficiency (AGW on SYSU-MM01)", "",
+                      "AGW fine-tuned on the study's SYSU-MM01 (same budget as above) from the default "
+                      "configuration pre-trained on each set for the same number of steps, and from random "
+                      "weights; seeds that every row has (paired by seed: MMGL minus random, mean ± "
+                      "standard error, then each seed).", ""] + claims
         # the chosen checkpoint, every other finished K=6 one, and random weights
         ckpts = {n: r["ckpt"] for n, r in pre.items() if r["ckpt"] and "_k6_" in n}
         scale = feature_scale(ckpts, out / "data" / "SYSU-MM01")
+        # a run whose checkpoint was not kept keeps the row measured while it was there
+        old = out / "feature_scale.json"
+        kept = json.loads(old.read_text()) if old.is_file() else {}
+        scale = {**{n: v for n, v in kept.items() if n not in scale}, **scale}
         cols = list(scale["random"])
         lines += ["", "## Feature scale at the first fine-tuning step", "",
                   "AGW network (ResNet-18) with its backbone from each finished K=6 pre-training run or "
@@ -492,10 +570,14 @@ def main(args):
     out = Path(args.out)
     out = out if out.is_absolute() else REPO_ROOT / out
     args.configs = {"readings": READINGS, "screen": SCREEN}.get(args.configs, args.configs)
-    for name in args.configs.split(",") + ([args.ft_from] if args.ft_from else []):
+    also = [n for n in args.ft_also.split(",") if n]
+    for name in args.configs.split(",") + ([args.ft_from] if args.ft_from else []) + also:
         if name not in PRETRAIN:
             raise UserError(f"--configs: unknown configuration {name!r} (python tools/study.py --help lists them)")
     names = args.configs.split(",")
+    if set(also) - set(names):
+        raise UserError(f"--ft_also {','.join(sorted(set(also) - set(names)))}: not among --configs, so "
+                        f"nothing pre-trains it")
     if args.report:
         pre = pretrain_results(out, args)
         plot(pre, out)
@@ -514,10 +596,11 @@ def main(args):
         # the MMGL init: the finished K=6 run with the highest final held-out permutation accuracy
         scored = [(r["log"][-1].get("val_perm_acc", 0), n) for n, r in pre.items() if r["ckpt"] and n in k6]
         chosen = args.ft_from or (max(scored)[1] if scored else None)
-        if chosen and not (chosen in pre and pre[chosen]["ckpt"]):
-            raise UserError(f"--ft_from {chosen}: that configuration has no finished checkpoint under {out}")
+        if chosen and chosen not in pre:
+            raise UserError(f"--ft_from {chosen}: that configuration has no pre-training run under {out}")
         if chosen and (args.seeds or args.ddag_seeds):
-            jobs = finetune_jobs(out, data, pre[chosen]["ckpt"], args)
+            inits = {"mmgl": pre[chosen]["ckpt"], **{f"from_{n}": pre[n]["ckpt"] for n in also}, "random": None}
+            jobs = finetune_jobs(out, data, inits, args)
             print(f"==> fine-tuning from {chosen}: {len(jobs)} run(s) to do", flush=True)
             rest += submit(pool, jobs, args)
         wait(rest)
