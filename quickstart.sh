@@ -41,7 +41,7 @@ $PY train.py --dataset sysu --stream two --data_path "$DATA" --arch resnet18 "${
 CKPT=$ROOT/save_model/demo/sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18_stripes_epoch_10.t
 
 # AGW with Adam (lr 3e-3) rather than SGD at 0.1: on 12 test identities SGD's Rank-1 swings
-# from epoch to epoch (measured here: 16.1% vs 19.6% best with Adam, from the same checkpoint)
+# from epoch to epoch (from one GAP-head checkpoint of this set: best 16.1% with SGD, 19.6% with Adam)
 step "AGW fine-tuning from $CKPT"
 cd AGW
 $PY train.py --dataset sysu --mode all --method agw --optim adam --lr 0.003 --data_path "$DATA" --arch resnet18 \

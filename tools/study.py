@@ -216,8 +216,9 @@ def pretrain_jobs(out, data, args, names):
 
 
 def pretrain_results(out, args):
+    """{configuration: its JSON lines and checkpoint} for --configs and the --ft_from one."""
     res = {}
-    for name in args.configs.split(","):
+    for name in dict.fromkeys(args.configs.split(",") + ([args.ft_from] if args.ft_from else [])):
         d = out / "pretrain" / name
         log = next(iter(d.glob("log/*.jsonl")), None)
         if log:
