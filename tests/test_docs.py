@@ -17,7 +17,10 @@ SCRIPTS = ["train.py", "AGW/train.py", "AGW/test.py", "DDAG/train_ddag.py", "DDA
 # flags of other programs the docs show (pytest, torchrun, tensorboard, pip)
 # (and --bogus: the bad-input table's example of an unknown flag)
 FOREIGN = {"--dist", "--logdir", "--logdir_spec", "--nproc_per_node", "--nnodes", "--node_rank",
-           "--master_addr", "--master_port", "--quiet", "--bogus"}
+           "--master_addr", "--master_port", "--quiet", "--bogus",
+           # tensorboard's and Chromium's, in the recipe of the TensorBoard screenshot
+           "--host", "--port", "--headless", "--no-sandbox", "--disable-gpu", "--window-size",
+           "--virtual-time-budget", "--screenshot"}
 OUTPUTS = ("save_model", "log", "data")   # folders of generated files: their files are examples
 TRACKED_TOP = {"AGW", "DDAG", "bench", "tools", "tests", "study", "docs", ".ci"}
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
