@@ -470,7 +470,7 @@ def main(args):
     net = utils.wrap_ddp(net, device, args.sync_bn)
     model = torch.compile(net) if args.compile else net
 
-    if args.optim == "adam":   # not the paper's: for short CPU runs (the quick start)
+    if args.optim == "adam":   # not the paper's: for short CPU runs
         optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=5e-4)
     else:
         optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
