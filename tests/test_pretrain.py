@@ -145,6 +145,21 @@ def test_train_ratio_uses_a_seeded_fraction(sysu_small, tmp_path):
     assert list((tmp_path / "sm").glob("*_ratio_0.25_epoch_1.t"))
 
 
+def test_adam_run_is_named_for_it_and_resumes_only_with_it(sysu_small, tmp_path):
+    """--optim adam: Adam's state in _last.pth, '_adam' in the run name, and continuing it
+    with the default SGD is one error line naming the flag."""
+    res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "2", "--iters_per_epoch", "1",
+                    "--optim", "adam", "--lr", "0.001", "--val_images", "0")
+    last = tmp_path / "sm" / "sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18_adam_last.pth"
+    assert last.is_file(), res.stdout[-2000:]
+    state = torch.load(last, map_location="cpu", weights_only=False)["optimizer"]["state"]
+    assert state and all("exp_avg" in v for v in state.values())
+    bad = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "3", "--iters_per_epoch", "1",
+                    "--val_images", "0", "--resume", str(last), check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "was written with --optim adam (this run: --optim sgd)" in bad.stderr.strip().splitlines()[-1]
+
+
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("args,needle", [
     (["--stream", "three"], "--stream must be one of"),
