@@ -540,8 +540,9 @@ def report(out, pre, chosen, args):
             lines += ["", "Paired by seed (MMGL minus random init; mean ± standard error over seeds, "
                       "per-seed differences in brackets, percentage points):", "",
                       "| method | seeds | Rank-1 difference | mAP difference |", "|---|---|---|---|"] + paired
-        claims = claims_rows(out, pre, {"mmgl": chosen, **{f"from_{n}": n for n in args.ft_also.split(",") if n}})
-        if args.ft_also and claims:
+        also = [n for n in args.ft_also.split(",") if n]
+        claims = claims_rows(out, pre, {"mmgl": chosen, **{f"from_{n}": n for n in also}}) if also else []
+        if claims:
             lines += ["", "## Transfer and data efficiency (AGW on SYSU-MM01)", "",
                       "AGW fine-tuned on the study's SYSU-MM01 (same budget as above) from the default "
                       "configuration pre-trained on each set for the same number of steps, and from random "
