@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from utils import UserError, choice_check
+from cli import UserError, choice_check
 
 SYSU_RGB_CAMS = {"all": (1, 2, 4, 5), "indoor": (1, 2)}
 SYSU_IR_CAMS = (3, 6)

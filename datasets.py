@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import cli
 import data_manager
 import eval_metrics
-import utils
-from utils import UserError
+from cli import UserError
 
 VISIBLE, THERMAL = 1, 2   # the networks' modality codes (stem 1 = RGB, stem 2 = IR)
 
@@ -61,7 +61,7 @@ class Benchmark:
 
     def data_path(self, args):
         """--data_path, or the benchmark's folder under the repository root."""
-        return utils.resolve_path(getattr(args, "data_path", None) or None, self.default_path)
+        return cli.resolve_path(getattr(args, "data_path", None) or None, self.default_path)
 
     def check_args(self, args):
         """Flag values only this benchmark constrains."""
@@ -218,7 +218,7 @@ class Folder(Benchmark):
     def data_path(self, args):
         if not getattr(args, "data_path", None):
             raise UserError("--dataset folder needs --data_path DIR (a folder with rgb/ and ir/)")
-        return utils.resolve_path(args.data_path)
+        return cli.resolve_path(args.data_path)
 
     def train_data(self, args):
         data = _preprocessed(self, args)
@@ -281,7 +281,7 @@ def get(name):
     ``a,b``: the sets a and b pre-trained on together (:class:`Joint`)."""
     names = [n.strip() for n in name.split(",")]
     for n in names:
-        utils.choice_check("--dataset", n, NAMES)
+        cli.choice_check("--dataset", n, NAMES)
     if len(names) == 1:
         return BENCHMARKS[name]
     if len(set(names)) < len(names):

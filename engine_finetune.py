@@ -1,36 +1,31 @@
 """The fine-tuning engine AGW (``AGW/train.py``, ``AGW/test.py``) and DDAG
 (``DDAG/train_ddag.py``, ``DDAG/test_ddag.py``) share, as plain functions: their flags,
-``--resume`` (MMGL pre-training checkpoint vs fine-tuning checkpoint vs resumable state),
 the optimiser and learning-rate schedule, one training epoch (:func:`train_one_epoch`),
-testing on the benchmark's protocol (:func:`evaluate`) and the checkpoints. Each method's
+testing on the benchmark's protocol (:func:`evaluate`) and when to save what. Each method's
 script owns its ``main``: the network, the loss, and the epoch loop calling these.
 
-Checkpoints (under ``--model_path``, relative paths resolved against the method's folder):
-
-* ``<run>_best.t``     ``{'net', 'epoch', 'cmc', 'mAP', 'mINP', 'feature'}`` (the authors'
-  format: 'net' is a plain state_dict without 'module.'), best Rank-1 so far;
-* ``<run>_epoch_N.t``  same format, every ``--save_epoch`` epochs;
-* ``<run>_last.pth``   everything needed to continue after a crash (runstate.save_last:
-  net, optimizer, AMP scaler, epoch, best, RNG states, the method's state such as
-  DDAG's wG), every epoch.
+Checkpoints (checkpoint.py writes and reads them all), under ``--model_path``:
+``<run>_best.t`` (best Rank-1 so far), ``<run>_epoch_N.t`` (every ``--save_epoch`` epochs,
+N = epochs done), ``<run>_last.pth`` (every epoch, to continue after a crash).
 """
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+import checkpoint
+import cli
 import data_loader
 import data_manager
 import datasets
+import distributed
 import eval_metrics
-import model
+import logger
 import options
-import runstate
-import utils
-from utils import UserError
+import runtime
+from cli import UserError
 
 DEFAULT_MILESTONES = (20, 50)  # AGW's lr steps
 
@@ -41,7 +36,7 @@ def get_args_parser(description, epochs=80, milestones=DEFAULT_MILESTONES):
     every stage shares (options.parents()). ``epochs``/``milestones`` are the method's
     defaults (AGW: 80, (20, 50))."""
     # one-line argparse errors (error: ..., exit 2), defaults shown in --help
-    p = utils.ArgumentParser(description=description, parents=options.parents())
+    p = cli.ArgumentParser(description=description, parents=options.parents())
     p.set_defaults(epochs=epochs, save_epoch=20)
     g = p.add_argument_group("fine-tuning")
     a = g.add_argument
@@ -88,18 +83,12 @@ def run_name(args, method):
     return name + datasets.get(args.dataset).run_suffix(args)
 
 
-def _tool_path(path, tool_dir):
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else (Path(tool_dir) / p).resolve()
-
-
 def prepare_args(args, tool_dir):
-    """Resolve paths (outputs against the method's folder, the dataset against the
-    repository root by default) and check the flag values argparse cannot."""
+    """Resolve the paths (the path rule of cli.py: defaults in the method's folder) and
+    check the flag values argparse cannot."""
     datasets.get_labelled(args.dataset, "fine-tuning and testing")
     options.check(args)
-    for key in ("model_path", "log_path", "vis_log_path"):
-        setattr(args, key, str(_tool_path(getattr(args, key), tool_dir)))
+    options.resolve_paths(args, tool_dir)
     args.data_path = str(datasets.get(args.dataset).data_path(args))
     for name, flag in (("batch_size", "--batch-size"), ("num_pos", "--num_pos"), ("test_batch", "--test-batch")):
         if getattr(args, name) < 1:
@@ -116,131 +105,6 @@ def prepare_args(args, tool_dir):
     return args
 
 
-# ============================================================================ checkpoints
-def checkpoint_kind(obj):
-    """'last' (a resumable fine-tuning <run>_last.pth), 'finetune' ({'net': state_dict,
-    'epoch', ...}, the authors' .t format) or 'pretrain' (anything else: a plain state_dict
-    such as an MMGL checkpoint, one nested under 'state_dict'/'model', or pre-training's
-    <run>_last.pth, whose network initialises the backbone)."""
-    stage = runstate.last_stage(obj)
-    if stage is not None:
-        return "last" if stage == "finetune" else "pretrain"
-    return "finetune" if isinstance(obj, Mapping) and isinstance(obj.get("net"), Mapping) else "pretrain"
-
-
-def pretrain_state(obj):
-    """The network state in a 'pretrain' kind of checkpoint (a <run>_last.pth of pre-training
-    holds it under 'net', or 'model' in older files; anything else is handed on as is)."""
-    return runstate.normalise(obj)["net"] if runstate.last_stage(obj) == "pretrain" else obj
-
-
-def checkpoint_num_classes(obj, key="classifier.weight"):
-    """Identity count of a fine-tuning checkpoint (rows of its classifier), else None."""
-    if checkpoint_kind(obj) == "pretrain":
-        return None
-    sd = obj["net"]
-    w = sd.get(key, sd.get("module." + key))
-    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim == 2 else None
-
-
-def load_finetune_state(net, state_dict, source, hint="--method/--arch/--dataset", log=print):
-    """Load a fine-tuning network's state_dict strictly, except for the tensors the authors'
-    networks carry but never run (their stems' whole ResNets), which are skipped with a
-    note. Any other missing, unexpected or mis-shaped tensor is a UserError naming a few."""
-    net = utils.unwrap(net)
-    report = model.load_backbone(net, state_dict, log=lambda *_: None, source=source)
-    own = net.state_dict()
-    written = {own[k].data_ptr() for k in report["loaded"]}
-    missing = [k for k, v in own.items()
-               if v.data_ptr() not in written and not k.endswith("num_batches_tracked")]
-    problems = []
-    for what, keys in (("missing", missing), ("unexpected", report["unexpected"]),
-                       ("pre-training head", report["dropped_head"]),
-                       ("of a different shape", report["mismatched"])):
-        if keys:
-            more = " ..." if len(keys) > 3 else ""
-            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{more})")
-    if problems:
-        raise UserError(f"{source} does not fit this network: " + "; ".join(problems)
-                        + f". Was it trained with other {hint}?")
-    skipped = len(report["skipped_unused"])
-    log(f"loaded all {len(report['loaded'])} tensors of {source}"
-          + (f" (skipped {skipped} never-used stem/base tensors of the authors' network)"
-             if skipped else ""))
-
-
-def read_resume(args, build=None):
-    """(path, loaded object) of --resume; UserError if it is missing or unreadable or, given
-    ``build`` (class_num -> network), if it does not fit the network: it is then loaded
-    into a throwaway copy (the identity count read from the file), so that a wrong file
-    fails before the run header and before any data is read."""
-    path = utils.find_checkpoint(args.resume, args.model_path)
-    obj = utils.load_checkpoint(path, trust=args.trust_checkpoint)
-    if build is not None:
-        load_checkpoint_into(build(checkpoint_num_classes(obj) or 1), path, obj, log=lambda *_: None)
-    return path, obj
-
-
-def load_checkpoint_into(net, path, obj, log=print):
-    """The network part of any --resume kind into ``net``: a pre-training checkpoint into
-    its backbone (heads keep their initial values), a fine-tuning one strictly."""
-    if checkpoint_kind(obj) == "pretrain":
-        model.load_backbone(net, pretrain_state(obj), log=log, source=str(path))
-    else:
-        load_finetune_state(net, obj["net"], str(path), log=log)
-
-
-def read_test_checkpoint(args):
-    """read_resume for the test scripts, where --resume is required."""
-    if not args.resume:
-        raise UserError("--resume CKPT is required: the checkpoint to test (a path, or a name "
-                        "under --model_path)")
-    return read_resume(args)
-
-
-def load_resume(net, args, optimizer=None, scaler=None, state=None, loaded=None):
-    """Apply ``--resume`` to ``net`` (and, for a '<run>_last.pth', to optimizer, AMP scaler,
-    RNG and the method ``state`` dict). ``loaded``: read_resume(args) if already done.
-    Returns (start_epoch, best_state)."""
-    start, best = _load_resume(net, args, optimizer, scaler, state, loaded)
-    if start >= args.epochs:
-        print(f"checkpoint is at epoch {start - 1}; --epochs {args.epochs} leaves nothing to train")
-    return start, best
-
-
-def _load_resume(net, args, optimizer, scaler, state, loaded):
-    path, obj = loaded or read_resume(args)
-    kind = checkpoint_kind(obj)
-    if kind == "pretrain":
-        # MMGL (or any backbone) checkpoint: heads dropped, counts printed, UserError if
-        # nothing loads; fine-tuning starts from epoch 0.
-        print(f"==> initialising the backbone from {path}")
-        model.load_backbone(net, pretrain_state(obj), source=str(path))
-        return 0, None
-    load_finetune_state(net, obj["net"], str(path))
-    epoch = int(obj.get("epoch", -1))
-    if kind == "finetune":
-        print(f"==> loaded fine-tuning checkpoint {path} (epoch {epoch})")
-        best = None
-        cmc = obj.get("cmc")
-        if cmc is not None:
-            best = {"epoch": epoch, "rank1": float(np.asarray(cmc).reshape(-1)[0]),
-                    "feature": obj.get("feature")}
-        return epoch + 1, best
-    # kind == 'last': continue exactly where the run stopped
-    last = runstate.load_last(path, obj, "finetune", net, optimizer, scaler, load_net=False)
-    if state is not None:
-        state.update(last["state"])
-    print(f"==> resuming {path}: epoch {epoch} done, continuing at epoch {epoch + 1}")
-    return epoch + 1, last.get("best")
-
-
-def _checkpoint(net, epoch, metrics, feature):
-    cmc, mAP, mINP = metrics if metrics is not None else (None, None, None)
-    return {"net": utils.unwrap(net).state_dict(), "epoch": epoch, "cmc": cmc, "mAP": mAP,
-            "mINP": mINP, "feature": feature}
-
-
 # ============================================================================ optimiser
 def _module_params(net, name):
     m = getattr(net, name, None)
@@ -253,7 +117,7 @@ def build_optimizer(net, args, new_modules):
     """The authors' optimiser: group 0 = everything except ``new_modules`` (the backbone, at
     0.1 x lr), then one group per new module (at lr). SGD momentum 0.9, Nesterov, weight
     decay 5e-4; ``--optim adam``: Adam with the same groups and weight decay."""
-    net = utils.unwrap(net)
+    net = distributed.unwrap(net)
     new_modules = list(new_modules)
     groups, taken = [], set()
     for name in new_modules:
@@ -304,9 +168,9 @@ def gather_for_loss(feat, labels, args):
     """With --gather under torchrun: the features and labels of every rank's batch
     (gradient-correct all_gather), so a batch-wise loss (the triplet's hardest negatives)
     sees the whole global batch; otherwise unchanged."""
-    if not args.gather or utils.get_world_size() == 1:
+    if not args.gather or distributed.get_world_size() == 1:
         return feat, labels
-    return utils.all_gather_with_grad(feat), utils.all_gather_with_grad(labels)
+    return distributed.all_gather_with_grad(feat), distributed.all_gather_with_grad(labels)
 
 
 # ============================================================================ testing
@@ -349,16 +213,16 @@ def extract_features(net, images_uint8, modal, args, device):
     """Features of uint8 NHWC ``images_uint8`` through ``net`` in eval mode, ``modal`` 1
     (visible stem) or 2 (thermal stem): one float32 [N, D] array per evaluation output of
     the network (already L2-normalised by it)."""
-    net = utils.unwrap(net)
+    net = distributed.unwrap(net)
     was_training = net.training
     net.eval()
-    amp_dtype, _ = utils.amp_setup(args.amp, device)
+    amp_dtype, _ = runtime.amp_setup(args.amp, device)
     cl = args.channels_last
     norm = data_loader.DeviceAugment(args.img_h, args.img_w, device=device)
     outs = None
     starts = range(0, len(images_uint8), args.test_batch)
-    with torch.inference_mode(), utils.autocast(device, amp_dtype):
-        for s in utils.progress(starts, desc=f"extracting {'RGB' if modal == 1 else 'IR'}"):
+    with torch.inference_mode(), runtime.autocast(device, amp_dtype):
+        for s in logger.progress(starts, desc=f"extracting {'RGB' if modal == 1 else 'IR'}"):
             # a copy: slices of a read-only memmap cannot back a tensor
             x = torch.from_numpy(np.array(images_uint8[s:s + args.test_batch]))
             x = norm.normalize(x.to(device, non_blocking=True))
@@ -372,7 +236,7 @@ def extract_features(net, images_uint8, modal, args, device):
     net.train(was_training)
     outs = [torch.cat(o).numpy().astype(np.float32, copy=False) for o in outs]
     for i, o in enumerate(outs):   # a NaN here would only surface as NaN distances later
-        utils.check_finite(o, f"evaluation features (output {i}) of the {'RGB' if modal == 1 else 'IR'} "
+        runtime.check_finite(o, f"evaluation features (output {i}) of the {'RGB' if modal == 1 else 'IR'} "
                               f"test images", net)
     return outs
 
@@ -448,25 +312,26 @@ def _save_rank_lists(ts, qf, gf, name, args, tag, writer, step):
 def test_main(args, net, feature_names, tool_dir, loaded=None):
     """What the method's test script runs: load --resume (required) into ``net`` (a
     network, or a builder ``class_num -> network`` that gets the checkpoint's identity
-    count), test, print. ``loaded``: read_test_checkpoint(args) if the script already read
+    count), test, print. ``loaded``: checkpoint.read_for_test(args) if the script already read
     it. Returns the metrics dict of :func:`evaluate`."""
     prepare_args(args, tool_dir)
-    path, obj = loaded or read_test_checkpoint(args)
+    path, obj = loaded or checkpoint.read_for_test(args)
     if args.save_features:   # a wrong folder fails now, not after the feature extraction
-        utils.check_writable(args.save_features)
-    device = utils.select_device(args.gpu)
-    utils.set_seed(args.seed, args.deterministic)
+        cli.check_writable(args.save_features)
+    device = runtime.select_device(args.gpu)
+    runtime.set_seed(args.seed, args.deterministic)
     if not isinstance(net, nn.Module):
-        net = net(checkpoint_num_classes(obj) or 1)
+        net = net(checkpoint.num_classes(obj) or 1)
     notes = []   # a file that does not fit fails here, before the header; its notes follow it
-    if checkpoint_kind(obj) == "pretrain":
+    pretrained = checkpoint.kind(obj)[0] == "pretrain"
+    if pretrained:
         notes.append("note: testing a pre-training checkpoint (backbone only; the heads keep their "
                      "initial values)")
-    load_checkpoint_into(net, path, obj, log=notes.append)
-    if checkpoint_kind(obj) != "pretrain" and obj.get("epoch") is not None:
+    checkpoint.load_into(net, path, obj, log=notes.append)
+    if not pretrained and obj.get("epoch") is not None:
         notes.append(f"==> checkpoint of epoch {obj['epoch']}")
     testset = TestSet(args)
-    utils.print_run_header(args, device, extra=["Test set:", testset.stats()])
+    logger.print_run_header(args, device, extra=["Test set:", testset.stats()])
     for line in notes:
         print(line)
     net.to(device)
@@ -503,20 +368,8 @@ def prepare_net(net, args, device):
     net.to(device)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
-    train_net = utils.wrap_ddp(net, device, args.sync_bn)
+    train_net = distributed.wrap_ddp(net, device, args.sync_bn)
     return net, torch.compile(train_net) if args.compile else train_net
-
-
-def _fmt_step(epoch, step, steps, t_step, t_avg, eta, lr, last, avg):
-    parts = [f"Epoch: [{epoch}][{step}/{steps}]", f"Time: {t_step:.3f} ({t_avg:.3f})",
-             f"ETA: {utils.format_time(eta)}", f"lr: {lr:.4g}"]
-    for k in last:
-        if k == "acc":
-            continue
-        parts.append(f"{'Loss' if k == 'total_loss' else k}: {last[k]:.4f} ({avg[k]:.4f})")
-    if "acc" in last:
-        parts.append(f"Accu: {100 * avg['acc']:.2f}")
-    return " ".join(parts)
 
 
 def identity_loader(data, epoch, args, device):
@@ -528,29 +381,30 @@ def identity_loader(data, epoch, args, device):
     return data_loader.make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
 
 
-def train_one_epoch(net, criterion, loader, aug, optimizer, scaler, epoch, lr, args, device,
-                    clock, last_path):
+def steps_per_epoch(data, args):
+    """Steps in a fine-tuning epoch, the same in every epoch (a run resumed from a file
+    without its global step counts epochs x this)."""
+    return len(identity_loader(data, 0, args, torch.device("cpu")))
+
+
+def train_one_epoch(net, criterion, loader, aug, optimizer, scaler, epoch, lr, args, device, log, last_path):
     """One epoch over ``loader`` (:func:`identity_loader`).
     ``criterion(net, x_rgb, x_ir, labels_rgb, labels_ir) -> (loss, {name: scalar
-    tensor})`` runs inside autocast; its named values ('id_loss', 'tri_loss', 'acc', ...)
-    are printed every --print_freq steps (the one host sync) and averaged for the epoch.
-    ``clock`` = (run start time, first epoch of this run) for the ETA; ``last_path``: the
-    checkpoint a NaN stop names. Returns the epoch's averages (over ranks), with the first
-    step's values as step0_*."""
-    amp_dtype, _ = utils.amp_setup(args.amp, device)
+    tensor})`` runs inside autocast; the loss and its named values ('id_loss', 'tri_loss',
+    'acc', ...) are printed every --print_freq steps (log.log_every, the one host sync)
+    and averaged for the epoch. ``last_path``: the checkpoint a NaN stop names. Returns the
+    epoch's means (over ranks), with the first step's values as step0_*."""
+    amp_dtype, _ = runtime.amp_setup(args.amp, device)
     net.train()
-    meter = runstate.Meter()
-    watch = utils.NonFiniteWatch(device)
-    steps = len(loader)
-    t0 = t_last = time.time()
-    last_printed = -1
-    for step, (rgb, ir, y_rgb, y_ir) in enumerate(loader):
+    meter, watch = logger.Meter(device), runtime.NonFiniteWatch(device)
+    images = 2 * args.batch_size * args.num_pos
+    for step, (rgb, ir, y_rgb, y_ir) in log.log_every(loader, epoch, meter, lr, images, watch, last_path):
         rgb, ir = rgb.to(device, non_blocking=True), ir.to(device, non_blocking=True)
         y_rgb, y_ir = y_rgb.to(device, non_blocking=True), y_ir.to(device, non_blocking=True)
         x_rgb, x_ir = aug(rgb), aug(ir)
         if not args.channels_last:
             x_rgb, x_ir = x_rgb.contiguous(), x_ir.contiguous()
-        with utils.autocast(device, amp_dtype):
+        with runtime.autocast(device, amp_dtype):
             loss, logs = criterion(net, x_rgb, x_ir, y_rgb, y_ir)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -559,24 +413,9 @@ def train_one_epoch(net, criterion, loader, aug, optimizer, scaler, epoch, lr, a
         # NaN/inf guard without a host sync per step, checked at print time (the last step
         # of an epoch always prints, so it is checked before anything is saved)
         watch.update(loss, step, None if scaler.is_enabled() else net.parameters())
-        meter.update({"total_loss": loss, **logs})
-
-        if step % args.print_freq == 0 or step == steps - 1:
-            watch.check(epoch, last_path if last_path.is_file() else None)
-            last, avg = meter.read()
-            if step == 0:   # the epoch's first-step values go into its JSON line (step0_*)
-                first = {f"step0_{k}": v for k, v in last.items()}
-            now = time.time()
-            t_step = (now - t_last) / (step - last_printed)
-            t_avg = (now - t0) / (step + 1)
-            # remaining time of the run from the pace so far (tests included)
-            run_start, start_epoch = clock
-            done = (epoch - start_epoch) + (step + 1) / steps
-            eta = (now - run_start) / done * (args.epochs - start_epoch - done)
-            print(_fmt_step(epoch, step, steps, t_step, t_avg, eta, lr, last, avg))
-            t_last, last_printed = now, step
-    _, avg = meter.read()
-    return {k: utils.reduce_mean(v) for k, v in {**avg, **first}.items()}
+        meter.update(loss=loss, **logs)
+    _, means, _ = meter.read()
+    return {"lr": lr, **means, **{f"step0_{k}": v for k, v in meter.first.items()}, "img_per_s": meter.img_per_s}
 
 
 def test_due(epoch, args):
@@ -591,38 +430,23 @@ def update_best(best, metrics, feature, epoch, net, path):
     if best is None or r1 > best["rank1"]:
         best = {"epoch": epoch, "rank1": r1, "feature": feature, "mAP": float(metrics[feature][1]),
                 "mINP": float(metrics[feature][2])}
-        utils.save_checkpoint(_checkpoint(net, epoch, metrics[feature], feature), path)
+        checkpoint.save_finetuned(path, net, epoch, metrics[feature], feature)
     print(f"Best Epoch [{best['epoch']}] ({best.get('feature') or feature} Rank-1 {best['rank1']:.2%})")
     return best
 
 
-def save_epoch(net, optimizer, scaler, epoch, args, run, best, metrics, feature, state=None):
-    """Every epoch <run>_last.pth (resumable); every --save_epoch epochs <run>_epoch_N.t."""
+def save_epoch(net, optimizer, scaler, epoch, args, run, best, metrics, feature, log, state=None):
+    """Every epoch <run>_last.pth (resumable); every --save_epoch epochs <run>_epoch_N.t
+    (N = epochs done)."""
     model_dir = Path(args.model_path)
-    if epoch > 0 and epoch % args.save_epoch == 0:
-        utils.save_checkpoint(_checkpoint(net, epoch, metrics[feature] if metrics else None, feature),
-                              model_dir / f"{run}_epoch_{epoch}.t")
-    runstate.save_last(model_dir / f"{run}_last.pth", "finetune", net, optimizer, scaler, epoch, args,
-                       best=best, state=state)
-
-
-def log_epoch(log, epoch, lr, stats, metrics, feature_names):
-    """The epoch's TensorBoard scalars and JSON line (stats, lr, and per tested feature
-    Rank-1/5, mAP, mINP)."""
-    log.scalars(epoch, {**stats, "lr": lr})
-    record = {"epoch": epoch, "lr": lr, **stats}
-    if metrics:
-        # the authors' scalar names: rank1/mAP/mINP of the first feature, *_att of the second
-        for i, name in enumerate(feature_names):
-            cmc, mAP, mINP = metrics[name]
-            suffix = "" if i == 0 else "_att" if i == 1 else f"_{name}"
-            log.scalars(epoch, {"rank1" + suffix: cmc[0], "mAP" + suffix: mAP, "mINP" + suffix: mINP})
-            record[name] = {"rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)]),
-                            "mAP": float(mAP), "mINP": float(mINP)}
-    log.epoch(**record)
+    if (epoch + 1) % args.save_epoch == 0:
+        checkpoint.save_finetuned(model_dir / f"{run}_epoch_{epoch + 1}.t", net, epoch,
+                                  metrics[feature] if metrics else None, feature)
+    checkpoint.save_last(model_dir / f"{run}_last.pth", "finetune", net, optimizer, scaler, epoch, args,
+                         best=best, state={**(state or {}), "global_step": log.global_step})
 
 
 def summary(best, run_start, best_path):
     done = (f"epoch {best['epoch']}, {best['feature']} Rank-1 {best['rank1']:.2%} -> {best_path}"
             if best else "none")
-    print(f"==> Done in {utils.format_time(time.time() - run_start)}; best: {done}")
+    print(f"==> Done in {logger.format_time(time.time() - run_start)}; best: {done}")

@@ -27,7 +27,7 @@ import numpy as np
 
 import datasets
 import eval_metrics
-from utils import UserError
+from cli import UserError
 
 __all__ = ["FeatureFile", "save_features", "load_features", "evaluate"]
 

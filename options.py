@@ -3,14 +3,14 @@ once as parent parsers (``argparse`` ``parents=``, as DINO and MAE do) and check
 :func:`check`. A stage adds its own flags and changes a shared default with
 ``parser.set_defaults``:
 
-    p = utils.ArgumentParser(description="...", parents=options.parents())
+    p = cli.ArgumentParser(description="...", parents=options.parents())
     p.set_defaults(epochs=100, save_epoch=10)
 """
 import argparse
 
+import cli
 import datasets
-import utils
-from utils import UserError
+from cli import UserError
 
 ARCHS = ("resnet50", "resnet18")
 
@@ -76,9 +76,14 @@ def output_parser():
                    "or a name under --model_path")
     g.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
                    help="unpickle --resume fully (only for files you trust)")
-    g.add_argument("--model_path", default="save_model/", help="checkpoint folder")
-    g.add_argument("--log_path", default="log/", help="text and JSON-lines log folder")
-    g.add_argument("--vis_log_path", default="log/vis_log/", help="TensorBoard folder")
+    # the path rule (cli.py): given paths are relative to the current folder, the defaults
+    # to the script's folder
+    g.add_argument("--model_path", default=None, help="checkpoint folder (default: save_model/ in "
+                   "the script's folder)")
+    g.add_argument("--log_path", default=None, help="text and JSON-lines log folder (default: log/ "
+                   "in the script's folder)")
+    g.add_argument("--vis_log_path", default=None, help="TensorBoard folder (default: log/vis_log/ "
+                   "in the script's folder)")
     g.add_argument("--save_epoch", default=10, type=int, help="write <run>_epoch_<E>.t every this "
                    "many epochs")
     g.add_argument("--print_freq", default=50, type=int, help="print every N steps (and the last)")
@@ -93,13 +98,23 @@ def parents():
 def check(args):
     """The shared flags' rules, checked once for every stage; returns the benchmark."""
     bench = datasets.get(args.dataset)
-    utils.choice_check("--arch", args.arch, ARCHS)
+    cli.choice_check("--arch", args.arch, ARCHS)
     for name in ("img_h", "img_w", "epochs", "save_epoch", "print_freq"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("workers", "warmup_epochs"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    utils.check_schedule(args)
+    cli.check_schedule(args)
     bench.check_args(args)
     return bench
+
+
+OUTPUT_DEFAULTS = {"model_path": "save_model", "log_path": "log", "vis_log_path": "log/vis_log"}
+
+
+def resolve_paths(args, script_dir):
+    """The output folders by the path rule (cli.resolve_path): as given, relative to the
+    current folder, else the defaults in ``script_dir``."""
+    for key, default in OUTPUT_DEFAULTS.items():
+        setattr(args, key, str(cli.resolve_path(getattr(args, key), default, script_dir)))

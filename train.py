@@ -24,20 +24,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoint
+import cli
 import datasets
 import diagnostics
+import distributed
+import logger
 import options
-import runstate
-import utils
+import runtime
+from cli import REPO_ROOT, UserError
 from data_loader import DeviceAugment, PermHeldout, UnpairedSampler, make_loader, random_perms
 from loss import gumbel_sinkhorn, pcc_loss, perm_accuracy, perm_matrix, perm_mse_loss
 from model import MMGLNet
-from utils import UserError
 
 
 def get_args_parser():
     # the data, backbone, optimisation, device and output flags every stage shares
-    p = utils.ArgumentParser("train.py", description="MMGL self-supervised pre-training",
+    p = cli.ArgumentParser("train.py", description="MMGL self-supervised pre-training",
                              parents=options.parents())
     p.set_defaults(epochs=100, save_epoch=10)
     g = p.add_argument_group("pre-training data")
@@ -112,16 +115,16 @@ def get_args_parser():
 
 def check_args(args):
     options.check(args)
-    utils.choice_check("--stream", args.stream, ("two", "one"))
-    utils.choice_check("--perm_feat", args.perm_feat, ("gap", "stripes"))
-    utils.choice_check("--pcc_form", args.pcc_form, ("pair", "cycle", "mutual"))
-    utils.choice_check("--pcc_head", args.pcc_head, ("linear", "mlp"))
-    utils.choice_check("--local_branch", args.local_branch, ("shared", "separate"))
-    utils.choice_check("--perm_reduction", args.perm_reduction, ("mean", "matrix"))
-    utils.choice_check("--pcc_pool", args.pcc_pool, ("all", "part"))
-    utils.choice_check("--pcc_order", args.pcc_order, ("shuffled", "original"))
-    utils.choice_check("--optim", args.optim, ("sgd", "adam"))
-    utils.check_stripes(args.num_stripe, args.img_h)
+    cli.choice_check("--stream", args.stream, ("two", "one"))
+    cli.choice_check("--perm_feat", args.perm_feat, ("gap", "stripes"))
+    cli.choice_check("--pcc_form", args.pcc_form, ("pair", "cycle", "mutual"))
+    cli.choice_check("--pcc_head", args.pcc_head, ("linear", "mlp"))
+    cli.choice_check("--local_branch", args.local_branch, ("shared", "separate"))
+    cli.choice_check("--perm_reduction", args.perm_reduction, ("mean", "matrix"))
+    cli.choice_check("--pcc_pool", args.pcc_pool, ("all", "part"))
+    cli.choice_check("--pcc_order", args.pcc_order, ("shuffled", "original"))
+    cli.choice_check("--optim", args.optim, ("sgd", "adam"))
+    cli.check_stripes(args.num_stripe, args.img_h)
     for name in ("val_images", "iters_per_epoch", "pcc_ramp_epochs", "pcc_start_epoch", "pcc_start_acc"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -131,7 +134,7 @@ def check_args(args):
     if args.pcc and not args.part:
         args.pcc = False  # PCC lives on the part branch: --no-part implies --no-pcc
     if args.pcc and args.pcc_start_acc and pcc_start(args) is not None:   # no held-out set to wait on
-        utils.warn(f"{'--dummy' if args.dummy else '--val_images 0'} leaves no held-out set for "
+        cli.warn(f"{'--dummy' if args.dummy else '--val_images 0'} leaves no held-out set for "
                    f"--pcc_start_acc {args.pcc_start_acc:g}: PCC is on from epoch {args.pcc_start_epoch}")
     return args
 
@@ -227,22 +230,22 @@ def pcc_weight(epoch, args, pcc_from):
     return args.cl_weight
 
 
-def pcc_switch(state, val, epoch, args):
+def pcc_switch(pcc_from, val, epoch, args):
     """--pcc_start_acc: after an epoch whose held-out stripe accuracy reached the threshold,
-    PCC is on from the next epoch on (decided on rank 0, sent to every rank). Returns a line
-    to print when it switches, else ''."""
+    PCC is on from the next epoch on (decided on rank 0, sent to every rank). Returns
+    (the epoch PCC is on from or None, a line to print when it switches, else '')."""
     line = ""
-    if args.pcc and args.pcc_start_acc and state["pcc_from"] is None and val:
+    if args.pcc and args.pcc_start_acc and pcc_from is None and val:
         need = args.pcc_start_acc / args.num_stripe
-        if val["val_stripe_acc"] >= need:
-            state["pcc_from"] = epoch + 1
-            line = (f"PCC on from epoch {epoch + 1}: held-out stripe accuracy {val['val_stripe_acc']:.1%} "
+        if val["stripe_acc"] >= need:
+            pcc_from = epoch + 1
+            line = (f"PCC on from epoch {epoch + 1}: held-out stripe accuracy {val['stripe_acc']:.1%} "
                     f">= {args.pcc_start_acc:g} x chance ({need:.1%})")
-    if utils.is_distributed():
-        box = [state["pcc_from"]]
+    if distributed.is_distributed():
+        box = [pcc_from]
         torch.distributed.broadcast_object_list(box, src=0)
-        state["pcc_from"] = box[0]
-    return line
+        pcc_from = box[0]
+    return pcc_from, line
 
 
 def mmgl_losses(out, perms, args, cl_weight=None):
@@ -264,10 +267,10 @@ def mmgl_losses(out, perms, args, cl_weight=None):
         z = out["stripes"].float()
         z_rgb, z_ir = z[:b], z[b:]
         reading = dict(pool=args.pcc_pool, form=args.pcc_form, detach_pool=args.pcc_detach_pool)
-        if args.gather and utils.is_distributed():
-            pool_rgb, pool_ir = utils.all_gather_with_grad(z_rgb), utils.all_gather_with_grad(z_ir)
+        if args.gather and distributed.is_distributed():
+            pool_rgb, pool_ir = distributed.all_gather_with_grad(z_rgb), distributed.all_gather_with_grad(z_ir)
             losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, pool_rgb=pool_rgb, pool_ir=pool_ir,
-                                     offset=utils.get_rank() * b, gather=utils.all_gather_with_grad, **reading)
+                                     offset=distributed.get_rank() * b, gather=distributed.all_gather_with_grad, **reading)
         else:
             losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, **reading)
         total = total + (args.cl_weight if cl_weight is None else cl_weight) * losses["pcc"]
@@ -275,63 +278,49 @@ def mmgl_losses(out, perms, args, cl_weight=None):
     return losses
 
 
-def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, log, state):
-    """One pass over the unpaired sampler. No host-device sync per step: losses are summed
-    on the device and read at print intervals only; a non-finite loss is recorded (with its
-    step) on the device and raised at the next read."""
+def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, log, pcc_from, last_path):
+    """One pass over the unpaired sampler. No host-device sync per step: the losses stay on
+    the device and are read at print steps only (log.log_every), where a non-finite loss
+    stops the run before anything is saved (``last_path``: the checkpoint that stays good).
+    Returns the epoch's means (over ranks) and, with --diag, the gradient diagnostics."""
     net.train()
-    n_steps = len(loader)
-    meter = runstate.Meter()
-    watch = utils.NonFiniteWatch(device)
-    weight = pcc_weight(epoch, args, state["pcc_from"])
-    t0 = t_print = time.time()
-    for step, (rgb, ir, _, _) in enumerate(loader):
+    amp_dtype, _ = runtime.amp_setup(args.amp, device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    meter, watch = logger.Meter(device), runtime.NonFiniteWatch(device)
+    weight = pcc_weight(epoch, args, pcc_from)
+    lr = optimizer.param_groups[0]["lr"]
+    grad_stats = {}
+    steps = log.log_every(loader, epoch, meter, lr, 2 * args.batch_size, watch, last_path)
+    for step, (rgb, ir, _, _) in steps:
         rgb = rgb.to(device, non_blocking=True)
         ir = ir.to(device, non_blocking=True)
         # the SAME permutation for the RGB and the IR image of pair j (paper: "shuffled
         # with the same random order", so both modalities answer the same puzzle)
         perms = random_perms(rgb.shape[0], args.num_stripe, device=device)
-        x_rgb = aug(rgb, train=True, perms=perms).contiguous(memory_format=state["memory_format"])
-        x_ir = aug(ir, train=True, perms=perms).contiguous(memory_format=state["memory_format"])
-        with utils.autocast(device, state["amp_dtype"]):
+        x_rgb = aug(rgb, train=True, perms=perms).contiguous(memory_format=memory_format)
+        x_ir = aug(ir, train=True, perms=perms).contiguous(memory_format=memory_format)
+        with runtime.autocast(device, amp_dtype):
             out = net(x_rgb, x_ir, perms=perms.repeat(2, 1) if args.pcc_order == "original" else None)
         losses = mmgl_losses(out, perms, args, weight)
-        if args.diag and args.pcc and step == n_steps - 1 and not utils.is_distributed():
-            state["grad_stats"] = loss_gradients(utils.unwrap(net), losses)
+        if args.diag and args.pcc and step == len(loader) - 1 and not distributed.is_distributed():
+            grad_stats = loss_gradients(distributed.unwrap(net), losses)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
         scaler.step(optimizer)
         scaler.update()
 
-        meter.update(losses)
         watch.update(losses["loss"], step, None if scaler.is_enabled() else net.parameters())
-        state["global_step"] += 1
-        last = step == n_steps - 1
-        if (step + 1) % args.print_freq == 0 or last:
-            watch.check(epoch, state.get("last_ckpt"))  # the one sync per print interval
-            count = meter.n
-            _, means = meter.read(all_ranks=True)  # the mean over ranks, not rank 0's share
+        meter.update(**losses, pcc_weight=weight)
+        if log.print_due(step, len(loader)):   # the training batch's accuracy (a host sync)
             with torch.no_grad():
                 acc, stripe_acc = perm_accuracy(out["perm_logits"].detach().float(), perms.repeat(2, 1),
                                                 n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
-            now = time.time()
-            ips = count * 2 * rgb.shape[0] * utils.get_world_size() / max(now - t_print, 1e-9)
-            elapsed = now - t0
-            eta = elapsed / (step + 1) * (n_steps - step - 1)
-            lr = optimizer.param_groups[0]["lr"]
-            parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-            print(f"Epoch [{epoch}][{step + 1}/{n_steps}] time {utils.format_time(elapsed)} "
-                  f"eta {utils.format_time(eta)} lr {lr:.4g} loss {means['loss']:.4f} ({parts}) "
-                  f"train-batch perm_acc {acc:.2%} stripe_acc {stripe_acc:.2%} {ips:.0f} img/s")
-            state["epoch_stats"] = dict(means, perm_acc=acc, stripe_acc=stripe_acc, img_per_s=ips,
-                                        pcc_weight=weight)
-            if log is not None:
-                log.scalars(state["global_step"], {**state["epoch_stats"], "lr": lr}, prefix="train/")
-            meter.reset()
-            t_print = time.time()
-    if log is not None and log.writer is not None:
-        log_images(log.writer, x_rgb, x_ir, out, perms, args, state["global_step"])
-    return dict(state["epoch_stats"], **state.pop("grad_stats", {}))
+            meter.update(perm_acc=acc, stripe_acc=stripe_acc)
+    if log.writer is not None:
+        log_images(log.writer, x_rgb, x_ir, out, perms, args, log.global_step)
+    _, means, _ = meter.read()
+    return {**means, **{f"step0_{k}": v for k, v in meter.first.items()}, "img_per_s": meter.img_per_s,
+            **grad_stats}
 
 
 def loss_gradients(net, losses):
@@ -351,10 +340,10 @@ def loss_gradients(net, losses):
 def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
     """Held-out permutation accuracy: every held-out image shuffled by its FIXED
     permutation, no augmentation, no Gumbel noise, BN in eval mode; decoded as in training
-    (noise-free Sinkhorn, Hungarian). Returns val_perm_acc / val_stripe_acc (both
-    modalities), the same per modality (``_rgb``, ``_ir``) and val_perm_mse (the noise-free
+    (noise-free Sinkhorn, Hungarian). Returns perm_acc / stripe_acc (both
+    modalities), the same per modality (``_rgb``, ``_ir``) and perm_mse (the noise-free
     MSE against the true matrices, which moves before the accuracy does)."""
-    net = utils.unwrap(net)
+    net = distributed.unwrap(net)
     was_training = net.training
     net.eval()
     logits, perms = [], []
@@ -367,7 +356,7 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
         for i in range(0, len(imgs), batch):
             p = p_all[i:i + batch].to(device)
             x = aug(torch.from_numpy(imgs[i:i + batch]).to(device), train=False, perms=p)
-            with utils.autocast(device, amp_dtype):
+            with runtime.autocast(device, amp_dtype):
                 # the PCC probe only in shuffled order: in original order row j IS part j
                 res = net(x, x, modal=modal, pcc=branch and args.diag and args.pcc_order == "shuffled",
                           features=args.diag)
@@ -376,26 +365,26 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
                 if key in res:
                     probe[key].append(res[key].float().cpu().numpy())
         out = torch.cat(out)
-        utils.check_finite(out.cpu().numpy(), f"held-out permutation logits of the {m.upper()} images", net)
+        runtime.check_finite(out.cpu().numpy(), f"held-out permutation logits of the {m.upper()} images", net)
         acc, stripe = perm_accuracy(out, p_all, n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
-        stats[f"val_perm_acc_{m}"], stats[f"val_stripe_acc_{m}"] = acc, stripe
+        stats[f"perm_acc_{m}"], stats[f"stripe_acc_{m}"] = acc, stripe
         logits.append(out)
         perms.append(p_all.to(device))
     logits, perms = torch.cat(logits), torch.cat(perms)
-    stats["val_perm_acc"], stats["val_stripe_acc"] = perm_accuracy(
+    stats["perm_acc"], stats["stripe_acc"] = perm_accuracy(
         logits, perms, n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
     if len(heldout.sources) > 1:   # several training sets: each one's accuracy too
         source = np.concatenate([heldout.rgb_source, heldout.ir_source])
         for name, _ in heldout.sources:
             sel = torch.from_numpy(source == name).to(logits.device)
-            stats[f"val_perm_acc_{name}"], stats[f"val_stripe_acc_{name}"] = perm_accuracy(
+            stats[f"perm_acc_{name}"], stats[f"stripe_acc_{name}"] = perm_accuracy(
                 logits[sel], perms[sel], n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
     soft = gumbel_sinkhorn(logits, args.sinkhorn_iters, args.sinkhorn_temp, training=False)
-    stats["val_perm_mse"] = perm_mse_loss(soft, perm_matrix(perms)).item()
+    stats["perm_mse"] = perm_mse_loss(soft, perm_matrix(perms)).item()
     if args.diag:
         # labels: which original stripe each (shuffled) row shows
         groups = diagnostics.identity_groups(heldout.rgb_paths + heldout.ir_paths)
-        for key, name in (("stripe_pool", "val_probe_backbone"), ("stripes", "val_probe_pcc")):
+        for key, name in (("stripe_pool", "probe_backbone"), ("stripes", "probe_pcc")):
             if probe[key]:
                 stats[name] = diagnostics.stripe_probe(np.concatenate(probe[key]), perms.cpu().numpy(), groups)
     net.train(was_training)
@@ -419,30 +408,22 @@ def log_images(writer, x_rgb, x_ir, out, perms, args, step):
     writer.add_image("perm/predicted_vs_true", pair.repeat_interleave(16, 0).repeat_interleave(16, 1)[None], step)
 
 
-def save_epoch_checkpoint(net, args, epoch):
-    """The plain state_dict the fine-tuning scripts (ours and the authors') load."""
-    path = Path(args.model_path) / f"{run_name(args)}_epoch_{epoch}.t"
-    utils.save_checkpoint(utils.unwrap(net).state_dict(), path)
-    return path
-
-
 def main(args):
     check_args(args)
     bench = datasets.get(args.dataset)
-    device = utils.init_distributed(args.gpu)
-    utils.set_seed(args.seed + utils.get_rank(), deterministic=args.deterministic)
-    for key in ("model_path", "log_path", "vis_log_path"):
-        setattr(args, key, str(utils.resolve_path(getattr(args, key))))
+    device = runtime.init_device(args.gpu)
+    runtime.set_seed(args.seed + distributed.get_rank(), deterministic=args.deterministic)
+    options.resolve_paths(args, REPO_ROOT)
     # a missing, unreadable or wrong-kind --resume file, or one of another PCC reading,
     # fails here, before the run header and before any data is read
-    resume_path = utils.find_checkpoint(args.resume, args.model_path) if args.resume else None
+    resume_path = checkpoint.find(args.resume, args.model_path) if args.resume else None
     resume_obj = None
     if resume_path:
-        resume_obj = utils.load_checkpoint(resume_path, trust=args.trust_checkpoint)
-        runstate.check_stage(resume_path, resume_obj, "pretrain")
-        check_same_reading(resume_path, runstate.normalise(resume_obj).get("args") or {}, args)
+        resume_obj = checkpoint.load(resume_path, trust=args.trust_checkpoint)
+        checkpoint.check_resumable(resume_path, resume_obj, "pretrain")
+        check_same_reading(resume_path, checkpoint.read_last(resume_obj).get("args") or {}, args)
     name = run_name(args)
-    log = runstate.RunLog(args, name)
+    log = logger.RunLog(args, name)
 
     # ---- data: uint8 arrays (memory-mapped for SYSU); unpaired batches, no labels used
     if args.dummy:
@@ -452,7 +433,7 @@ def main(args):
         data.subsample(args.train_ratio, args.seed)
     # held-out permutation accuracy: test-split images only, fixed permutations
     heldout = None
-    if utils.is_main_process() and not args.dummy and args.val_images:
+    if distributed.is_main_process() and not args.dummy and args.val_images:
         heldout = PermHeldout(bench.heldout_sources(args), args.num_stripe, args.img_h, args.img_w,
                               n=args.val_images, seed=0, workers=args.workers)
     # the logs start once the data is in, so a run that cannot start leaves none behind
@@ -464,10 +445,9 @@ def main(args):
     net = MMGLNet(args.arch, args.stream, num_stripe=args.num_stripe, part=args.pcc,
                   pretrained=args.pretrained or None, perm_feat=args.perm_feat,
                   perm_bn=args.perm_bn, pcc_head=args.pcc_head, local_branch=args.local_branch).to(device)
-    channels_last = args.channels_last
-    if channels_last:  # NHWC: tensor-core kernels on a GPU; on the CPU as fast or faster too
+    if args.channels_last:  # NHWC: tensor-core kernels on a GPU; on the CPU as fast or faster too
         net = net.to(memory_format=torch.channels_last)
-    net = utils.wrap_ddp(net, device, args.sync_bn)
+    net = distributed.wrap_ddp(net, device, args.sync_bn)
     model = torch.compile(net) if args.compile else net
 
     if args.optim == "adam":   # not the paper's: for short CPU runs
@@ -475,68 +455,70 @@ def main(args):
     else:
         optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_at(e, args))
-    amp_dtype, scaler = utils.amp_setup(args.amp, device)
-    state = {"global_step": 0, "start_epoch": 0, "last_ckpt": None, "amp_dtype": amp_dtype, "pcc_from": pcc_start(args),
-             "memory_format": torch.channels_last if channels_last else torch.contiguous_format}
+    amp_dtype, scaler = runtime.amp_setup(args.amp, device)
     last_path = Path(args.model_path) / f"{name}_last.pth"
 
+    # ---- --resume: a pre-training <run>_last.pth continues where it stopped
+    start_epoch, pcc_from = 0, pcc_start(args)
     if resume_path:
-        ckpt = runstate.load_last(resume_path, resume_obj, "pretrain", net, optimizer, scaler, args=args,
-                                  network_flags=NETWORK_FLAGS)
+        ckpt = checkpoint.load_last(resume_path, resume_obj, "pretrain", net, optimizer, scaler, args=args,
+                                    network_flags=NETWORK_FLAGS)
         scheduler.load_state_dict(ckpt["state"]["scheduler"])
-        state.update(global_step=ckpt["state"]["global_step"], start_epoch=ckpt["epoch"] + 1,
-                     last_ckpt=str(resume_path), pcc_from=ckpt["state"].get("pcc_from", pcc_start(args)))
+        start_epoch = ckpt["epoch"] + 1
+        log.start(start_epoch, ckpt["state"]["global_step"])
+        pcc_from = ckpt["state"].get("pcc_from", pcc_from)
         if "pcc_from" not in ckpt["state"] and "pcc_start_acc" not in (ckpt.get("args") or {"pcc_start_acc": 0}):
-            state["pcc_from"] = 0   # written before PCC had a schedule: it was on from the first epoch
-        print(f"resumed {resume_path}: continuing at epoch {state['start_epoch']}")
+            pcc_from = 0   # written before PCC had a schedule: it was on from the first epoch
+        print(f"resumed {resume_path}: continuing at epoch {start_epoch}")
 
+    # ---- train: one epoch, the held-out accuracy, the checkpoints, the logs
     aug = DeviceAugment(args.img_h, args.img_w, device=device)
     try:
-        for epoch in range(state["start_epoch"], args.epochs):
+        for epoch in range(start_epoch, args.epochs):
             t0 = time.time()
             sampler = UnpairedSampler(data.rgb_pool, data.ir_pool, args.batch_size, seed=args.seed, epoch=epoch,
                                       steps=args.iters_per_epoch)
             loader = make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
-            stats = train_one_epoch(model, loader, optimizer, scaler, aug, epoch, args, device, log, state)
+            stats = train_one_epoch(model, loader, optimizer, scaler, aug, epoch, args, device, log, pcc_from,
+                                    last_path if last_path.is_file() else resume_path)
             scheduler.step()
-            val = {}
-            if utils.is_main_process():
-                saved = []
+            val, saved = {}, []
+            if distributed.is_main_process():
                 if (epoch + 1) % args.save_epoch == 0 or epoch + 1 == args.epochs:
-                    saved.append(str(save_epoch_checkpoint(net, args, epoch + 1)))
+                    path = Path(args.model_path) / f"{name}_epoch_{epoch + 1}.t"   # N = epochs done
+                    saved.append(str(checkpoint.save_network(path, net)))
                 val = evaluate_perm(net, heldout, aug, args, device, amp_dtype) if heldout else {}
-            switched = pcc_switch(state, val, epoch, args)   # before the save: a resumed run switches alike
-            if utils.is_main_process():
-                runstate.save_last(last_path, "pretrain", net, optimizer, scaler, epoch, args,
-                                   state={"scheduler": scheduler.state_dict(), "global_step": state["global_step"],
-                                          "pcc_from": state["pcc_from"]})
-                state["last_ckpt"] = str(last_path)
-                log.scalars(state["global_step"], {k[4:]: v for k, v in val.items()}, prefix="val/")
-                log.epoch(epoch=epoch, step=state["global_step"], time=time.time() - t0, **stats, **val)
-                held = (f"held-out perm_acc {val['val_perm_acc']:.2%} (RGB {val['val_perm_acc_rgb']:.2%}, "
-                        f"IR {val['val_perm_acc_ir']:.2%}) stripe_acc {val['val_stripe_acc']:.2%} "
-                        f"mse {val['val_perm_mse']:.4f}; " if val else "")
-                if val and len(heldout.sources) > 1:
-                    held += "per set " + ", ".join(f"{n} {val[f'val_perm_acc_{n}']:.2%}"
-                                                   for n, _ in heldout.sources) + "; "
-                probes = [f"{k[10:]} {val[k]:.1%}" for k in ("val_probe_backbone", "val_probe_pcc")
-                          if val.get(k) is not None]
-                if probes:
-                    held += f"stripe probe {', '.join(probes)}; "
-                if "grad_cos_layer4" in stats:
-                    held += f"grad cos(perm, pcc) layer4 {stats['grad_cos_layer4']:+.3f}; "
-                    log.scalars(state["global_step"], {k: v for k, v in stats.items() if k.startswith("grad_")},
-                                prefix="diag/")
-                print(f"Epoch {epoch} done in {utils.format_time(time.time() - t0)}; {held}"
-                      f"training-batch perm_acc {stats['perm_acc']:.2%}; saved {', '.join(saved + [str(last_path)])}")
+            pcc_from, switched = pcc_switch(pcc_from, val, epoch, args)   # before the save: a resumed run switches alike
+            if distributed.is_main_process():
+                checkpoint.save_last(last_path, "pretrain", net, optimizer, scaler, epoch, args,
+                                     state={"scheduler": scheduler.state_dict(), "global_step": log.global_step,
+                                            "pcc_from": pcc_from})
+                log.epoch(epoch, time.time() - t0, train={"lr": optimizer.param_groups[0]["lr"], **stats}, val=val)
+                print(f"Epoch {epoch} done in {logger.format_time(time.time() - t0)}; {epoch_summary(val, stats, heldout)}"
+                      f"saved {', '.join(saved + [str(last_path)])}")
                 if switched:
                     print(switched)
-            utils.barrier()
+            distributed.barrier()
     finally:
         log.close()
-        utils.cleanup_distributed()
-    return state
+        distributed.cleanup()
+    return log
+
+
+def epoch_summary(val, stats, heldout):
+    """The end-of-epoch line's middle: held-out accuracies, probes, gradient cosine."""
+    line = (f"held-out perm_acc {val['perm_acc']:.2%} (RGB {val['perm_acc_rgb']:.2%}, "
+            f"IR {val['perm_acc_ir']:.2%}) stripe_acc {val['stripe_acc']:.2%} "
+            f"mse {val['perm_mse']:.4f}; " if val else "")
+    if val and len(heldout.sources) > 1:
+        line += "per set " + ", ".join(f"{n} {val[f'perm_acc_{n}']:.2%}" for n, _ in heldout.sources) + "; "
+    probes = [f"{k[6:]} {val[k]:.1%}" for k in ("probe_backbone", "probe_pcc") if val.get(k) is not None]
+    if probes:
+        line += f"stripe probe {', '.join(probes)}; "
+    if "grad_cos_layer4" in stats:
+        line += f"grad cos(perm, pcc) layer4 {stats['grad_cos_layer4']:+.3f}; "
+    return line + f"training-batch perm_acc {stats['perm_acc']:.2%}; "
 
 
 if __name__ == "__main__":
-    utils.cli(lambda: main(get_args_parser().parse_args()))
+    cli.cli(lambda: main(get_args_parser().parse_args()))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import TwoStreamBackbone  # noqa: E402
-from utils import choice_check  # noqa: E402
+from cli import choice_check  # noqa: E402
 
 METHODS = ("agw", "base")
 FEATURE_NAMES = ("POOL", "FC")  # the evaluation outputs, as the test lines name them
@@ -83,8 +83,8 @@ def gem_pool(x, p=3.0, eps=1e-12):
     return (x.pow(p).mean(dim=-1) + eps).pow(1.0 / p)
 
 
-class embed_net(TwoStreamBackbone):
-    """AGW / baseline cross-modality network (name as in the authors' code).
+class AGWNet(TwoStreamBackbone):
+    """AGW / baseline cross-modality network (the authors call it embed_net; module names as theirs).
 
     class_num: training identities; arch: 'resnet50' | 'resnet18'; stream: 'two' (AGW)
     or 'one'; method: 'agw' | 'base'; nl_width: 'authors' (1 channel) | 'half' (C/2);
@@ -160,8 +160,8 @@ def add_model_args(parser):
 
 
 def builder(args):
-    """class_num -> embed_net configured by ``args``."""
+    """class_num -> AGWNet configured by ``args``."""
     def build(class_num):
-        return embed_net(class_num, arch=args.arch, method=args.method, nl_width=args.nl_width,
+        return AGWNet(class_num, arch=args.arch, method=args.method, nl_width=args.nl_width,
                          pretrained=args.pretrained or None)
     return build

@@ -17,7 +17,7 @@ sys.path.insert(0, str(TOOL_DIR.parent))
 
 import engine_finetune  # noqa: E402
 from model_agw import FEATURE_NAMES, add_model_args, builder  # noqa: E402
-from utils import cli  # noqa: E402
+from cli import cli  # noqa: E402
 
 
 def main():

@@ -8,8 +8,8 @@ classifier's logits) plus a triplet loss on the pooled features, over the joint 
 weighted regularisation triplet (WRT: softmax-weighted positive and negative distances,
 soft margin) for AGW, and the batch-hard triplet with --margin for the baseline.
 
-``main`` is the whole run; one epoch, testing, the schedule and the checkpoints are plain
-functions of ../engine_finetune.py.
+``main`` is the whole run; one epoch, testing and the schedule are plain functions of
+../engine_finetune.py, the checkpoints ../checkpoint.py's, the logs ../logger.py's.
 """
 import sys
 import time
@@ -21,13 +21,16 @@ sys.path.insert(0, str(TOOL_DIR.parent))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import data_loader  # noqa: E402
 import datasets  # noqa: E402
+import distributed  # noqa: E402
 import engine_finetune as engine  # noqa: E402
-import runstate  # noqa: E402
-import utils  # noqa: E402
+import logger  # noqa: E402
+import runtime  # noqa: E402
 from loss import TripletLoss, TripletLoss_WRT  # noqa: E402
-from model_agw import FEATURE_NAMES, add_model_args, builder, embed_net  # noqa: E402
+from model_agw import FEATURE_NAMES, AGWNet, add_model_args, builder  # noqa: E402
 
 MILESTONES = (20, 50)
 
@@ -69,48 +72,52 @@ def main(args=None):
     engine.prepare_args(args, TOOL_DIR)
     if args.milestones is None:
         args.milestones = list(MILESTONES)
-    resume = engine.read_resume(args, build) if args.resume else None   # fails before any data work
-    device = utils.init_distributed(args.gpu)
-    utils.set_seed(args.seed + utils.get_rank(), args.deterministic)
+    resume = checkpoint.read_resume(args, build) if args.resume else None   # fails before any data work
+    device = runtime.init_device(args.gpu)
+    runtime.set_seed(args.seed + distributed.get_rank(), args.deterministic)
     run = engine.run_name(args, args.method)
     best_path, last_path = Path(args.model_path) / f"{run}_best.t", Path(args.model_path) / f"{run}_last.pth"
-    log = runstate.RunLog(args, run)
+    log = logger.RunLog(args, run)
     try:
         # ---- data, network, optimiser, --resume
         data, testset = datasets.get(args.dataset).train_data(args), engine.TestSet(args)
         log.open(args, device, engine.data_stats(data, testset))
         net, train_net = engine.prepare_net(build(data.num_classes), args, device)
-        optimizer = engine.build_optimizer(net, args, embed_net.NEW_MODULES)
-        _, scaler = utils.amp_setup(args.amp, device)
-        start_epoch, best = engine.load_resume(net, args, optimizer, scaler, loaded=resume) if resume else (0, None)
-        if not resume and not args.pretrained:
+        optimizer = engine.build_optimizer(net, args, AGWNet.NEW_MODULES)
+        _, scaler = runtime.amp_setup(args.amp, device)
+        start_epoch, best, state = 0, None, {}
+        if resume:
+            start_epoch, best = checkpoint.load_resume(net, args, optimizer, scaler, state, loaded=resume)
+        elif not args.pretrained:
             print("note: no --resume and no --pretrained: the backbone starts from random weights")
+        log.start(start_epoch, state.pop("global_step", start_epoch * engine.steps_per_epoch(data, args)))
         criterion = make_criterion(args)
         aug = data_loader.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
 
         # ---- train; test every --test_every epochs; best by FC Rank-1 (the authors' cmc_att)
         print("==> Start Training...")
-        clock = (time.time(), start_epoch)
         for epoch in range(start_epoch, args.epochs):
+            t0 = time.time()
             lr = engine.adjust_learning_rate(optimizer, epoch, args)
             loader = engine.identity_loader(data, epoch, args, device)
             stats = engine.train_one_epoch(train_net, criterion, loader, aug, optimizer, scaler, epoch, lr,
-                                           args, device, clock, last_path)
+                                           args, device, log, last_path)
             metrics = None
-            if utils.is_main_process():
+            if distributed.is_main_process():
                 if engine.test_due(epoch, args):
                     print(f"Test Epoch: {epoch}")
                     metrics = engine.evaluate(net, args, device, FEATURE_NAMES, testset, per_trial=False,
-                                              tag=f"{run}_epoch_{epoch}", writer=log.writer, step=epoch)
+                                              tag=f"{run}_epoch_{epoch + 1}", writer=log.writer,
+                                              step=log.global_step)
                     best = engine.update_best(best, metrics, "FC", epoch, net, best_path)
-                engine.save_epoch(net, optimizer, scaler, epoch, args, run, best, metrics, "FC")
-            engine.log_epoch(log, epoch, lr, stats, metrics, FEATURE_NAMES)
-            utils.barrier()
-        engine.summary(best, clock[0], best_path)
+                engine.save_epoch(net, optimizer, scaler, epoch, args, run, best, metrics, "FC", log)
+                log.epoch(epoch, time.time() - t0, train=stats, test=metrics)
+            distributed.barrier()
+        engine.summary(best, log.t_start, best_path)
     finally:
         log.close()
-        utils.cleanup_distributed()
+        distributed.cleanup()
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    cli.cli(main)

@@ -10,7 +10,7 @@ Module and parameter names are the authors' ``embed_net`` ones (``bottleneck``,
 ``classifier``, ``wpa.fc1.0``, ``wpa.fc2``, ``wpa.fc3``, ``wpa.W``, ``wpa.gate``,
 ``wpa.bottleneck``, ``attention_0..3``, ``out_att``) so their fine-tuned checkpoints load.
 Their never-used ``classifier1``/``classifier2`` are built (frozen) only when such a
-checkpoint is tested (``authors_extras``; see :func:`checkpoint_layout`).
+checkpoint is tested (``authors_extras``; see :func:`network_layout`).
 """
 import re
 import sys
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import TwoStreamBackbone  # noqa: E402
-from utils import UserError  # noqa: E402
+from cli import UserError  # noqa: E402
 
 
 def _init_bnneck(bn):
@@ -135,7 +135,7 @@ def build_adjacency(labels):
     return same / same.sum(dim=1, keepdim=True)
 
 
-class embed_net(TwoStreamBackbone):  # noqa: N801  (the authors' class name)
+class DDAGNet(TwoStreamBackbone):   # the authors call it embed_net
     """DDAG network. Training forward returns
     ``(x_pool, logits, part_logits, graph_log_probs)`` where part_logits (``wpa``) use the
     SAME classifier as the global BN feature and graph_log_probs (``graph``) are the
@@ -235,7 +235,7 @@ def check_model_args(args):
 
 
 def builder(args, **layout):
-    """class_num -> embed_net configured by ``args``; ``layout`` overrides flags (the test
+    """class_num -> DDAGNet configured by ``args``; ``layout`` overrides flags (the test
     script takes wpa/graph/authors_extras from the checkpoint)."""
     check_model_args(args)
     kw = dict(low_dim=args.low_dim, drop=args.drop, part=args.part, nheads=args.nheads,
@@ -244,11 +244,11 @@ def builder(args, **layout):
     kw.update(layout)
 
     def build(class_num):
-        return embed_net(class_num=class_num, **kw)
+        return DDAGNet(class_num=class_num, **kw)
     return build
 
 
-def checkpoint_layout(state_dict, args, log=print):
+def network_layout(state_dict, args, log=print):
     """The branches a fine-tuned DDAG network was built with, read from its state_dict, as
     :func:`builder` overrides: testing needs no matching --wpa/--graph/--part/--nheads
     flags, and the authors' checkpoints (IWPA and graph layers always built, plus two unused

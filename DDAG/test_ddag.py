@@ -17,20 +17,20 @@ from pathlib import Path
 TOOL_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOL_DIR.parent))
 
+import checkpoint  # noqa: E402
 import engine_finetune  # noqa: E402
-import model  # noqa: E402
-from model_ddag import add_model_args, builder, checkpoint_layout  # noqa: E402
-from utils import cli  # noqa: E402
+from cli import cli  # noqa: E402
+from model_ddag import add_model_args, builder, network_layout  # noqa: E402
 
 
 def run(args):
     engine_finetune.prepare_args(args, TOOL_DIR)
-    loaded = engine_finetune.read_test_checkpoint(args)   # read once: the layout, then the weights
-    layout = checkpoint_layout(model.extract_state_dict(loaded[1], args.resume), args)
+    loaded = checkpoint.read_for_test(args)   # read once: the layout, then the weights
+    layout = network_layout(checkpoint.network_state(loaded[1], args.resume), args)
     names = ("FC", "FC_att") if layout.get("wpa", args.wpa) else ("FC",)
     # no --pretrained ImageNet load: every tensor comes from the checkpoint
     return engine_finetune.test_main(args, builder(args, pretrained=None, **layout), names, TOOL_DIR,
-                              loaded=loaded)
+                                     loaded=loaded)
 
 
 def main():

@@ -17,8 +17,8 @@ wG: the first resumed epoch then uses 0). --lambda0 (the authors' flag, "graph a
 their code) scales it; the default 1.0 is their loss.
 
 ``main`` is the whole run (lr steps at 30 and 50, testing every 2 epochs, best checkpoint by
-FC_att Rank-1); one epoch, testing, the schedule and the checkpoints are plain functions of
-../engine_finetune.py.
+FC_att Rank-1); one epoch, testing and the schedule are plain functions of
+../engine_finetune.py, the checkpoints ../checkpoint.py's, the logs ../logger.py's.
 """
 import sys
 import time
@@ -30,14 +30,17 @@ sys.path.insert(0, str(TOOL_DIR.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import data_loader  # noqa: E402
 import datasets  # noqa: E402
+import distributed  # noqa: E402
 import engine_finetune as engine  # noqa: E402
-import runstate  # noqa: E402
-import utils  # noqa: E402
+import logger  # noqa: E402
+import runtime  # noqa: E402
+from cli import UserError  # noqa: E402
 from loss import TripletLoss  # noqa: E402
 from model_ddag import add_model_args, build_adjacency, builder  # noqa: E402
-from utils import UserError  # noqa: E402
 
 MILESTONES = (30, 50)
 
@@ -98,51 +101,53 @@ def main(args=None):
     if args.milestones is None:
         args.milestones = list(MILESTONES)
     names = ("FC", "FC_att") if args.wpa else ("FC",)
-    resume = engine.read_resume(args, build) if args.resume else None   # fails before any data work
-    device = utils.init_distributed(args.gpu)
-    utils.set_seed(args.seed + utils.get_rank(), args.deterministic)
+    resume = checkpoint.read_resume(args, build) if args.resume else None   # fails before any data work
+    device = runtime.init_device(args.gpu)
+    runtime.set_seed(args.seed + distributed.get_rank(), args.deterministic)
     run = engine.run_name(args, method_name(args))
     best_path, last_path = Path(args.model_path) / f"{run}_best.t", Path(args.model_path) / f"{run}_last.pth"
-    log = runstate.RunLog(args, run)
+    log = logger.RunLog(args, run)
     try:
         # ---- data, network, optimiser, --resume (a <run>_last.pth brings back wG too)
         data, testset = datasets.get(args.dataset).train_data(args), engine.TestSet(args)
         log.open(args, device, engine.data_stats(data, testset))
         net, train_net = engine.prepare_net(build(data.num_classes), args, device)
         optimizer = engine.build_optimizer(net, args, net.new_modules())
-        _, scaler = utils.amp_setup(args.amp, device)
-        state = {"wG": 0.0}
-        start_epoch, best = (engine.load_resume(net, args, optimizer, scaler, state, loaded=resume)
-                             if resume else (0, None))
-        if not resume and not args.pretrained:
+        _, scaler = runtime.amp_setup(args.amp, device)
+        start_epoch, best, state = 0, None, {"wG": 0.0}
+        if resume:
+            start_epoch, best = checkpoint.load_resume(net, args, optimizer, scaler, state, loaded=resume)
+        elif not args.pretrained:
             print("note: no --resume and no --pretrained: the backbone starts from random weights")
+        log.start(start_epoch, state.pop("global_step", start_epoch * engine.steps_per_epoch(data, args)))
         criterion = make_criterion(args, state)
         aug = data_loader.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
 
         # ---- train; wG from each epoch's L_inst; best by the last feature's Rank-1 (FC_att)
         print("==> Start Training...")
-        clock = (time.time(), start_epoch)
         for epoch in range(start_epoch, args.epochs):
+            t0 = time.time()
             lr = engine.adjust_learning_rate(optimizer, epoch, args)
             loader = engine.identity_loader(data, epoch, args, device)
             stats = engine.train_one_epoch(train_net, criterion, loader, aug, optimizer, scaler, epoch, lr,
-                                           args, device, clock, last_path)
+                                           args, device, log, last_path)
             update_graph_weight(state, stats)
             metrics = None
-            if utils.is_main_process():
+            if distributed.is_main_process():
                 if engine.test_due(epoch, args):
                     print(f"Test Epoch: {epoch}")
                     metrics = engine.evaluate(net, args, device, names, testset, per_trial=False,
-                                              tag=f"{run}_epoch_{epoch}", writer=log.writer, step=epoch)
+                                              tag=f"{run}_epoch_{epoch + 1}", writer=log.writer,
+                                              step=log.global_step)
                     best = engine.update_best(best, metrics, names[-1], epoch, net, best_path)
-                engine.save_epoch(net, optimizer, scaler, epoch, args, run, best, metrics, names[-1], state)
-            engine.log_epoch(log, epoch, lr, stats, metrics, names)
-            utils.barrier()
-        engine.summary(best, clock[0], best_path)
+                engine.save_epoch(net, optimizer, scaler, epoch, args, run, best, metrics, names[-1], log, state)
+                log.epoch(epoch, time.time() - t0, train=stats, test=metrics)
+            distributed.barrier()
+        engine.summary(best, log.t_start, best_path)
     finally:
         log.close()
-        utils.cleanup_distributed()
+        distributed.cleanup()
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    cli.cli(main)

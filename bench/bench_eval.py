@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval_metrics  # noqa: E402
-import utils  # noqa: E402
+import cli  # noqa: E402
 from eval_reference import eval_regdb_reference, eval_sysu_reference  # noqa: E402
 
 FEAT_DIM = 64
@@ -95,15 +95,15 @@ def _same(a, b, atol=1e-10):
 
 
 def main():
-    ap = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=5,
                     help="timed runs per implementation and case; the best is kept")
     ap.add_argument("--dtype", default="float32", help="feature/distance dtype")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.repeat < 1:
-        raise utils.UserError(f"--repeat must be >= 1, got {args.repeat}")
-    utils.choice_check("--dtype", args.dtype, ("float32", "float64"))
+        raise cli.UserError(f"--repeat must be >= 1, got {args.repeat}")
+    cli.choice_check("--dtype", args.dtype, ("float32", "float64"))
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(args.seed)
 
@@ -142,8 +142,8 @@ def main():
     print(f"eval speed-up: {total_ref / total_ours:.1f}x ({total_ours:.3f} s vs {total_ref:.3f} s, "
           f"total over the {len(cases)} cases)")
     if not all_ok:
-        raise utils.UserError("vectorised and reference results differ (see MISMATCH above)")
+        raise cli.UserError("vectorised and reference results differ (see MISMATCH above)")
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    cli.cli(main)

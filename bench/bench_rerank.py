@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import rerank  # noqa: E402
-import utils  # noqa: E402
+import cli  # noqa: E402
 from test_rerank import reference_rerank  # noqa: E402
 
 NUM_IDS = 96
@@ -56,7 +56,7 @@ def peak_extra(fn):
 
 
 def main():
-    ap = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ref_query", type=int, default=400, help="queries of the side-by-side case")
     ap.add_argument("--ref_gallery", type=int, default=800, help="gallery of the side-by-side case")
     ap.add_argument("--query", type=int, default=3803, help="queries of the large case")
@@ -66,7 +66,7 @@ def main():
     args = ap.parse_args()
     for name in ("ref_query", "ref_gallery", "query", "gallery", "repeat"):
         if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise cli.UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     rng = np.random.default_rng(args.seed)
 
     print(f"re-ranking benchmark: k1=20 k2=6 lambda=0.3, {NUM_IDS} ids, {FEAT_DIM}-d features; "
@@ -106,4 +106,4 @@ def _timed(fn):
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    cli.cli(main)

@@ -28,7 +28,7 @@ arrays in memory (decoding is not timed on either side: the authors' way would d
   ``np.matmul`` for the distances and the straightforward per-query evaluation
   (``eval_reference.py`` with numpy's default argsort) for both features.
 
-Both use the same network (``AGW/model_agw.embed_net``, eval mode, same weights). The
+Both use the same network (``AGW/model_agw.AGWNet``, eval mode, same weights). The
 mean Rank-1 / mAP of the two ways are printed as a check (identical up to float rounding
 when both run fp32; with AMP the features differ slightly). One timed run each (the test
 is long enough); ``--repeat`` alternates more and keeps the best.
@@ -50,7 +50,7 @@ import data_manager  # noqa: E402
 import datasets  # noqa: E402
 import eval_metrics  # noqa: E402
 import engine_finetune  # noqa: E402
-import utils  # noqa: E402
+import cli  # noqa: E402
 from bench import common  # noqa: E402
 from bench.bench_train import reference_to_tensor  # noqa: E402
 from eval_reference import eval_sysu_reference  # noqa: E402
@@ -185,7 +185,7 @@ class ImageStore:
 
 # ============================================================================ main
 def get_parser():
-    p = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_device_args(p, reference="the authors' way")
     p.add_argument("--img_h", type=int, default=None, help="(default 96 on the CPU, 288 on CUDA)")
     p.add_argument("--img_w", type=int, default=None, help="(default 48 on the CPU, 144 on CUDA)")
@@ -208,9 +208,9 @@ def resolve_defaults(args):
         at_least_1=("img_h", "img_w", "test_batch", "trials", "num_query", "num_ids", "folders",
                     "files_per_folder", "repeat"), at_least_0=("workers",))
     if args.num_query < 2 * args.num_ids:
-        raise utils.UserError(f"--num_query must be at least 2 x --num_ids ({2 * args.num_ids})")
+        raise cli.UserError(f"--num_query must be at least 2 x --num_ids ({2 * args.num_ids})")
     if not args.num_ids <= args.folders <= 4 * args.num_ids:
-        raise utils.UserError(f"--folders must be between --num_ids and 4 x --num_ids, got "
+        raise cli.UserError(f"--folders must be between --num_ids and 4 x --num_ids, got "
                               f"{args.folders}")
     return args
 
@@ -219,7 +219,7 @@ def main():
     args = resolve_defaults(get_parser().parse_args())
     device, where = common.start(args)
     sys.path.append(str(ROOT / "AGW"))   # after the root: AGW/train.py must not shadow train.py
-    from model_agw import embed_net
+    from model_agw import AGWNet
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "SYSU-MM01"
@@ -230,13 +230,13 @@ def main():
         store = ImageStore(q_paths + g_union, args.img_h, args.img_w, args.seed)
 
         torch.manual_seed(args.seed)
-        net = embed_net(395, arch=args.arch).to(device).eval()       # 395 SYSU training ids
-        ref_net = embed_net(395, arch=args.arch).to(device).eval()
+        net = AGWNet(395, arch=args.arch).to(device).eval()       # 395 SYSU training ids
+        ref_net = AGWNet(395, arch=args.arch).to(device).eval()
         ref_net.load_state_dict(net.state_dict())
         if args.channels_last:
             net.to(memory_format=torch.channels_last)
         print(f"SYSU test benchmark on {args.device} ({where}); torch {torch.__version__}")
-        print(f"AGW embed_net {args.arch} at {args.img_h}x{args.img_w}, test batch "
+        print(f"AGW AGWNet {args.arch} at {args.img_h}x{args.img_w}, test batch "
               f"{args.test_batch}; {len(q_paths)} queries, {args.trials} single-shot trials of "
               f"{len(trial_index[0])} gallery images ({len(g_union)} distinct over the trials, "
               f"{args.files_per_folder} files per gallery folder); ours amp="
@@ -278,4 +278,4 @@ def main():
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    cli.cli(main)

@@ -27,7 +27,7 @@ Three parts, each measured side by side in the same process:
    ``--workers`` processes, in fp32, reading the loss with ``.item()`` every step as the
    authors' meters do.
 3. AGW fine-tuning step. Ours is the engine's ``engine_finetune.train_one_epoch`` with AGW's own
-   ``make_criterion`` (AGW/train.py: CE + WRT triplet on ``model_agw.embed_net``); the reference
+   ``make_criterion`` (AGW/train.py: CE + WRT triplet on ``model_agw.AGWNet``); the reference
    is the authors' loop over per-image PIL transforms of identity-sampled pairs, fp32, same
    network, ``nn.CrossEntropyLoss`` + ``loss.TripletLoss_WRT``, same optimiser groups.
    ``--batch-size`` images per modality = (batch-size / num_pos) identities x ``--num_pos``.
@@ -66,7 +66,8 @@ sys.path.insert(0, str(ROOT))
 
 import engine_finetune  # noqa: E402
 import train  # noqa: E402  (the top-level MMGL train.py; AGW/train.py is loaded by path below)
-import utils  # noqa: E402
+import cli  # noqa: E402
+import runtime  # noqa: E402
 from bench import common  # noqa: E402
 from data_loader import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, IdentitySampler,  # noqa: E402
                          UnpairedSampler, make_loader, random_perms)
@@ -331,7 +332,7 @@ def bench_mmgl(args, device, rows, extra):
     lr = args.lr * train.lr_at(0, ours_args)                # epoch 0 of the warm-up
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     ref_opt = torch.optim.SGD(ref_net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    amp_dtype, scaler = utils.amp_setup(ours_args.amp, device)       # as train.main does
+    amp_dtype, scaler = runtime.amp_setup(ours_args.amp, device)       # as train.main does
     aug = DeviceAugment(args.img_h, args.img_w, device=device)
     # pcc_from 0: PCC on, as in every step after the switch (the steps it costs most)
     state = {"global_step": 0, "amp_dtype": amp_dtype, "pcc_from": 0,
@@ -387,10 +388,10 @@ def load_agw_script():
 
 def bench_agw(args, device, rows, extra):
     agw = load_agw_script()
-    from model_agw import builder, embed_net
+    from model_agw import builder, AGWNet
     B, steps, warmup = args.batch_size, args.steps, args.warmup
     if B % args.num_pos:
-        raise utils.UserError(f"--batch-size {B} must be a multiple of --num_pos {args.num_pos}")
+        raise cli.UserError(f"--batch-size {B} must be a multiple of --num_pos {args.num_pos}")
     ids = B // args.num_pos
     num_ids = max(2 * ids, 8)
     # the identity sampler's epoch (N / B + 1 steps) must cover the warm-up and timed runs
@@ -412,11 +413,11 @@ def bench_agw(args, device, rows, extra):
     cl = fargs.channels_last
     if cl:
         net.to(memory_format=torch.channels_last)
-    opt = engine_finetune.build_optimizer(net, fargs, embed_net.NEW_MODULES)
-    ref_opt = engine_finetune.build_optimizer(ref_net, fargs, embed_net.NEW_MODULES)
+    opt = engine_finetune.build_optimizer(net, fargs, AGWNet.NEW_MODULES)
+    ref_opt = engine_finetune.build_optimizer(ref_net, fargs, AGWNet.NEW_MODULES)
     lr = engine_finetune.adjust_learning_rate(opt, 0, fargs)
     engine_finetune.adjust_learning_rate(ref_opt, 0, fargs)
-    amp_dtype, scaler = utils.amp_setup(fargs.amp, device)
+    amp_dtype, scaler = runtime.amp_setup(fargs.amp, device)
     criterion = agw.make_criterion(fargs)
     aug = DeviceAugment(args.img_h, args.img_w, pad=PAD, device=device)
     epoch = [0]
@@ -496,7 +497,7 @@ def _compare_steps(name, ours, reference, args, device, rows, extra, epoch_steps
 
 # ============================================================================ main
 def get_parser():
-    p = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_device_args(p, reference="the reference")
     p.add_argument("--img_h", type=int, default=None, help="training-step image height "
                    "(default 144 on the CPU, 288 on CUDA)")
@@ -529,11 +530,11 @@ def resolve_defaults(args):
         at_least_1=("img_h", "img_w", "batch_size", "num_pos", "steps", "repeat", "aug_batch",
                     "aug_repeat"), at_least_0=("warmup", "workers"))
     if args.img_h % args.num_stripe or AUG_H % args.num_stripe:
-        raise utils.UserError(f"--num_stripe {args.num_stripe} must divide --img_h {args.img_h} "
+        raise cli.UserError(f"--num_stripe {args.num_stripe} must divide --img_h {args.img_h} "
                               f"and {AUG_H}")
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     for part in args.parts:
-        utils.choice_check("--parts item", part, ("aug", "mmgl", "agw"))
+        cli.choice_check("--parts item", part, ("aug", "mmgl", "agw"))
     return args
 
 
@@ -570,4 +571,4 @@ def main():
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    cli.cli(main)

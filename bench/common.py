@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-import utils
+import cli
 
 THREADS_HELP = ("torch intra-op threads (default: 1 on the CPU, so the result does not hinge on "
                 "oversubscribed cores of a shared machine, and each side's main process gets one "
@@ -29,19 +29,19 @@ def add_device_args(p, reference):
 def resolve_defaults(args, defaults, at_least_1=(), at_least_0=()):
     """Check --device, fill every None in ``args`` named in ``defaults`` ({name: (cpu value,
     cuda value)}; arch, amp and threads are always there) and check the value bounds."""
-    utils.choice_check("--device", args.device, ("cpu", "cuda"))
+    cli.choice_check("--device", args.device, ("cpu", "cuda"))
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise utils.UserError("--device cuda but no CUDA device is available")
+        raise cli.UserError("--device cuda but no CUDA device is available")
     defaults = {"arch": ("resnet18", "resnet50"), "amp": (False, True), "threads": (1, 0),
                 **defaults}
     for name, (cpu_value, cuda_value) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, cuda_value if args.device == "cuda" else cpu_value)
-    utils.choice_check("--arch", args.arch, ("resnet18", "resnet50"))
+    cli.choice_check("--arch", args.arch, ("resnet18", "resnet50"))
     for low, names in ((1, at_least_1), (0, ("threads", *at_least_0))):
         for name in names:
             if getattr(args, name) < low:
-                raise utils.UserError(f"--{name} must be >= {low}, got {getattr(args, name)}")
+                raise cli.UserError(f"--{name} must be >= {low}, got {getattr(args, name)}")
     return args
 
 

@@ -25,7 +25,7 @@ import engine_finetune  # noqa: E402
 import utils  # noqa: E402
 from conftest import (RESULT_LINE, SMALL_ARGS, check_mmgl_initialises_backbone,  # noqa: E402
                       epoch_results, final_lines, output_args, rank1, run_script)
-from model_agw import FEATURE_NAMES, embed_net  # noqa: E402
+from model_agw import FEATURE_NAMES, AGWNet  # noqa: E402
 
 TRAIN, TEST = str(ROOT / "AGW" / "train.py"), str(ROOT / "AGW" / "test.py")
 # The learning budget: from random initialisation (no ImageNet weights here), batches of 8
@@ -54,7 +54,7 @@ def numbers(lines):
 # ----------------------------------------------------------------------------- network
 def test_network_layout_and_outputs():
     torch.manual_seed(0)
-    net = embed_net(6, arch="resnet50")
+    net = AGWNet(6, arch="resnet50")
     # non-local blocks after the last 2 blocks of layer2 and the last 3 of layer3
     assert net.nl_after == [[], [2, 3], [3, 4, 5], []]
     assert [len(getattr(net, f"NL_{i}")) for i in range(1, 5)] == [0, 2, 3, 0]
@@ -62,11 +62,11 @@ def test_network_layout_and_outputs():
     assert sd["NL_2.0.theta.weight"].shape == (1, 512, 1, 1)     # the authors' one channel
     assert sd["NL_3.2.W.0.weight"].shape == (1024, 1, 1, 1)
     assert not net.bottleneck.bias.requires_grad and net.classifier.bias is None
-    assert embed_net(6, arch="resnet50", nl_width="half").NL_2[0].theta.weight.shape[0] == 256
-    base = embed_net(6, arch="resnet18", method="base")
+    assert AGWNet(6, arch="resnet50", nl_width="half").NL_2[0].theta.weight.shape[0] == 256
+    base = AGWNet(6, arch="resnet18", method="base")
     assert not any(k.startswith("NL_") for k in base.state_dict())
 
-    small = embed_net(6, arch="resnet18")
+    small = AGWNet(6, arch="resnet18")
     assert small.nl_after == [[], [0, 1], [0, 1], []]
     x1, x2 = torch.randn(3, 3, 96, 48), torch.randn(3, 3, 96, 48)
     pooled, logits = small(x1, x2)
@@ -105,7 +105,7 @@ def test_authors_checkpoint_with_unused_stem_tensors_loads(tmp_path, capsys):
     """The authors' networks keep whole ResNets in the stems and unused base conv1/fc, and
     store numpy metrics; it loads with weights_only (allow-list) and skips the extras."""
     torch.manual_seed(2)
-    src = embed_net(5, arch="resnet18")
+    src = AGWNet(5, arch="resnet18")
     sd = dict(src.state_dict())
     for extra in ("visible_module.visible.layer1.0.conv1.weight",
                   "thermal_module.thermal.fc.weight", "base_resnet.base.conv1.weight",
@@ -114,7 +114,7 @@ def test_authors_checkpoint_with_unused_stem_tensors_loads(tmp_path, capsys):
     path = tmp_path / "sysu_agw_p4_n8_lr_0.1_seed_0_best.t"
     torch.save({"net": sd, "epoch": 60, "cmc": np.linspace(0.5, 1, 20), "mAP": np.float64(0.4),
                 "mINP": np.float64(0.2)}, path)
-    net = embed_net(5, arch="resnet18")
+    net = AGWNet(5, arch="resnet18")
     args = engine_finetune.get_args_parser("t").parse_args(["--resume", str(path)])
     start, best = engine_finetune.load_resume(net, args)
     assert start == 61 and best["rank1"] == 0.5
@@ -127,8 +127,8 @@ def test_lr_schedule_and_parameter_groups():
     args = engine_finetune.get_args_parser("t").parse_args([])
     lrs = [engine_finetune.learning_rate(e, args, (20, 50)) for e in (0, 4, 9, 10, 19, 20, 49, 50, 79)]
     assert lrs == pytest.approx([0.01, 0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    net = embed_net(4, arch="resnet18")
-    opt = engine_finetune.build_optimizer(net, args, embed_net.NEW_MODULES)
+    net = AGWNet(4, arch="resnet18")
+    opt = engine_finetune.build_optimizer(net, args, AGWNet.NEW_MODULES)
     assert [g["name"] for g in opt.param_groups] == ["backbone", "bottleneck", "classifier"]
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
     assert opt.defaults["weight_decay"] == 5e-4
@@ -154,7 +154,7 @@ def test_training_step_of_each_loss(flags):
     agw_train = _agw_train_module()
     args = agw_train.get_parser().parse_args(["--arch", "resnet18", *flags])
     torch.manual_seed(3)
-    net = embed_net(4, arch="resnet18", method=args.method)
+    net = AGWNet(4, arch="resnet18", method=args.method)
     step = agw_train.make_criterion(args)
     x = torch.randn(8, 3, 96, 48)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
@@ -175,20 +175,20 @@ def test_training_step_of_each_loss(flags):
 def test_mmgl_checkpoint_initialises_every_backbone_tensor(stream, tmp_path, capsys):
     # non-local blocks, BNNeck and classifier keep their initialisation
     check_mmgl_initialises_backbone(
-        embed_net(7, arch="resnet18"),
+        AGWNet(7, arch="resnet18"),
         lambda path: engine_finetune.get_args_parser("t").parse_args(["--resume", path]),
         stream, tmp_path, capsys, seed=0)
 
 
 def test_finetune_checkpoint_with_other_method_is_refused(tmp_path):
-    agw = embed_net(5, arch="resnet18", method="agw")
+    agw = AGWNet(5, arch="resnet18", method="agw")
     path = tmp_path / "agw_best.t"
     torch.save({"net": agw.state_dict(), "epoch": 4, "cmc": np.zeros(20), "mAP": 0.0}, path)
-    base = embed_net(5, arch="resnet18", method="base")
+    base = AGWNet(5, arch="resnet18", method="base")
     args = engine_finetune.get_args_parser("t").parse_args(["--resume", str(path)])
     with pytest.raises(engine_finetune.UserError, match=r"unexpected \(NL_2\.0\..*--method"):
         engine_finetune.load_resume(base, args)
-    start, best = engine_finetune.load_resume(embed_net(5, arch="resnet18"), args)
+    start, best = engine_finetune.load_resume(AGWNet(5, arch="resnet18"), args)
     assert start == 5 and best["rank1"] == 0.0
 
 
@@ -258,7 +258,7 @@ def test_finetune_beats_chance_and_the_untrained_network(sysu_run, sysu_small, c
     engine_finetune.prepare_args(args, ROOT / "AGW")
     torch.manual_seed(0)
     classes = int(np.load(sysu_small / "train_rgb_resized_label.npy").max()) + 1
-    untrained = engine_finetune.evaluate(embed_net(classes, arch="resnet18"), args, torch.device("cpu"),
+    untrained = engine_finetune.evaluate(AGWNet(classes, arch="resnet18"), args, torch.device("cpu"),
                               FEATURE_NAMES, per_trial=False)["FC"]
     capsys.readouterr()
     report = (f"fine-tuned FC Rank-1 {best_r1:.3f} mAP {best_map:.3f}; untrained Rank-1 "

@@ -20,7 +20,7 @@ import train_ddag  # noqa: E402
 from conftest import (RESULT_LINE, SMALL_ARGS, check_mmgl_initialises_backbone,  # noqa: E402
                       epoch_results, final_lines, output_args, rank1, run_script)
 from loss import TripletLoss  # noqa: E402
-from model_ddag import IWPA, GraphAttentionLayer, build_adjacency, embed_net  # noqa: E402
+from model_ddag import IWPA, GraphAttentionLayer, build_adjacency, DDAGNet  # noqa: E402
 from utils import UserError  # noqa: E402
 
 TRAIN, TEST = str(ROOT / "DDAG" / "train_ddag.py"), str(ROOT / "DDAG" / "test_ddag.py")
@@ -38,9 +38,9 @@ TRAIN, TEST = str(ROOT / "DDAG" / "train_ddag.py"), str(ROOT / "DDAG" / "test_dd
 
 # ----------------------------------------------------------------------------- network
 @pytest.mark.parametrize("wpa,graph", [(True, True), (False, False)])
-def test_embed_net_outputs(wpa, graph):
+def test_ddagnet_outputs(wpa, graph):
     torch.manual_seed(0)
-    net = embed_net(low_dim=32, class_num=5, arch="resnet18", wpa=wpa, graph=graph)
+    net = DDAGNet(low_dim=32, class_num=5, arch="resnet18", wpa=wpa, graph=graph)
     x1, x2 = torch.randn(4, 3, 96, 48), torch.randn(4, 3, 96, 48)
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     x_pool, logits, part_logits, log_probs = net(x1, x2, adj=build_adjacency(labels))
@@ -75,7 +75,7 @@ def test_bf16_autocast_keeps_attention_logits_float32():
     """Under AMP the IWPA part-attention logits and the whole graph branch run in float32
     (their unscaled logits can leave fp16's range)."""
     torch.manual_seed(7)
-    net = embed_net(low_dim=16, class_num=4, drop=0.0, arch="resnet18")
+    net = DDAGNet(low_dim=16, class_num=4, drop=0.0, arch="resnet18")
     labels = torch.tensor([0, 1, 0, 1])
     x = torch.randn(2, 3, 64, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -88,7 +88,7 @@ def test_bf16_autocast_keeps_attention_logits_float32():
 
 
 def test_graph_needs_adjacency():
-    net = embed_net(low_dim=16, class_num=3, arch="resnet18")
+    net = DDAGNet(low_dim=16, class_num=3, arch="resnet18")
     with pytest.raises(ValueError, match="adj"):
         net(torch.randn(2, 3, 64, 32), torch.randn(2, 3, 64, 32))
 
@@ -197,7 +197,7 @@ def test_iwpa_init():
 
 @pytest.mark.parametrize("stream", ["two", "one"])
 def test_mmgl_checkpoint_initialises_backbone(stream, tmp_path, capsys):
-    net = embed_net(low_dim=32, class_num=7, arch="resnet18")
+    net = DDAGNet(low_dim=32, class_num=7, arch="resnet18")
     check_mmgl_initialises_backbone(
         net, lambda path: train_ddag.get_parser().parse_args(["--resume", path, "--wpa", "--graph"]),
         stream, tmp_path, capsys, seed=4)
@@ -209,7 +209,7 @@ def test_step_loss_composition():
     torch.manual_seed(5)
     args = train_ddag.get_parser().parse_args(["--wpa", "--graph", "--lambda0", "0.5",
                                                "--drop", "0"])
-    net = embed_net(low_dim=16, class_num=4, drop=0.0, arch="resnet18")
+    net = DDAGNet(low_dim=16, class_num=4, drop=0.0, arch="resnet18")
     state = {"wG": 0.25}
     step = train_ddag.make_criterion(args, state)
     x_rgb, x_ir = torch.randn(4, 3, 64, 32), torch.randn(4, 3, 64, 32)
@@ -344,7 +344,7 @@ def test_regdb_end_to_end(regdb_run, regdb_small):
     visible-to-thermal numbers are checked against training below)."""
     tmp, _, stdout = regdb_run
     assert f"-> {tmp / 'save' / REGDB_RUN}_best.t" in stdout
-    n = len(embed_net(8, 2, arch="resnet18").backbone_keys())
+    n = len(DDAGNet(8, 2, arch="resnet18").backbone_keys())
     assert f"loaded {n}/{n} backbone tensors" in stdout      # from the MMGL checkpoint
     assert set(epoch_results(stdout)[0]) == {"FC", "FC_att"}
     out = run_script(TEST, "--dataset", "regdb", "--trial", "1", "--tvsearch", "--wpa", "--graph",

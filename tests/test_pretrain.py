@@ -30,7 +30,7 @@ def load_agw_net():
     spec = importlib.util.spec_from_file_location("model_agw", ROOT / "AGW" / "model_agw.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.embed_net
+    return mod.AGWNet
 
 
 # ----------------------------------------------------------------------------- stripes

@@ -73,17 +73,17 @@ def test_old_fine_tuning_last_file_resumes(tmp_path):
     """A fine-tuning _last.pth of the older schema (no 'stage') continues: epoch, best, the
     method's state, optimiser; a pre-training state is refused with the stage named."""
     sys.path.insert(0, str(ROOT / "AGW"))
-    from model_agw import embed_net
+    from model_agw import AGWNet
     torch.manual_seed(0)
-    net = embed_net(5, arch="resnet18")
+    net = AGWNet(5, arch="resnet18")
     args = engine_finetune.get_args_parser("t").parse_args(["--resume", str(tmp_path / "x_last.pth")])
-    opt = engine_finetune.build_optimizer(net, args, embed_net.NEW_MODULES)
+    opt = engine_finetune.build_optimizer(net, args, AGWNet.NEW_MODULES)
     best = {"epoch": 2, "rank1": 0.5, "feature": "FC", "mAP": 0.4, "mINP": 0.3}
     torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scaler": {}, "epoch": 3,
                 "best": best, "rng": utils.get_rng_state(), "state": {"wG": 0.25}, "args": {}},
                tmp_path / "x_last.pth")
-    other = embed_net(5, arch="resnet18")
-    opt2 = engine_finetune.build_optimizer(other, args, embed_net.NEW_MODULES)
+    other = AGWNet(5, arch="resnet18")
+    opt2 = engine_finetune.build_optimizer(other, args, AGWNet.NEW_MODULES)
     state = {"wG": 0.0}
     assert engine_finetune.load_resume(other, args, opt2, None, state) == (4, best)
     assert state == {"wG": 0.25}

@@ -18,20 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import logger  # noqa: E402
 from conftest import SMALL_ARGS, SMALL_H, SMALL_W, output_args, run_script  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "data" / "losses.json"
-PRETRAIN_KEYS = ("loss", "perm_rgb", "perm_ir", "pcc")
-FINETUNE_KEYS = ("total_loss", "id_loss", "tri_loss")
+# the recorded names -> the names in the logs' train/ keys (fine-tuning's total_loss is loss now)
+PRETRAIN_KEYS = {"loss": "loss", "perm_rgb": "perm_rgb", "perm_ir": "perm_ir", "pcc": "pcc"}
+FINETUNE_KEYS = {"total_loss": "loss", "id_loss": "id_loss", "tri_loss": "tri_loss"}
 
 
 def _records(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return logger.read_jsonl(path)   # older files (the recording) in today's flat schema
 
 
 def _train(rec, key):
-    """A training scalar of one JSON line (flat train/<key>, or the older unprefixed key)."""
-    return rec[f"train/{key}"] if f"train/{key}" in rec else rec[key]
+    return rec[f"train/{key}"]
 
 
 def short_runs(tmp, sysu):
@@ -45,14 +46,14 @@ def short_runs(tmp, sysu):
                "--no-diag", *output_args(tmp / "pre"), threads=1)
     ckpt = next((tmp / "pre" / "save").glob("*_epoch_2.t"))
     pre = _records(next((tmp / "pre" / "log").glob("*.jsonl")))
-    out = {"pretrain": [{k: _train(r, k) for k in PRETRAIN_KEYS} for r in pre]}
+    out = {"pretrain": [{k: _train(r, new) for k, new in PRETRAIN_KEYS.items()} for r in pre]}
     for stage, script, epochs in (("agw", "AGW/train.py", 2), ("ddag", "DDAG/train_ddag.py", 1)):
         run_script(script, "--dataset", "sysu", "--data_path", sysu, *SMALL_ARGS, "--batch-size", "4",
                    "--num_pos", "2", "--epochs", str(epochs), "--test_every", "0", "--print_freq", "100",
                    "--resume", ckpt, *output_args(tmp / stage), threads=1)
         recs = _records(next((tmp / stage / "log").glob("*.jsonl")))
-        out[stage] = [{k: _train(r, k) for k in FINETUNE_KEYS} for r in recs]
-        out[f"{stage}/step0"] = {k: _train(recs[0], f"step0_{k}") for k in FINETUNE_KEYS}
+        out[stage] = [{k: _train(r, new) for k, new in FINETUNE_KEYS.items()} for r in recs]
+        out[f"{stage}/step0"] = {k: _train(recs[0], f"step0_{new}") for k, new in FINETUNE_KEYS.items()}
     return out
 
 

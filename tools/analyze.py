@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import features  # noqa: E402
-from utils import ArgumentParser, UserError, check_writable, cli  # noqa: E402
+from cli import ArgumentParser, UserError, check_writable, cli  # noqa: E402
 
 DPI = 100
 PANEL = (4.0, 3.6)          # inches per panel: 400 x 360 pixels

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import REPO_ROOT, ArgumentParser, UserError, cli  # noqa: E402
+from cli import REPO_ROOT, ArgumentParser, UserError, cli  # noqa: E402
 
 MARKER = "synthetic.json"   # written into every generated set; lets us replace our own output
 SYSU_RGB_CAMS = (1, 2, 4, 5)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import ArgumentParser, UserError, check_writable, cli  # noqa: E402
+from cli import ArgumentParser, UserError, check_writable, cli  # noqa: E402
 
 X_FIELDS = ("epoch", "step")
 LOSSES = ("perm_rgb", "perm_ir", "pcc")

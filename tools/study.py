@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import REPO_ROOT, ArgumentParser, UserError, cli  # noqa: E402
+from cli import REPO_ROOT, ArgumentParser, UserError, cli  # noqa: E402
 
 # name -> (train.py flags, label in tables and plots)
 # Every PCC reading spelled out, so a configuration means the same run whatever the
@@ -270,10 +270,9 @@ def feature_scale(ckpts, data, batches=4):
     import importlib.util
     import torch
     import torch.nn.functional as F
-    import utils
+    import checkpoint
     from data_loader import DeviceAugment, IdentitySampler, SYSUData, make_loader
     from loss import TripletLoss, TripletLoss_WRT, pdist
-    from model import load_backbone
     spec = importlib.util.spec_from_file_location("model_agw", REPO_ROOT / "AGW" / "model_agw.py")
     agw = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(agw)
@@ -284,9 +283,9 @@ def feature_scale(ckpts, data, batches=4):
     res = {}
     for init in [*ckpts, "random"]:
         torch.manual_seed(0)
-        net = agw.embed_net(train.num_classes, arch="resnet18")
+        net = agw.AGWNet(train.num_classes, arch="resnet18")
         if init != "random":
-            load_backbone(net, utils.load_checkpoint(ckpts[init]), log=lambda *_: None, source=str(ckpts[init]))
+            checkpoint.load_backbone(net, checkpoint.load(ckpts[init]), log=lambda *_: None, source=str(ckpts[init]))
         net.train()
         rows = []
         loader = make_loader(train, IdentitySampler(train.rgb_label, train.ir_label, 4, 8, seed=0))
