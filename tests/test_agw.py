@@ -22,7 +22,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "AGW"))
 
 import engine_finetune  # noqa: E402
-import utils  # noqa: E402
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
+import logger  # noqa: E402
 from conftest import (RESULT_LINE, SMALL_ARGS, check_mmgl_initialises_backbone,  # noqa: E402
                       epoch_results, final_lines, output_args, rank1, run_script)
 from model_agw import FEATURE_NAMES, AGWNet  # noqa: E402
@@ -116,7 +118,7 @@ def test_authors_checkpoint_with_unused_stem_tensors_loads(tmp_path, capsys):
                 "mINP": np.float64(0.2)}, path)
     net = AGWNet(5, arch="resnet18")
     args = engine_finetune.get_args_parser("t").parse_args(["--resume", str(path)])
-    start, best = engine_finetune.load_resume(net, args)
+    start, best = checkpoint.load_resume(net, args)
     assert start == 61 and best["rank1"] == 0.5
     assert "skipped 4 never-used" in capsys.readouterr().out
     for k, v in src.state_dict().items():
@@ -187,8 +189,8 @@ def test_finetune_checkpoint_with_other_method_is_refused(tmp_path):
     base = AGWNet(5, arch="resnet18", method="base")
     args = engine_finetune.get_args_parser("t").parse_args(["--resume", str(path)])
     with pytest.raises(engine_finetune.UserError, match=r"unexpected \(NL_2\.0\..*--method"):
-        engine_finetune.load_resume(base, args)
-    start, best = engine_finetune.load_resume(AGWNet(5, arch="resnet18"), args)
+        checkpoint.load_resume(base, args)
+    start, best = checkpoint.load_resume(AGWNet(5, arch="resnet18"), args)
     assert start == 5 and best["rank1"] == 0.0
 
 
@@ -277,14 +279,14 @@ def test_outputs_and_checkpoint_format(sysu_run):
     tmp, stdout = sysu_run
     run_name = "sysu_agw_p4_n8_lr_0.1_seed_0"
     # loadable the safe way (weights_only + the numpy allow-list), as every script loads it
-    best = utils.load_checkpoint(tmp / "save" / f"{run_name}_best.t")
+    best = checkpoint.load(tmp / "save" / f"{run_name}_best.t")
     assert {"net", "epoch", "cmc", "mAP", "mINP"} <= set(best)
     assert not any(k.startswith("module.") for k in best["net"])
     assert best["net"]["NL_2.0.theta.weight"].shape[0] == 1     # the authors' width
     results = epoch_results(stdout)
     assert rank1(results[best["epoch"]]["FC"]) == pytest.approx(best["cmc"][0], abs=5e-5)
     assert max(rank1(r["FC"]) for r in results.values()) == pytest.approx(best["cmc"][0], abs=5e-5)
-    last = utils.load_checkpoint(tmp / "save" / f"{run_name}_last.pth")
+    last = checkpoint.load(tmp / "save" / f"{run_name}_last.pth")
     assert last["epoch"] == 5 and {"optimizer", "rng", "best"} <= set(last)
     log = (tmp / "log" / f"{run_name}.txt").read_text()
     assert "Test Epoch: 4" in log and "Best Epoch" in log
@@ -298,7 +300,7 @@ def test_outputs_and_checkpoint_format(sysu_run):
 
 def test_test_script_reproduces_training_metrics(sysu_run, sysu_small):
     tmp, stdout = sysu_run
-    best = utils.load_checkpoint(tmp / "save" / "sysu_agw_p4_n8_lr_0.1_seed_0_best.t")
+    best = checkpoint.load(tmp / "save" / "sysu_agw_p4_n8_lr_0.1_seed_0_best.t")
     # a checkpoint name under --model_path, as the authors' scripts take it
     out = run_script(TEST, "--dataset", "sysu", "--mode", "all", "--data_path", sysu_small,
                      *SMALL_ARGS, "--model_path", tmp / "save",
@@ -428,7 +430,7 @@ def test_nonfinite_loss_or_gradient_stops_the_run_without_saving(poison, expecte
     with pytest.raises(engine_finetune.UserError, match=expected):
         agw_train.main(args)
     assert not list((tmp_path / "save").glob("*"))   # the folder exists (checked writable), empty
-    assert not isinstance(sys.stdout, utils.Tee)     # the log tee was taken down
+    assert not isinstance(sys.stdout, logger.Tee)     # the log tee was taken down
 
 
 def test_warmup_longer_than_the_run_warns(sysu_small, capsys):
@@ -436,10 +438,10 @@ def test_warmup_longer_than_the_run_warns(sysu_small, capsys):
     args = engine_finetune.get_args_parser("t").parse_args(["--data_path", str(sysu_small), "--epochs", "3"])
     engine_finetune.prepare_args(args, ROOT / "AGW")
     assert capsys.readouterr().out == ""      # held for the run header (an error found later is alone)
-    utils.flush_warnings()
+    cli.flush_warnings()
     assert "warning: --warmup_epochs 10 > --epochs 3: the lr never reaches --lr 0.1" in capsys.readouterr().out
     pretrain.check_args(pretrain.get_args_parser().parse_args(["--epochs", "3"]))
-    utils.flush_warnings()
+    cli.flush_warnings()
     assert "warning: --warmup_epochs 10 > --epochs 3" in capsys.readouterr().out
     pretrain.check_args(pretrain.get_args_parser().parse_args(["--epochs", "30"]))
     assert "warning" not in capsys.readouterr().out

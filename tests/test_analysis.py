@@ -10,7 +10,7 @@ import eval_metrics
 import features
 from conftest import ROOT, run_script
 from rerank import rerank_features
-from utils import UserError
+from cli import UserError
 
 NUM_IDS, PER_MODALITY, DIM = 6, 8, 16
 

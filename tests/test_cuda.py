@@ -22,7 +22,7 @@ from conftest import SMALL_H, SMALL_W, output_args
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import utils  # noqa: E402
+import checkpoint  # noqa: E402
 from data_loader import DeviceAugment  # noqa: E402
 from test_augment import draws  # noqa: E402
 from test_ddp import free_port  # noqa: E402
@@ -111,7 +111,7 @@ def test_pretraining_runs_on_the_device(pretrained, precision):
         assert 0 <= r["val_perm_acc"] <= 1
     assert (tmp / "save" / f"{PRE_NAME}_epoch_2.t").is_file()
     # the checkpoint holds CPU-loadable tensors (load_checkpoint maps to the CPU)
-    ckpt = utils.load_checkpoint(tmp / "save" / f"{PRE_NAME}_last.pth")
+    ckpt = checkpoint.load(tmp / "save" / f"{PRE_NAME}_last.pth")
     assert all(v.device.type == "cpu" for v in ckpt["net"].values())
     if precision == "fp16" and ON_CUDA:   # the scaler really ran: its scale is in the checkpoint
         assert ckpt["scaler"] and ckpt["scaler"]["scale"] > 0

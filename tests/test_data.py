@@ -22,7 +22,7 @@ import data_manager as dm  # noqa: E402
 from pre_process_sysu import preprocess_sysu  # noqa: E402
 from tools.make_synthetic import _split_counts, make_regdb, make_sysu  # noqa: E402
 from conftest import run_script  # noqa: E402
-from utils import UserError  # noqa: E402
+from cli import UserError  # noqa: E402
 
 RGB_CAMS, IR_CAMS = (1, 2, 4, 5), (3, 6)
 NPY = [f"train_{m}_resized_{k}.npy" for m in ("rgb", "ir") for k in ("img", "label", "cam")]

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "DDAG"))
 
+import checkpoint  # noqa: E402
 import engine_finetune  # noqa: E402
 import model  # noqa: E402
 import train_ddag  # noqa: E402
@@ -21,7 +22,7 @@ from conftest import (RESULT_LINE, SMALL_ARGS, check_mmgl_initialises_backbone, 
                       epoch_results, final_lines, output_args, rank1, run_script)
 from loss import TripletLoss  # noqa: E402
 from model_ddag import IWPA, GraphAttentionLayer, build_adjacency, DDAGNet  # noqa: E402
-from utils import UserError  # noqa: E402
+from cli import UserError  # noqa: E402
 
 TRAIN, TEST = str(ROOT / "DDAG" / "train_ddag.py"), str(ROOT / "DDAG" / "test_ddag.py")
 
@@ -395,6 +396,6 @@ def test_resume_restores_graph_weight(regdb_run, capsys):
     net = train_ddag.builder(args)(int(last["net"]["classifier.weight"].shape[0]))
     optimizer = engine_finetune.build_optimizer(net, args, net.new_modules())
     state = {"wG": 0.0}
-    start, best = engine_finetune.load_resume(net, args, optimizer, None, state)
+    start, best = checkpoint.load_resume(net, args, optimizer, None, state)
     assert start == 1 and best["feature"] == "FC_att"
     assert state["wG"] == last["state"]["wG"]

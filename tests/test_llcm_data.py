@@ -22,7 +22,7 @@ import data_manager as dm  # noqa: E402
 from eval_metrics import eval_llcm, eval_sysu, evaluate_llcm_trials  # noqa: E402
 from tools.make_synthetic import main as make_synthetic_main  # noqa: E402
 from tools.make_synthetic import make_llcm  # noqa: E402
-from utils import UserError  # noqa: E402
+from cli import UserError  # noqa: E402
 
 VIS_CAMS = ["cam1", "cam2", "cam3", "cam4", "cam5", "cam6", "cam7", "cam8", "cam9"]
 NIR_CAMS = ["cam1", "cam2", "cam4", "cam5", "cam6", "cam7", "cam8", "cam9"]

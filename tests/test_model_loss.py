@@ -1,6 +1,6 @@
 """model.py and loss.py: Sinkhorn/permutation pieces, PCC, ReID triplets, the network's
 shapes and key layout, and the checkpoint loaders (real files through torch.save /
-utils.load_checkpoint)."""
+checkpoint.load)."""
 import math
 import sys
 from pathlib import Path
@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checkpoint  # noqa: E402
 import loss  # noqa: E402
 import model  # noqa: E402
-from utils import UserError  # noqa: E402
+from cli import UserError  # noqa: E402
 
 HEADS = model.MMGLNet.HEAD_PREFIXES
 BACKBONE = model.TwoStreamBackbone.BACKBONE_PREFIXES
@@ -348,10 +349,10 @@ def test_load_backbone_from_mmgl_checkpoint(tmp_path):
     src = model.MMGLNet("resnet18", "two", proj_dim=8)
     path = tmp_path / "sysu_two_epoch_1.t"
     torch.save(src.state_dict(), path)
-    from utils import load_checkpoint
+    from checkpoint import load as load_checkpoint
     dst = model.TwoStreamBackbone("resnet18", "two")
     logs = []
-    rep = model.load_backbone(dst, load_checkpoint(path), log=logs.append, source=str(path))
+    rep = checkpoint.load_backbone(dst, load_checkpoint(path), log=logs.append, source=str(path))
     n_bb = len(dst.backbone_keys())
     assert len(rep["loaded"]) == n_bb and not rep["missing_backbone"] and not rep["mismatched"]
     assert sorted(rep["dropped_head"]) == sorted(k for k in src.state_dict() if k.startswith(HEADS))
@@ -362,26 +363,26 @@ def test_load_backbone_from_mmgl_checkpoint(tmp_path):
     # one-stream checkpoint into a two-stream (AGW-like) network: both stems get it
     one = model.MMGLNet("resnet18", "one", proj_dim=8)
     dst2 = model.TwoStreamBackbone("resnet18", "two")
-    model.load_backbone(dst2, {"module." + k: v for k, v in one.state_dict().items()}, log=logs.append)
+    checkpoint.load_backbone(dst2, {"module." + k: v for k, v in one.state_dict().items()}, log=logs.append)
     assert torch.equal(dst2.thermal_module.thermal.conv1.weight, one.visible_module.visible.conv1.weight)
     assert torch.equal(dst2.visible_module.visible.conv1.weight, one.visible_module.visible.conv1.weight)
     # a checkpoint with only one stem prefix still fully initialises a one-stream network
     only_vis = {k: v for k, v in ref.items() if not k.startswith("thermal_module.")}
-    rep = model.load_backbone(model.TwoStreamBackbone("resnet18", "one"), only_vis, log=logs.append)
+    rep = checkpoint.load_backbone(model.TwoStreamBackbone("resnet18", "one"), only_vis, log=logs.append)
     assert not rep["missing_backbone"]
 
 
 def test_load_backbone_rejects_nothing_matching():
     with pytest.raises(UserError, match="matches no backbone key of the resnet18 network"):
-        model.load_backbone(model.TwoStreamBackbone("resnet18"), {"foo.weight": torch.zeros(3)},
+        checkpoint.load_backbone(model.TwoStreamBackbone("resnet18"), {"foo.weight": torch.zeros(3)},
                             log=lambda s: None)
     # a resnet50 checkpoint into a resnet18 network: names match, shapes do not
     r50 = {k: v for k, v in model.resnet50().state_dict().items()}
     authors_like = {"base_resnet.base." + k: v for k, v in r50.items() if k.startswith("layer")}
     with pytest.raises(UserError, match="holds a resnet50 backbone but the network is resnet18"):
-        model.load_backbone(model.TwoStreamBackbone("resnet18"), authors_like, log=lambda s: None)
+        checkpoint.load_backbone(model.TwoStreamBackbone("resnet18"), authors_like, log=lambda s: None)
     with pytest.raises(UserError, match="not a state_dict"):
-        model.load_backbone(model.TwoStreamBackbone("resnet18"), {"epoch": 3}, log=lambda s: None)
+        checkpoint.load_backbone(model.TwoStreamBackbone("resnet18"), {"epoch": 3}, log=lambda s: None)
 
 
 def test_load_backbone_authors_style_checkpoint():
@@ -394,7 +395,7 @@ def test_load_backbone_authors_style_checkpoint():
     sd["module.fc1.weight"] = torch.zeros(3)              # pre-training head
     net = model.TwoStreamBackbone("resnet18", "two")
     logs = []
-    rep = model.load_backbone(net, sd, log=logs.append, source="authors.t")
+    rep = checkpoint.load_backbone(net, sd, log=logs.append, source="authors.t")
     n_bb = len(net.backbone_keys())
     n_unused = len(sd) - 1 - n_bb
     assert len(rep["skipped_unused"]) == n_unused and not rep["unexpected"]
@@ -410,7 +411,7 @@ def test_load_imagenet(tmp_path):
     torch.save(ref, path)
     net = model.TwoStreamBackbone("resnet18", "two")
     logs = []
-    n = model.load_imagenet(net, path, log=logs.append)
+    n = checkpoint.load_imagenet(net, path, log=logs.append)
     assert n == len(ref) - 2 and "loaded" in logs[0]      # fc dropped
     sd = net.state_dict()
     for k, v in sd.items():
@@ -424,19 +425,19 @@ def test_load_imagenet(tmp_path):
     assert torch.equal(net2.thermal_module.thermal.bn1.running_mean, ref["bn1.running_mean"])
     # plain ResNet target
     r = model.resnet18()
-    model.load_imagenet(r, path, log=logs.append)
+    checkpoint.load_imagenet(r, path, log=logs.append)
     assert torch.equal(r.fc.weight, ref["fc.weight"])
 
 
 def test_load_imagenet_errors(tmp_path):
     torch.save(model.resnet50().state_dict(), tmp_path / "r50.pth")
     with pytest.raises(UserError, match="resnet18.*looks like resnet50"):
-        model.load_imagenet(model.TwoStreamBackbone("resnet18"), tmp_path / "r50.pth")
+        checkpoint.load_imagenet(model.TwoStreamBackbone("resnet18"), tmp_path / "r50.pth")
     with pytest.raises(UserError, match="not found"):
-        model.load_imagenet(model.TwoStreamBackbone("resnet18"), tmp_path / "nope.pth")
+        checkpoint.load_imagenet(model.TwoStreamBackbone("resnet18"), tmp_path / "nope.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(UserError, match="not a state_dict"):
-        model.load_imagenet(model.TwoStreamBackbone("resnet18"), tmp_path / "list.pth")
+        checkpoint.load_imagenet(model.TwoStreamBackbone("resnet18"), tmp_path / "list.pth")
 
 
 def test_bad_arch_and_stream():

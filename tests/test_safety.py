@@ -16,8 +16,9 @@ from conftest import SMALL_H, SMALL_W
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import utils  # noqa: E402
-from utils import UserError  # noqa: E402
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
+from cli import UserError  # noqa: E402
 
 
 class Payload:
@@ -32,7 +33,7 @@ def test_authors_style_checkpoint_with_numpy_scalars_loads_safely(tmp_path):
     path = tmp_path / "sysu_agw_p4_n8_lr_0.1_seed_0_best.t"
     torch.save({"net": sd, "epoch": 40, "cmc": np.linspace(0.5, 0.9, 20), "mAP": np.float64(0.47),
                 "mINP": np.float32(0.3)}, path)
-    ckpt = utils.load_checkpoint(path)
+    ckpt = checkpoint.load(path)
     assert torch.equal(ckpt["net"]["classifier.weight"], sd["classifier.weight"])
     assert float(ckpt["mAP"]) == pytest.approx(0.47) and ckpt["cmc"].shape == (20,)
 
@@ -41,18 +42,18 @@ def test_pickled_object_is_refused_without_trust(tmp_path):
     path = tmp_path / "evil.t"
     torch.save({"net": {}, "extra": Payload()}, path)
     with pytest.raises(UserError, match="--trust-checkpoint"):
-        utils.load_checkpoint(path)
-    assert isinstance(utils.load_checkpoint(path, trust=True)["extra"], Payload)
+        checkpoint.load(path)
+    assert isinstance(checkpoint.load(path, trust=True)["extra"], Payload)
 
 
 def test_missing_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="checkpoint not found"):
-        utils.load_checkpoint(tmp_path / "nope.t")
+        checkpoint.load(tmp_path / "nope.t")
 
 
 def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "model.t"
-    utils.save_checkpoint({"w": torch.ones(3)}, path)
+    checkpoint.save({"w": torch.ones(3)}, path)
     before = path.read_bytes()
     real_save = torch.save
 
@@ -62,7 +63,7 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", half_then_crash)
     with pytest.raises(UserError, match=r"cannot write checkpoint .*model.t \(disk full\); .* free there"):
-        utils.save_checkpoint({"w": torch.zeros(3)}, path)
+        checkpoint.save({"w": torch.zeros(3)}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.t"]  # no temp file left
 
@@ -73,7 +74,7 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", enospc)
     with pytest.raises(UserError, match="unexpected pos"):
-        utils.save_checkpoint({"w": torch.zeros(3)}, path)
+        checkpoint.save({"w": torch.zeros(3)}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.t"]
 
@@ -83,20 +84,20 @@ def test_text_file_and_truncated_file_say_what_they_are(tmp_path, trust):
     text = tmp_path / "notes.pth"
     text.write_text("this is not a checkpoint\n")
     with pytest.raises(UserError, match="is not a PyTorch checkpoint"):
-        utils.load_checkpoint(text, trust=trust)
+        checkpoint.load(text, trust=trust)
     good = tmp_path / "good.t"
     torch.save({"w": torch.ones(1000)}, good)
     cut = tmp_path / "cut.t"
     cut.write_bytes(good.read_bytes()[:500])
     with pytest.raises(UserError, match="truncated or corrupt"):
-        utils.load_checkpoint(cut, trust=trust)
+        checkpoint.load(cut, trust=trust)
 
 
 def test_unwritable_output_folder_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(UserError, match="is not writable"):
-        utils.check_writable(tmp_path / "ok", blocker / "sub")
+        cli.check_writable(tmp_path / "ok", blocker / "sub")
     assert (tmp_path / "ok").is_dir() and not list((tmp_path / "ok").iterdir())
 
 

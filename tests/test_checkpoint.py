@@ -1,6 +1,6 @@
-"""The run-state layer both stages share (runstate.py) and the benchmark registry
-(datasets.py): the one `_last.pth` schema and the older files of both kinds, the device-side
-meter, and the registry's answers for each benchmark."""
+"""What both stages share around the network: the checkpoint module (checkpoint.py: the one
+`_last.pth` schema and the older files of both kinds, what a file is), the device-side meter
+(logger.py), and the benchmark registry's answers for each benchmark (datasets.py)."""
 import sys
 from pathlib import Path
 
@@ -13,11 +13,12 @@ from conftest import SMALL_ARGS, run_script
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoint  # noqa: E402
 import datasets  # noqa: E402
 import engine_finetune  # noqa: E402
-import runstate  # noqa: E402
-import utils  # noqa: E402
-from utils import UserError  # noqa: E402
+import logger  # noqa: E402
+import runtime  # noqa: E402
+from cli import UserError  # noqa: E402
 
 TINY = ["--arch", "resnet18", "--img_h", "96", "--img_w", "48", "--gpu", "cpu", "--workers", "0",
         "--batch-size", "8", "--print_freq", "2", "--warmup_epochs", "1", "--iters_per_epoch", "2",
@@ -25,15 +26,15 @@ TINY = ["--arch", "resnet18", "--img_h", "96", "--img_w", "48", "--gpu", "cpu", 
 PRE_NAME = "sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18"
 
 
-def test_meter_syncs_at_read_and_resets():
-    m = runstate.Meter()
+def test_meter_last_epoch_mean_and_mean_since_the_last_read():
+    m = logger.Meter(torch.device("cpu"))
     for v in (1.0, 2.0, 6.0):
-        m.update({"loss": torch.tensor(v), "acc": 0.5})
-    last, mean = m.read()
-    assert last == {"loss": 6.0, "acc": 0.5} and mean == {"loss": 3.0, "acc": 0.5}
-    m.reset()
-    m.update({"loss": torch.tensor(4.0)})
-    assert m.read()[1] == {"loss": 4.0}
+        m.update(loss=torch.tensor(v), acc=0.5)
+    last, mean, recent = m.read()
+    assert last == {"loss": 6.0, "acc": 0.5} and mean == recent == {"loss": 3.0, "acc": 0.5}
+    m.update(loss=torch.tensor(7.0))           # a name may skip steps: its own count
+    last, mean, recent = m.read()
+    assert mean == {"loss": 4.0, "acc": 0.5} and recent == {"loss": 7.0, "acc": 0.5}
 
 
 def _old_pretrain_schema(new):
@@ -51,7 +52,7 @@ def test_old_and_new_pretraining_last_files_resume(sysu_small, tmp_path):
               tmp_path / "log", "--vis_log_path", tmp_path / "vis"]
     run_script(ROOT / "train.py", *common, "--epochs", "1")
     last = tmp_path / "sm" / f"{PRE_NAME}_last.pth"
-    new = utils.load_checkpoint(last)
+    new = checkpoint.load(last)
     assert new["stage"] == "pretrain" and {"net", "optimizer", "scaler", "epoch", "rng", "args",
                                            "state", "best"} <= set(new)
     assert set(new["state"]) == {"scheduler", "global_step", "pcc_from"} and new["state"]["global_step"] == 2
@@ -59,12 +60,12 @@ def test_old_and_new_pretraining_last_files_resume(sysu_small, tmp_path):
     torch.save(_old_pretrain_schema(new), old)
     out = run_script(ROOT / "train.py", *common, "--epochs", "2", "--resume", old).stdout
     assert "continuing at epoch 1" in out
-    assert utils.load_checkpoint(last)["state"]["global_step"] == 4   # the old file's step count went on
+    assert checkpoint.load(last)["state"]["global_step"] == 4   # the old file's step count went on
     # either kind initialises a fine-tuning backbone
     for path in (last, old):
-        obj = utils.load_checkpoint(path)
-        assert engine_finetune.checkpoint_kind(obj) == "pretrain"
-        sd = engine_finetune.pretrain_state(obj)
+        obj = checkpoint.load(path)
+        assert checkpoint.kind(obj) == ("pretrain", True)
+        sd = checkpoint.network_state(obj)
         src = obj["net"] if "net" in obj else obj["model"]
         assert sd.keys() == src.keys() and all(torch.equal(sd[k], src[k]) for k in sd)
 
@@ -80,16 +81,16 @@ def test_old_fine_tuning_last_file_resumes(tmp_path):
     opt = engine_finetune.build_optimizer(net, args, AGWNet.NEW_MODULES)
     best = {"epoch": 2, "rank1": 0.5, "feature": "FC", "mAP": 0.4, "mINP": 0.3}
     torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scaler": {}, "epoch": 3,
-                "best": best, "rng": utils.get_rng_state(), "state": {"wG": 0.25}, "args": {}},
+                "best": best, "rng": runtime.get_rng_state(), "state": {"wG": 0.25}, "args": {}},
                tmp_path / "x_last.pth")
     other = AGWNet(5, arch="resnet18")
     opt2 = engine_finetune.build_optimizer(other, args, AGWNet.NEW_MODULES)
     state = {"wG": 0.0}
-    assert engine_finetune.load_resume(other, args, opt2, None, state) == (4, best)
+    assert checkpoint.load_resume(other, args, opt2, None, state) == (4, best)
     assert state == {"wG": 0.25}
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
     with pytest.raises(UserError, match="not a resumable pre-training checkpoint"):
-        runstate.check_stage("x_last.pth", utils.load_checkpoint(tmp_path / "x_last.pth"), "pretrain")
+        checkpoint.check_resumable("x_last.pth", checkpoint.load(tmp_path / "x_last.pth"), "pretrain")
 
 
 def test_registry(sysu_small, regdb_small):
@@ -114,3 +115,30 @@ def test_registry(sysu_small, regdb_small):
     args.trial = 11
     with pytest.raises(UserError, match="--trial must be 1..10"):
         regdb.check_args(args)
+
+
+def test_kind_is_read_from_the_file(tmp_path):
+    """Our files carry 'stage'; the authors' and our older ones are told apart by their keys;
+    every kind's network is found by the one rule (checkpoint.network_state)."""
+    sys.path.insert(0, str(ROOT / "AGW"))
+    from model_agw import AGWNet
+    net = AGWNet(5, arch="resnet18")
+    sd = net.state_dict()
+    checkpoint.save_network(tmp_path / "pre_epoch_3.t", net)
+    checkpoint.save_finetuned(tmp_path / "ft_best.t", net, 4, (np.array([0.5, 0.6]), 0.4, 0.3), "FC")
+    cases = {
+        "pre_epoch_3.t": ("pretrain", False),                    # ours: the plain state_dict
+        "ft_best.t": ("finetune", False),                        # ours: 'stage' read
+    }
+    for name, want in cases.items():
+        obj = checkpoint.load(tmp_path / name)
+        assert checkpoint.kind(obj) == want, name
+        assert checkpoint.network_state(obj).keys() == sd.keys(), name
+    assert checkpoint.load(tmp_path / "ft_best.t")["stage"] == "finetune"
+    assert checkpoint.num_classes(checkpoint.load(tmp_path / "ft_best.t")) == 5
+    authors = {"net": {"module." + k: v for k, v in sd.items()}, "epoch": 7, "cmc": np.zeros(3), "mAP": 0.1}
+    assert checkpoint.kind(authors) == ("finetune", False)
+    assert checkpoint.kind({"state_dict": sd}) == ("pretrain", False)
+    assert checkpoint.network_state({"state_dict": sd}).keys() == sd.keys()
+    with pytest.raises(UserError, match="not a state_dict"):
+        checkpoint.network_state({"epoch": 3})
