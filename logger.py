@@ -167,8 +167,8 @@ def progress(iterable, total=None, desc="", enable=None):
 class Meter:
     """Running sums of named scalars, on the device: ``update`` never syncs; ``read`` returns
     ({name: last value}, {name: mean since the epoch began}, {name: mean since the last
-    read}) as floats in one host sync, the means averaged over torchrun ranks (every rank
-    must read at the same step). A name may be updated at some steps only (its own count)."""
+    read}) as floats in one host sync, each averaged over torchrun ranks (every rank must
+    read at the same step). A name may be updated at some steps only (its own count)."""
 
     def __init__(self, device):
         self.device = device
@@ -186,14 +186,13 @@ class Meter:
 
     def read(self):
         keys = list(self.sums)
+        last = torch.stack([self.last[k] for k in keys])
         mean = torch.stack([self.sums[k] / self.counts[k] for k in keys])
         recent = torch.stack([self.since[k][0] / self.since[k][1] if k in self.since else mean[i]
                               for i, k in enumerate(keys)])
-        both = distributed.all_reduce_mean(torch.stack([mean, recent]))
-        vals = torch.cat([torch.stack([self.last[k] for k in keys]), both.flatten()]).cpu().tolist()
-        n = len(keys)
+        last, mean, recent = distributed.all_reduce_mean(torch.stack([last, mean, recent])).cpu().tolist()
         self.since = {}
-        return (dict(zip(keys, vals[:n])), dict(zip(keys, vals[n:2 * n])), dict(zip(keys, vals[2 * n:])))
+        return dict(zip(keys, last)), dict(zip(keys, mean)), dict(zip(keys, recent))
 
 
 def _fmt(name, value):
@@ -209,14 +208,16 @@ class RunLog:
     steps; ``epoch`` writes its JSON line and marks the run as started; ``close`` at the end
     (also on failure)."""
 
-    def __init__(self, args, run):
+    def __init__(self, args, run, outputs=True):
+        """``outputs=False``: print only, write nothing (benchmarks time the step loop)."""
         self.run, self.rank0 = run, distributed.is_main_process()
-        self.log_dir, self.vis_dir = Path(args.log_path), Path(args.vis_log_path)
         self.epochs, self.print_freq = args.epochs, args.print_freq
-        self.writer = self.json = None
+        self.writer = self.json = self.guard = None
         self._stdout = sys.stdout
-        self.guard = None
         self.start()
+        if not outputs:
+            return
+        self.log_dir, self.vis_dir = Path(args.log_path), Path(args.vis_log_path)
         if self.rank0:
             # a run that fails before its first epoch is done leaves none of these (cli.cli)
             self.guard = StartGuard(self.log_dir / f"{run}.txt", self.log_dir / f"{run}.jsonl",
@@ -247,28 +248,26 @@ class RunLog:
                 if v is not None:
                     self.writer.add_scalar(prefix + k, float(v), self.global_step)
 
-    def print_due(self, step, steps):
-        """Whether :meth:`log_every` prints after ``step`` (of ``steps``): every --print_freq
-        steps from the first, and the last."""
-        return step % self.print_freq == 0 or step == steps - 1
-
-    def log_every(self, loader, epoch, meter, lr, images_per_step, watch=None, last_good=None):
+    def log_every(self, loader, epoch, meter, lr, images_per_step, watch=None, last_good=None,
+                  at_print=None):
         """Yield ``(step, batch)`` over ``loader``, counting global steps. The loop body puts
         its scalars into ``meter``; every --print_freq steps and at the last, ``watch``
         (runtime.NonFiniteWatch) stops a run whose loss went non-finite (naming ``last_good``,
-        the checkpoint left untouched, if it exists), then one line is printed and the
-        means since the last print go to TensorBoard (``train/``). ``meter.first`` holds the
-        epoch's first-step values."""
+        the checkpoint left untouched, if it exists), ``at_print()`` adds what is measured at
+        print steps only, then one line is printed and the means since the last print go to
+        TensorBoard (``train/``). ``meter.first`` holds the epoch's first-step values."""
         steps = len(loader)
         t_print, printed = time.time(), -1
         for step, batch in enumerate(loader):
             yield step, batch
             self.global_step += 1
-            if not self.print_due(step, steps):
+            if step % self.print_freq and step != steps - 1:   # print every --print_freq steps and the last
                 continue
             if watch is not None:
                 good = Path(last_good) if last_good else None
                 watch.check(epoch, good if good is not None and good.is_file() else None)
+            if at_print is not None:
+                at_print()
             last, mean, recent = meter.read()
             if step == 0:
                 meter.first = last
@@ -277,7 +276,7 @@ class RunLog:
             done = epoch - self.start_epoch + (step + 1) / steps
             eta = (now - self.t_start) / done * (self.epochs - self.start_epoch - done)
             values = "  ".join(f"{k} {_fmt(k, last[k])} ({_fmt(k, mean[k])})" for k in last)
-            print(f"Epoch: [{epoch}][{step + 1:>{len(str(steps))}}/{steps}]  eta {format_time(eta)}  "
+            print(f"Epoch: [{epoch}][{step + 1}/{steps}]  eta {format_time(eta)}  "
                   f"lr {lr:.4g}  {values}  {ips:.0f} img/s")
             self.scalars({**recent, "lr": lr, "img_per_s": ips}, prefix="train/")
             meter.img_per_s = ips

@@ -58,7 +58,7 @@ cd "$ROOT"
 
 step "curves (held-out accuracy and losses of the pre-training, AGW's Rank-1/mAP per tested epoch)"
 $PY tools/plot_log.py log/demo/*.jsonl AGW/log/demo/*.jsonl --out log/demo/quickstart.png \
-    --fields 'val_perm_acc,val_stripe_acc,perm_rgb,perm_ir,pcc,FC.rank1,FC.mAP'
+    --fields 'val/perm_acc,val/stripe_acc,train/perm_rgb,train/perm_ir,train/pcc,test/FC/rank1,test/FC/mAP'
 
 step "done. Outputs:"
 echo "  data                 $DATA"

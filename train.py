@@ -290,7 +290,14 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
     weight = pcc_weight(epoch, args, pcc_from)
     lr = optimizer.param_groups[0]["lr"]
     grad_stats = {}
-    steps = log.log_every(loader, epoch, meter, lr, 2 * args.batch_size, watch, last_path)
+
+    def batch_accuracy():   # the latest training batch's permutation accuracy (print steps only)
+        with torch.no_grad():
+            acc, stripe_acc = perm_accuracy(out["perm_logits"].detach().float(), perms.repeat(2, 1),
+                                            n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
+        meter.update(perm_acc=acc, stripe_acc=stripe_acc)
+
+    steps = log.log_every(loader, epoch, meter, lr, 2 * args.batch_size, watch, last_path, batch_accuracy)
     for step, (rgb, ir, _, _) in steps:
         rgb = rgb.to(device, non_blocking=True)
         ir = ir.to(device, non_blocking=True)
@@ -311,11 +318,6 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
 
         watch.update(losses["loss"], step, None if scaler.is_enabled() else net.parameters())
         meter.update(**losses, pcc_weight=weight)
-        if log.print_due(step, len(loader)):   # the training batch's accuracy (a host sync)
-            with torch.no_grad():
-                acc, stripe_acc = perm_accuracy(out["perm_logits"].detach().float(), perms.repeat(2, 1),
-                                                n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
-            meter.update(perm_acc=acc, stripe_acc=stripe_acc)
     if log.writer is not None:
         log_images(log.writer, x_rgb, x_ir, out, perms, args, log.global_step)
     _, means, _ = meter.read()

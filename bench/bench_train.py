@@ -51,7 +51,6 @@ import importlib.util
 import io
 import itertools
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,10 +63,11 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import engine_finetune  # noqa: E402
-import train  # noqa: E402  (the top-level MMGL train.py; AGW/train.py is loaded by path below)
 import cli  # noqa: E402
+import engine_finetune  # noqa: E402
+import logger  # noqa: E402
 import runtime  # noqa: E402
+import train  # noqa: E402  (the top-level MMGL train.py; AGW/train.py is loaded by path below)
 from bench import common  # noqa: E402
 from data_loader import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, IdentitySampler,  # noqa: E402
                          UnpairedSampler, make_loader, random_perms)
@@ -332,11 +332,9 @@ def bench_mmgl(args, device, rows, extra):
     lr = args.lr * train.lr_at(0, ours_args)                # epoch 0 of the warm-up
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     ref_opt = torch.optim.SGD(ref_net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    amp_dtype, scaler = runtime.amp_setup(ours_args.amp, device)       # as train.main does
+    _, scaler = runtime.amp_setup(ours_args.amp, device)       # as train.main does
     aug = DeviceAugment(args.img_h, args.img_w, device=device)
-    # pcc_from 0: PCC on, as in every step after the switch (the steps it costs most)
-    state = {"global_step": 0, "amp_dtype": amp_dtype, "pcc_from": 0,
-             "memory_format": torch.channels_last if channels_last else torch.contiguous_format}
+    log = logger.RunLog(ours_args, "bench", outputs=False)   # prints only (its lines are discarded)
     epoch = [0]
 
     def ours(n):
@@ -347,7 +345,8 @@ def bench_mmgl(args, device, rows, extra):
         _sync(device)
         t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):     # its per-epoch progress line
-            train.train_one_epoch(net, loader, opt, scaler, aug, 0, ours_args, device, None, state)
+            # pcc_from 0: PCC on, as in every step after the switch (the steps it costs most)
+            train.train_one_epoch(net, loader, opt, scaler, aug, 0, ours_args, device, log, 0, None)
         _sync(device)
         return time.perf_counter() - t
 
@@ -421,8 +420,7 @@ def bench_agw(args, device, rows, extra):
     criterion = agw.make_criterion(fargs)
     aug = DeviceAugment(args.img_h, args.img_w, pad=PAD, device=device)
     epoch = [0]
-    tmp = tempfile.TemporaryDirectory()
-    last_path = Path(tmp.name) / "unused_last.pth"   # named only in a NaN message
+    log = logger.RunLog(fargs, "bench", outputs=False)   # prints only (its lines are discarded)
 
     def ours(n):
         sampler = IdentitySampler(data.rgb_label, data.ir_label, args.num_pos, ids,
@@ -433,7 +431,7 @@ def bench_agw(args, device, rows, extra):
         t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             engine_finetune.train_one_epoch(net, criterion, loader, aug, opt, scaler, 0, lr, fargs, device,
-                                            (time.time(), 0), last_path)
+                                            log, None)
         _sync(device)
         return time.perf_counter() - t
 
@@ -463,11 +461,8 @@ def bench_agw(args, device, rows, extra):
         return _timed_reference(lambda: iter(_ref_loader(ds, B, args.workers, device)), ref_step,
                                 warmup, steps, device)
 
-    try:
-        return _compare_steps("AGW fine-tuning step", ours, reference, args, device, rows, extra,
-                              epoch_steps=int(SYSU_RGB_TRAIN / B) + 1)
-    finally:
-        tmp.cleanup()
+    return _compare_steps("AGW fine-tuning step", ours, reference, args, device, rows, extra,
+                          epoch_steps=int(SYSU_RGB_TRAIN / B) + 1)
 
 
 def _compare_steps(name, ours, reference, args, device, rows, extra, epoch_steps):

@@ -271,7 +271,7 @@ def test_finetune_beats_chance_and_the_untrained_network(sysu_run, sysu_small, c
     assert best_r1 > 1.5 * chance, report
     assert best_map > untrained[1] + 0.05, report
     # training accuracy went up
-    acc = [float(a) for a in re.findall(r"Accu: (\d+\.\d+)", stdout)]
+    acc = [float(a) for a in re.findall(r"  acc \d+\.\d+% \((\d+\.\d+)%\)", stdout)]
     assert acc[-1] > 2 * acc[0]
 
 
@@ -464,7 +464,7 @@ def test_tensorboard_serves_both_stages_scalars(sysu_run, sysu_small, tmp_path):
                            "--port", str(port), "--reload_interval", "1"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     want = {"mmgl": {"train/perm_rgb", "train/perm_ir", "train/pcc", "val/perm_acc", "val/stripe_acc"},
-            "agw": {"total_loss", "id_loss", "tri_loss", "rank1", "mAP"}}
+            "agw": {"train/loss", "train/id_loss", "train/tri_loss", "test/FC/rank1", "test/FC/mAP"}}
 
     def get(path, **query):
         url = f"http://127.0.0.1:{port}{path}" + ("?" + urllib.parse.urlencode(query) if query else "")

@@ -141,7 +141,7 @@ def test_plot_log(tmp_path):
     img = matplotlib.image.imread(out)
     assert img.ndim == 3 and len(np.unique(img.reshape(-1, img.shape[2]), axis=0)) > 20
     out2 = tmp_path / "pre.png"
-    run_script(ROOT / "tools" / "plot_log.py", *pre, "--out", out2, "--fields", "*loss*,val_perm_acc")
+    run_script(ROOT / "tools" / "plot_log.py", *pre, "--out", out2, "--fields", "*loss*,val/perm_acc")
     assert matplotlib.image.imread(out2).ndim == 3
 
 

@@ -107,8 +107,9 @@ def test_pretraining_runs_on_the_device(pretrained, precision):
     lines = json_lines(tmp / "log" / f"{PRE_NAME}.jsonl")
     assert [r["epoch"] for r in lines] == [0, 1]
     for r in lines:
-        assert all(math.isfinite(r[k]) for k in ("loss", "perm_rgb", "perm_ir", "pcc", "val_perm_mse")), r
-        assert 0 <= r["val_perm_acc"] <= 1
+        assert all(math.isfinite(r[k]) for k in ("train/loss", "train/perm_rgb", "train/perm_ir", "train/pcc",
+                                                 "val/perm_mse")), r
+        assert 0 <= r["val/perm_acc"] <= 1
     assert (tmp / "save" / f"{PRE_NAME}_epoch_2.t").is_file()
     # the checkpoint holds CPU-loadable tensors (load_checkpoint maps to the CPU)
     ckpt = checkpoint.load(tmp / "save" / f"{PRE_NAME}_last.pth")

@@ -279,7 +279,7 @@ def test_finetune_learns_far_above_chance(sysu_run, sysu_small):
     # ~30%; docs/STUDY.md)
     assert best > CHANCE_FACTOR * chance, (best, chance, stdout[-2000:])
     assert best_map > 0.25, (best_map, stdout[-2000:])
-    acc = [float(a) for a in re.findall(r"Accu: (\d+\.\d+)", stdout)]
+    acc = [float(a) for a in re.findall(r"  acc \d+\.\d+% \((\d+\.\d+)%\)", stdout)]
     assert acc[-1] > 2 * acc[0]
 
 
@@ -296,12 +296,12 @@ def test_outputs_checkpoints_and_graph_weight(sysu_run):
     # wG: 0 in epoch 0, then 1 / (1 + the previous epoch's mean instance loss)
     records = [json.loads(l) for l in (tmp / "log" / f"{RUN}.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(EPOCHS))
-    assert records[0]["wG"] == 0.0
+    assert records[0]["train/wG"] == 0.0
     for prev, cur in zip(records, records[1:]):
-        assert cur["wG"] == pytest.approx(1 / (1 + prev["inst_loss"]), rel=1e-5)
+        assert cur["train/wG"] == pytest.approx(1 / (1 + prev["train/inst_loss"]), rel=1e-5)
     last = torch.load(tmp / "save" / f"{RUN}_last.pth", weights_only=False)
     assert last["epoch"] == EPOCHS - 1
-    assert last["state"]["wG"] == pytest.approx(1 / (1 + records[-1]["inst_loss"]), rel=1e-5)
+    assert last["state"]["wG"] == pytest.approx(1 / (1 + records[-1]["train/inst_loss"]), rel=1e-5)
     assert list((tmp / "log" / "vis" / RUN).glob("events.out.tfevents.*"))
 
 
@@ -390,7 +390,7 @@ def test_resume_restores_graph_weight(regdb_run, capsys):
     path = tmp / "save" / f"{REGDB_RUN}_last.pth"
     last = torch.load(path, weights_only=False)
     record = json.loads((tmp / "log" / f"{REGDB_RUN}.jsonl").read_text().splitlines()[-1])
-    assert last["state"]["wG"] == pytest.approx(1 / (1 + record["inst_loss"]), rel=1e-5)
+    assert last["state"]["wG"] == pytest.approx(1 / (1 + record["train/inst_loss"]), rel=1e-5)
     assert 0 < last["state"]["wG"] < 1
     args = train_ddag.get_parser().parse_args([str(a) for a in args] + ["--resume", str(path)])
     net = train_ddag.builder(args)(int(last["net"]["classifier.weight"].shape[0]))

@@ -96,7 +96,7 @@ PRE = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "
 
 
 def printed_losses(stdout):
-    return [float(m) for m in re.findall(r"^Epoch \[\d+\]\[\d+/\d+\].* loss ([0-9.]+)", stdout, re.M)]
+    return [float(m) for m in re.findall(r"^Epoch: \[\d+\]\[\d+/\d+\].* loss ([0-9.]+)", stdout, re.M)]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def fine_tune_ddp(script, extra, sysu_small, tmp, nproc, batch):
 
 
 def step_losses(stdout):
-    return [float(m) for m in re.findall(r"^Epoch: \[0\]\[\d+/\d+\].* Loss: ([0-9.]+)", stdout, re.M)]
+    return [float(m) for m in re.findall(r"^Epoch: \[0\]\[\d+/\d+\].* loss ([0-9.]+)", stdout, re.M)]
 
 
 @pytest.mark.parametrize("script,extra,test_script,test_extra", [

@@ -159,10 +159,10 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
                     "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40",
                     "--pcc_order", "shuffled")   # shuffled: the PCC embedding probe runs too
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
-    assert [r["pcc_weight"] for r in log] == [0.0, 0.5]
+    assert [r["train/pcc_weight"] for r in log] == [0.0, 0.5]
     for r in log:
-        assert 0 <= r["val_probe_backbone"] <= 1 and 0 <= r["val_probe_pcc"] <= 1
-        assert -1 <= r["grad_cos_layer4"] <= 1 and r["grad_norm_perm_layer4"] > 0 and r["grad_norm_pcc_layer3"] > 0
+        assert 0 <= r["val/probe_backbone"] <= 1 and 0 <= r["val/probe_pcc"] <= 1
+        assert -1 <= r["train/grad_cos_layer4"] <= 1 and r["train/grad_norm_perm_layer4"] > 0 and r["train/grad_norm_pcc_layer3"] > 0
     assert "stripe probe backbone" in res.stdout and "grad cos(perm, pcc)" in res.stdout
     # the switch: any stripe accuracy passes 0.5 x chance, so PCC is on from epoch 1, said once
     assert res.stdout.count("PCC on from epoch 1: held-out stripe accuracy") == 1
@@ -174,7 +174,7 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
                     "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40",
                     "--pcc_order", "shuffled", "--resume", str(last))
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
-    assert log[-1]["pcc_weight"] == 0.5 and "PCC on from" not in res.stdout
+    assert log[-1]["train/pcc_weight"] == 0.5 and "PCC on from" not in res.stdout
 
 
 def test_resume_under_another_pcc_reading_is_one_error_line(sysu_small, tmp_path):

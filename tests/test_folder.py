@@ -65,7 +65,7 @@ def test_pretraining_on_a_folder_logs_heldout_accuracy(folder, tmp_path):
                      *output_args(tmp_path))
     assert f"held-out permutation set: {len(held['rgb'])} RGB + {len(held['ir'])} IR" in res.stdout
     rows = jsonl(tmp_path / "log")
-    assert len(rows) == 2 and all(0 <= r["val_perm_acc"] <= 1 and "val_stripe_acc" in r for r in rows)
+    assert len(rows) == 2 and all(0 <= r["val/perm_acc"] <= 1 and "val/stripe_acc" in r for r in rows)
     name = "folder_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18"
     assert (tmp_path / "save" / f"{name}_epoch_2.t").is_file()
 
@@ -102,7 +102,7 @@ def test_joint_pretraining_reports_each_set(sysu_small, llcm_small, folder, tmp_
                      "--val_images", "20", *output_args(tmp_path))
     (row,) = jsonl(tmp_path / "log")
     for name in ("sysu", "llcm", "folder"):
-        assert 0 <= row[f"val_perm_acc_{name}"] <= 1 and f"{name} " in res.stdout.split("per set")[1]
+        assert 0 <= row[f"val/perm_acc_{name}"] <= 1 and f"{name} " in res.stdout.split("per set")[1]
     held = read_folder_heldout(folder[0])
     assert f"(sysu: 20 + 20, llcm: 20 + 20, folder: {len(held['rgb'])} + {len(held['ir'])})" in res.stdout
     assert "SYSU-MM01" in res.stdout and "LLCM" in res.stdout and "unlabelled" in res.stdout

@@ -106,12 +106,12 @@ def test_logs_tensorboard_and_json(two_stream_run):
     tmp, res = two_stream_run
     name = "sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18"
     text = (tmp / "log" / f"{name}.txt").read_text()
-    assert text.count("Epoch [") >= 2
+    assert text.count("Epoch: [") >= 2
     # the full argument list is in the log file, not on the terminal
     assert "          batch_size: 8" in text and "batch_size: 8" not in res.stdout
     assert f"arguments: {tmp / 'log' / (name + '.txt')}" in res.stdout
     lines = (tmp / "log" / f"{name}.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and '"perm_acc"' in lines[0]
+    assert len(lines) == 2 and '"train/perm_acc"' in lines[0]
     assert list((tmp / "log" / "vis" / name).glob("events.out.tfevents.*"))
 
 
@@ -141,7 +141,7 @@ def test_train_ratio_uses_a_seeded_fraction(sysu_small, tmp_path):
     res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1", "--batch-size", "4",
                     "--iters_per_epoch", str(steps), "--train_ratio", "0.25", "--print_freq", "1")
     assert f"RGB {n_rgb}/{len(data.rgb_img)} images" in res.stdout
-    assert f"Epoch [0][{steps}/{steps}]" in res.stdout
+    assert f"Epoch: [0][{steps}/{steps}]" in res.stdout
     assert list((tmp_path / "sm").glob("*_ratio_0.25_epoch_1.t"))
 
 
@@ -209,7 +209,7 @@ def test_permutation_recovery_is_learnt(sysu_small, tmp_path):
     default is tested with the stripes head below."""
     res = run_train(tmp_path, "--data_path", str(sysu_small), *LEARN_ARGS)
     accs = [float(line.split("perm_acc ")[1].split("%")[0]) for line in res.stdout.splitlines()
-            if line.startswith("Epoch [")]
+            if line.startswith("Epoch: [")]
     assert len(accs) == 6
     final = np.mean(accs[-2:])  # each print measures one batch of 2 x 16 images: average 2
     assert final > 3 * 100 / 6, res.stdout[-2000:]  # > 3x chance (1/3! = 16.7%)
@@ -262,7 +262,7 @@ def test_heldout_set_is_test_ids_only_and_evaluation_is_deterministic(sysu_small
         x = aug(torch.from_numpy(a.ir), train=False, perms=torch.from_numpy(a.ir_perms))
         logits = net(x, x, modal=2, pcc=False)["perm_logits"]
     assert perm_accuracy(logits, torch.from_numpy(a.ir_perms)) == pytest.approx(
-        (first["val_perm_acc_ir"], first["val_stripe_acc_ir"]))
+        (first["perm_acc_ir"], first["stripe_acc_ir"]))
 
 
 def test_stripes_head_learns_six_stripe_permutations_with_the_default_pcc(sysu_small, tmp_path):
@@ -276,13 +276,14 @@ def test_stripes_head_learns_six_stripe_permutations_with_the_default_pcc(sysu_s
     import json
     res = run_train(tmp_path, "--data_path", str(sysu_small), *STRIPES_ARGS)
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*_stripes.jsonl")).read_text().splitlines()]
-    assert len(log) == 9 and all("val_perm_acc" in r for r in log)
-    assert log[-1]["val_perm_acc"] >= 0.02, log[-1]
-    assert log[-1]["val_stripe_acc"] > 0.33, log[-1]
-    assert log[-1]["val_perm_mse"] < log[0]["val_perm_mse"] - 0.01, log
+    assert len(log) == 9 and all("val/perm_acc" in r for r in log)
+    assert log[-1]["val/perm_acc"] >= 0.02, log[-1]
+    assert log[-1]["val/stripe_acc"] > 0.33, log[-1]
+    assert log[-1]["val/perm_mse"] < log[0]["val/perm_mse"] - 0.01, log
     assert res.stdout.count("PCC on from epoch") == 1, res.stdout[-3000:]
-    on = [r for r in log if r["pcc_weight"] > 0]
-    assert on and log[0]["pcc_weight"] == 0 and on[-1]["pcc"] < on[0]["pcc"], [(r["pcc_weight"], r["pcc"]) for r in log]
+    on = [r for r in log if r["train/pcc_weight"] > 0]
+    assert on and log[0]["train/pcc_weight"] == 0 and on[-1]["train/pcc"] < on[0]["train/pcc"], \
+        [(r["train/pcc_weight"], r["train/pcc"]) for r in log]
 
 
 STRIPES_ARGS = [*TINY, "--perm_feat", "stripes", "--num_stripe", "6", "--epochs", "9",

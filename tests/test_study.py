@@ -38,7 +38,7 @@ def test_study_runs_reports_and_resumes(tmp_path):
     # every JSON line of the pre-training carries the held-out accuracy
     log = [json.loads(x) for x in next((out / "pretrain" / "gap_k6_pcc" / "log").glob("*.jsonl"))
            .read_text().splitlines()]
-    assert len(log) == 1 and 0 <= log[0]["val_perm_acc"] <= 1
+    assert len(log) == 1 and 0 <= log[0]["val/perm_acc"] <= 1
     # a second run finds every run finished and only rewrites the report
     again = run_script(ROOT / "tools" / "study.py", *args)
     assert "==> pre-training: 0 run(s) to do" in again.stdout

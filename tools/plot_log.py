@@ -1,30 +1,30 @@
 """Training curves from the JSON-lines logs the trainers write (``<log_path>/<run>.jsonl``, one
 object per epoch), several runs overlaid, in one PNG:
 
-    python tools/plot_log.py log/a.jsonl AGW/log/b.jsonl --out curves.png [--fields '*loss*,FC.*']
+    python tools/plot_log.py log/a.jsonl AGW/log/b.jsonl --out curves.png [--fields '*loss*,test/FC/*']
 
-Every numeric field present is plotted against ``epoch`` (``step`` if there is no epoch),
-nested results flattened (``{"FC": {"rank1": ..}}`` -> ``FC.rank1``). Panels: one for the
-losses (``*loss*``, the pre-training's ``perm_rgb``/``perm_ir``/``pcc`` and ``*_mse``), one for
-the accuracies (``*acc*``, in %), one for the retrieval metrics (``<head>.rank1/rank5/mAP/
-mINP``, in %), and one per other field (``lr``, ``feat_norm`` ...). Colour = field, line
-style = run (legend at the bottom; runs are named by file stem, plus the folder that tells
-them apart when stems repeat). The ``step0_*`` diagnostics (the first step of each epoch)
+Every numeric field present (the logs' flat names, docs/ANALYSIS.md) is plotted against
+``epoch`` (``step`` if there is no epoch). Panels: one for the losses (``*loss*``, the
+pre-training's ``train/perm_rgb``/``perm_ir``/``pcc`` and ``*_mse``), one for the accuracies
+(``*acc*``, in %), one for the retrieval metrics (``test/<head>/rank1/rank5/mAP/mINP``, in %),
+and one per other field (``train/lr``, ``train/feat_norm`` ...). Colour = field, line style =
+run (legend at the bottom; runs are named by file stem, plus the folder that tells them
+apart when stems repeat). The ``train/step0_*`` diagnostics (the first step of each epoch)
 are left out unless ``--fields`` names them.
 """
 import fnmatch
-import json
 import math
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import logger  # noqa: E402
 from cli import ArgumentParser, UserError, check_writable, cli  # noqa: E402
 
 X_FIELDS = ("epoch", "step")
-LOSSES = ("perm_rgb", "perm_ir", "pcc")
-METRIC = re.compile(r"\.(rank\d+|mAP|mINP)$")
+LOSSES = ("train/perm_rgb", "train/perm_ir", "train/pcc")
+METRIC = re.compile(r"^test/.*/(rank\d+|mAP|mINP)$")
 STYLES = ("-", "--", ":", "-.")
 MARKS = (".", "x", "+", "^", "s")     # with STYLES: 20 runs told apart
 
@@ -38,34 +38,16 @@ def get_args_parser():
     p.add_argument("logs", nargs="+", help="JSON-lines logs (<log_path>/<run>.jsonl)")
     p.add_argument("--out", default="curves.png", help="output PNG")
     p.add_argument("--fields", default=None, help="comma-separated fields or patterns "
-                   "('*loss*,FC.rank1'; default: all numeric fields but step0_*)")
+                   "('*loss*,test/FC/rank1'; default: all numeric fields but step0_*)")
     p.add_argument("--labels", default=None, help="comma-separated run names (default: file stems)")
     return p
 
 
 def read_log(path):
-    """[{field: number}] of one log, nested dicts flattened; UserError if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such log file: {path}")
-    records = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not JSON lines ({e.msg}); expected a trainer's "
-                            ".jsonl log") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}:{n}: not JSON lines (a line is not an object)")
-        flat = {}
-        for k, v in obj.items():
-            for name, value in (((f"{k}.{k2}", v2) for k2, v2 in v.items()) if isinstance(v, dict)
-                                else [(k, v)]):
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    flat[name] = float(value)
-        records.append(flat)
+    """[{field: number}] of one log (logger.read_jsonl: today's flat schema, older files
+    upgraded); UserError if it is not one."""
+    records = [{k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+               for rec in logger.read_jsonl(path)]
     if not records:
         raise UserError(f"{path}: empty log")
     return records
@@ -106,7 +88,7 @@ def main(args):
         fields = [f for f in present
                   if f not in X_FIELDS and any(fnmatch.fnmatchcase(f, p) for p in patterns)]
     else:
-        fields = [f for f in present if f not in X_FIELDS and not f.startswith("step0_")]
+        fields = [f for f in present if f not in X_FIELDS and not f.startswith("train/step0_")]
     if not fields:
         raise UserError(f"no field to plot (--fields {args.fields}); the logs have: {', '.join(present)}")
     panels = {}
@@ -115,6 +97,7 @@ def main(args):
     out = Path(args.out)
     check_writable(out.parent)
 
+    # matplotlib here: pyplot must come after the file-only backend is chosen
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

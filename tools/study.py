@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import logger  # noqa: E402
 from cli import REPO_ROOT, ArgumentParser, UserError, cli  # noqa: E402
 
 # name -> (train.py flags, label in tables and plots)
@@ -132,10 +133,9 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- running
 def read_jsonl(path):
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A run's JSON lines in the flat schema (logger.read_jsonl; our older files upgraded); []
+    for a run not started yet."""
+    return logger.read_jsonl(path) if Path(path).is_file() else []
 
 
 def run(cmd, log, args, cwd=REPO_ROOT):
@@ -321,17 +321,18 @@ def finetune_table(out, method, feature):
     for init in ("mmgl", "random"):
         logs = [read_jsonl(next(iter(d.glob("log/*.jsonl"))))
                 for d in sorted((out / method).glob(f"{init}_seed*")) if list(d.glob("log/*.jsonl"))]
-        finals = [[r for r in log if feature in r][-1] for log in logs if any(feature in r for r in log)]
+        tested = f"test/{feature}/rank1"
+        finals = [[r for r in log if tested in r][-1] for log in logs if any(tested in r for r in log)]
         if not finals:
             continue
         first = [log[0] for log in logs]
-        r1 = [f[feature]["rank1"] for f in finals]
-        mAP = [f[feature]["mAP"] for f in finals]
+        r1 = [f[f"test/{feature}/rank1"] for f in finals]
+        mAP = [f[f"test/{feature}/mAP"] for f in finals]
         per_seed = ", ".join(f"{100 * x:.1f}" for x in r1)
-        tri = sum(f["step0_tri_loss"] for f in first) / len(first)
-        idl = sum(f["step0_id_loss"] for f in first) / len(first)
-        norm = sum(f["step0_feat_norm"] for f in first) / len(first)
-        dist = sum(f["step0_feat_dist"] for f in first) / len(first)
+        tri = sum(f["train/step0_tri_loss"] for f in first) / len(first)
+        idl = sum(f["train/step0_id_loss"] for f in first) / len(first)
+        norm = sum(f["train/step0_feat_norm"] for f in first) / len(first)
+        dist = sum(f["train/step0_feat_dist"] for f in first) / len(first)
         rows.append(f"| {method.upper()} | {init} | {len(finals)} | {_mean_std(r1)} ({per_seed}) | "
                     f"{_mean_std(mAP)} | {idl:.2f} | {tri:.2f} | {norm:.1f} / {dist:.1f} |")
     return rows
@@ -343,9 +344,10 @@ def finetune_finals(out, method, feature, inits=("mmgl", "random")):
     for init in inits:
         for d in sorted((out / method).glob(f"{init}_seed*")):
             log = read_jsonl(next(iter(d.glob("log/*.jsonl")), d / "none"))
-            tested = [r for r in log if feature in r]
+            tested = [r for r in log if f"test/{feature}/rank1" in r]
             if tested:
-                res.setdefault(init, {})[int(d.name.rsplit("seed", 1)[1])] = tested[-1][feature]
+                res.setdefault(init, {})[int(d.name.rsplit("seed", 1)[1])] = {
+                    m: tested[-1][f"test/{feature}/{m}"] for m in ("rank1", "rank5", "mAP", "mINP")}
     return res
 
 
@@ -385,9 +387,9 @@ def claims_rows(out, pre, sources):
         if name is None:
             rows.append(f"| random weights | – | – | {len(seeds)} | {_mean_std(r1)} | {_mean_std(mAP)} | – | – |")
             continue
-        last = [x for x in pre[name]["log"] if "val_perm_acc" in x][-1]
+        last = [x for x in pre[name]["log"] if "val/perm_acc" in x][-1]
         cells = _paired(finals[init], finals["random"], seeds)
-        rows.append(f"| {PRETRAIN[name][1]} | {last['step']} | {100 * last['val_perm_acc']:.1f}% | {len(seeds)} | "
+        rows.append(f"| {PRETRAIN[name][1]} | {last['step']} | {100 * last['val/perm_acc']:.1f}% | {len(seeds)} | "
                     f"{_mean_std(r1)} | {_mean_std(mAP)} | {cells[0]} | {cells[1]} |")
     return rows
 
@@ -398,13 +400,13 @@ def plot(pre, out):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for i, (name, r) in enumerate(pre.items()):
-        log = [x for x in r["log"] if "val_perm_acc" in x]
+        log = [x for x in r["log"] if "val/perm_acc" in x]
         steps = [x["step"] for x in log]
         style = dict(marker=".", label=PRETRAIN[name][1], color=f"C{i}")   # one colour per run, all panels
-        axes[0].plot(steps, [100 * x["val_perm_acc"] for x in log], **style)
-        axes[1].plot(steps, [100 * x["val_stripe_acc"] for x in log], **style)
-        if "pcc" in log[0]:
-            axes[2].plot(steps, [x["pcc"] for x in log], **style)
+        axes[0].plot(steps, [100 * x["val/perm_acc"] for x in log], **style)
+        axes[1].plot(steps, [100 * x["val/stripe_acc"] for x in log], **style)
+        if "train/pcc" in log[0]:
+            axes[2].plot(steps, [x["train/pcc"] for x in log], **style)
     for ax, title in zip(axes, ("held-out whole-permutation accuracy (%)", "held-out stripe accuracy (%)",
                                 "PCC loss (training batches, epoch mean)")):
         ax.set_title(title)
@@ -426,18 +428,18 @@ def diagnostics_table(pre):
     gradient cosine/norms); [] when none did."""
     rows = []
     for name, r in pre.items():
-        log = [x for x in r["log"] if "val_probe_backbone" in x]
+        log = [x for x in r["log"] if "val/probe_backbone" in x]
         if not log:
             continue
-        cos = [x["grad_cos_layer4"] for x in log if "grad_cos_layer4" in x]
-        ratio = [x["grad_norm_pcc_layer4"] / max(x["grad_norm_perm_layer4"], 1e-12) for x in log
-                 if x.get("grad_norm_pcc_layer4")]
-        ratio3 = [x["grad_norm_pcc_layer3"] / max(x["grad_norm_perm_layer3"], 1e-12) for x in log
-                  if x.get("grad_norm_pcc_layer3")]
+        cos = [x["train/grad_cos_layer4"] for x in log if "train/grad_cos_layer4" in x]
+        ratio = [x["train/grad_norm_pcc_layer4"] / max(x["train/grad_norm_perm_layer4"], 1e-12) for x in log
+                 if x.get("train/grad_norm_pcc_layer4")]
+        ratio3 = [x["train/grad_norm_pcc_layer3"] / max(x["train/grad_norm_perm_layer3"], 1e-12) for x in log
+                  if x.get("train/grad_norm_pcc_layer3")]
         med = lambda xs, f: f.format(float(np.median(xs))) if xs else "–"   # noqa: E731
-        rows.append(f"| {PRETRAIN[name][1]} | {_at(log, 'val_probe_backbone', 0)} -> {_at(log, 'val_probe_backbone', 9)} "
-                    f"-> {_at(log, 'val_probe_backbone', -1)} | {_at(log, 'val_probe_pcc', 0)} -> "
-                    f"{_at(log, 'val_probe_pcc', -1)} | {med(cos, '{:+.3f}')} | {med(ratio, '{:.0f}')} | "
+        rows.append(f"| {PRETRAIN[name][1]} | {_at(log, 'val/probe_backbone', 0)} -> {_at(log, 'val/probe_backbone', 9)} "
+                    f"-> {_at(log, 'val/probe_backbone', -1)} | {_at(log, 'val/probe_pcc', 0)} -> "
+                    f"{_at(log, 'val/probe_pcc', -1)} | {med(cos, '{:+.3f}')} | {med(ratio, '{:.0f}')} | "
                     f"{med(ratio3, '{:.0f}')} |")
     if not rows:
         return []
@@ -457,7 +459,7 @@ def plot_diagnostics(pre, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = {n: [x for x in r["log"] if "val_probe_backbone" in x] for n, r in pre.items()}
+    runs = {n: [x for x in r["log"] if "val/probe_backbone" in x] for n, r in pre.items()}
     runs = {n: log for n, log in runs.items() if log}
     if not runs:
         return
@@ -465,14 +467,14 @@ def plot_diagnostics(pre, out):
     for i, (name, log) in enumerate(runs.items()):
         style = dict(marker=".", label=PRETRAIN[name][1], color=f"C{i % 10}", ls="-" if i < 10 else "--")
         steps = [x["step"] for x in log]
-        axes[0].plot(steps, [100 * x["val_probe_backbone"] for x in log], **style)
-        pcc = [(x["step"], 100 * x["val_probe_pcc"]) for x in log if x.get("val_probe_pcc") is not None]
+        axes[0].plot(steps, [100 * x["val/probe_backbone"] for x in log], **style)
+        pcc = [(x["step"], 100 * x["val/probe_pcc"]) for x in log if x.get("val/probe_pcc") is not None]
         if pcc:
             axes[1].plot(*zip(*pcc), **style)
-        g = [x for x in log if x.get("grad_norm_pcc_layer4")]
+        g = [x for x in log if x.get("train/grad_norm_pcc_layer4")]
         if g:
-            axes[2].plot([x["step"] for x in g], [x["grad_cos_layer4"] for x in g], **style)
-            axes[3].plot([x["step"] for x in g], [x["grad_norm_pcc_layer4"] / max(x["grad_norm_perm_layer4"], 1e-12)
+            axes[2].plot([x["step"] for x in g], [x["train/grad_cos_layer4"] for x in g], **style)
+            axes[3].plot([x["step"] for x in g], [x["train/grad_norm_pcc_layer4"] / max(x["train/grad_norm_perm_layer4"], 1e-12)
                                                   for x in g], **style)
     for ax, title in zip(axes, ("probe: original stripe from backbone stripe features (%)",
                                 "probe: original stripe from PCC embeddings (%)",
@@ -500,21 +502,21 @@ def report(out, pre, chosen, args):
              "(epoch) | first epoch >= 20% | noise-free MSE | PCC loss, first epoch on -> last | time |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in pre.items():
-        log = [x for x in r["log"] if "val_perm_acc" in x]
+        log = [x for x in r["log"] if "val/perm_acc" in x]
         if not log:
             continue
         last = log[-1]
-        best = max(log, key=lambda x: x["val_perm_acc"])
-        hit = next((x["epoch"] + 1 for x in log if x["val_perm_acc"] >= 0.2), None)
+        best = max(log, key=lambda x: x["val/perm_acc"])
+        hit = next((x["epoch"] + 1 for x in log if x["val/perm_acc"] >= 0.2), None)
         # from the first epoch PCC was on (a switched-on run logs its loss at weight 0 before)
-        on = next((x for x in log if x.get("pcc_weight", 1) > 0), log[0])
-        pcc = f"{on['pcc']:.3f} -> {last['pcc']:.3f}" if "pcc" in last else "–"
+        on = next((x for x in log if x.get("train/pcc_weight", 1) > 0), log[0])
+        pcc = f"{on['train/pcc']:.3f} -> {last['train/pcc']:.3f}" if "train/pcc" in last else "–"
         minutes = sum(x["time"] for x in r["log"]) / 60
-        lines.append(f"| {PRETRAIN[name][1]} | {last['step']} | {100 * last['val_perm_acc']:.1f}% "
-                     f"({100 * last['val_perm_acc_rgb']:.1f} / {100 * last['val_perm_acc_ir']:.1f}) | "
-                     f"{100 * last['val_stripe_acc']:.1f}% | {100 * best['val_perm_acc']:.1f}% "
-                     f"({best['epoch'] + 1}) | {hit or 'never'} | {log[0]['val_perm_mse']:.4f} -> "
-                     f"{last['val_perm_mse']:.4f} | {pcc} | {minutes:.1f} min |")
+        lines.append(f"| {PRETRAIN[name][1]} | {last['step']} | {100 * last['val/perm_acc']:.1f}% "
+                     f"({100 * last['val/perm_acc_rgb']:.1f} / {100 * last['val/perm_acc_ir']:.1f}) | "
+                     f"{100 * last['val/stripe_acc']:.1f}% | {100 * best['val/perm_acc']:.1f}% "
+                     f"({best['epoch'] + 1}) | {hit or 'never'} | {log[0]['val/perm_mse']:.4f} -> "
+                     f"{last['val/perm_mse']:.4f} | {pcc} | {minutes:.1f} min |")
     lines += ["", "Chance: whole permutation 1/720 = 0.14% at K=6 (1/6 at K=3), stripe 1/K. The held-out "
               "set is test-split identities only, each image with a fixed permutation; no augmentation, "
               "no Gumbel noise; a uniform output's noise-free MSE is 0.139 at K=6.",
@@ -524,7 +526,7 @@ def report(out, pre, chosen, args):
         lines += diag + ["![diagnostics](diagnostics.png)", ""]
     rows = finetune_table(out, "agw", "FC") + finetune_table(out, "ddag", "FC_att")
     if chosen and rows:
-        acc = [x for x in pre[chosen]["log"] if "val_perm_acc" in x][-1]["val_perm_acc"]
+        acc = [x for x in pre[chosen]["log"] if "val/perm_acc" in x][-1]["val/perm_acc"]
         lines += ["## Fine-tuning: MMGL init vs random init", "",
                   f"MMGL checkpoint: `{chosen}` ({PRETRAIN[chosen][1]}), held-out permutation "
                   f"accuracy {100 * acc:.1f}%. Same budget for both: {args.ft_epochs} epochs, lr 0.1, no "
@@ -595,7 +597,7 @@ def main(args):
         wait(first)
         pre = pretrain_results(out, args)
         # the MMGL init: the finished K=6 run with the highest final held-out permutation accuracy
-        scored = [(r["log"][-1].get("val_perm_acc", 0), n) for n, r in pre.items() if r["ckpt"] and n in k6]
+        scored = [(r["log"][-1].get("val/perm_acc", 0), n) for n, r in pre.items() if r["ckpt"] and n in k6]
         chosen = args.ft_from or (max(scored)[1] if scored else None)
         if chosen and chosen not in pre:
             raise UserError(f"--ft_from {chosen}: that configuration has no pre-training run under {out}")
