@@ -33,6 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:
+    from numpy._core.multiarray import _reconstruct, scalar
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct, scalar
+
 import distributed
 import model
 import runtime
@@ -76,10 +81,6 @@ def _safe_globals():
     allowed = [np.dtype, np.ndarray, np.float64, np.float32, np.int64, np.int32,
                np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType,
                np.dtypes.Int32DType, np.dtypes.UInt32DType, np.dtypes.BoolDType]
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct, scalar
     allowed += [_reconstruct, scalar]
     return allowed
 

@@ -14,17 +14,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from tensorboardX import SummaryWriter
 
 import checkpoint
 import cli
-import data_loader
-import data_manager
 import datasets
 import distributed
 import eval_metrics
+import features
 import logger
 import options
+import pipeline
+import protocols
 import runtime
+import visrank
 from cli import UserError
 
 DEFAULT_MILESTONES = (20, 50)  # AGW's lr steps
@@ -195,8 +198,8 @@ class TestSet:
         if self._images is None:
             a = self.args
             t = time.time()
-            self._images = (data_manager.load_images(self.q_paths, a.img_w, a.img_h, a.workers),
-                            data_manager.load_images(self.g_paths, a.img_w, a.img_h, a.workers))
+            self._images = (protocols.load_images(self.q_paths, a.img_w, a.img_h, a.workers),
+                            protocols.load_images(self.g_paths, a.img_w, a.img_h, a.workers))
             print(f"loaded {len(self.q_paths)} query and {len(self.g_paths)} gallery images "
                   f"in {time.time() - t:.1f}s")
         return self._images
@@ -218,7 +221,7 @@ def extract_features(net, images_uint8, modal, args, device):
     net.eval()
     amp_dtype, _ = runtime.amp_setup(args.amp, device)
     cl = args.channels_last
-    norm = data_loader.DeviceAugment(args.img_h, args.img_w, device=device)
+    norm = pipeline.DeviceAugment(args.img_h, args.img_w, device=device)
     outs = None
     starts = range(0, len(images_uint8), args.test_batch)
     with torch.inference_mode(), runtime.autocast(device, amp_dtype):
@@ -288,8 +291,7 @@ def evaluate(net, args, device, feature_names=("POOL", "FC"), testset=None, per_
 
 
 def _save_features(path, ts, feature_names, q_feats, g_feats, args):
-    import features
-    modal = {datasets.VISIBLE: "visible", datasets.THERMAL: "infrared"}
+    modal = {datasets.RGB: "rgb", datasets.IR: "ir"}
     index = np.stack([np.asarray(i, dtype=np.int64) for i in ts.trial_index])
     features.save_features(path, list(feature_names), list(q_feats), list(g_feats), ts.q_pids, ts.g_pids,
                            ts.q_cams, ts.g_cams, modal[ts.q_modal], modal[ts.g_modal],
@@ -299,7 +301,6 @@ def _save_features(path, ts, feature_names, q_feats, g_feats, args):
 
 
 def _save_rank_lists(ts, qf, gf, name, args, tag, writer, step):
-    import visrank
     idx = ts.trial_index[0]   # the gallery of trial 0
     g_paths = [ts.g_paths[i] for i in idx]
     out_dir = Path(args.log_path) / "vis_rank" / tag
@@ -339,7 +340,6 @@ def test_main(args, net, feature_names, tool_dir, loaded=None):
         net.to(memory_format=torch.channels_last)
     writer = None
     if args.visrank:   # the rank lists go to TensorBoard too, under <vis_log_path>/<ckpt>_test
-        from tensorboardX import SummaryWriter
         writer = SummaryWriter(str(Path(args.vis_log_path) / f"{path.stem}_test"))
     try:
         save_to = Path(args.save_features) / f"{path.stem}.npz" if args.save_features else None
@@ -375,10 +375,10 @@ def prepare_net(net, args, device):
 def identity_loader(data, epoch, args, device):
     """The epoch's identity-balanced batches: --batch-size ids x --num_pos images per
     modality, RGB j and IR j of the same identity, seeded by (--seed, epoch)."""
-    sampler = data_loader.IdentitySampler(data.rgb_label, data.ir_label, args.num_pos, args.batch_size,
+    sampler = pipeline.IdentitySampler(data.rgb_label, data.ir_label, args.num_pos, args.batch_size,
                                           seed=args.seed, epoch=epoch, rgb_pool=data.rgb_pool,
                                           ir_pool=data.ir_pool)
-    return data_loader.make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
+    return pipeline.make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
 
 
 def steps_per_epoch(data, args):

@@ -27,8 +27,9 @@ How it is fast (none of this changes a result):
 """
 import numpy as np
 
-__all__ = ["eval_sysu", "eval_regdb", "eval_llcm", "evaluate_trials", "evaluate_sysu_trials",
-           "evaluate_llcm_trials", "format_metrics"]
+import rerank
+
+__all__ = ["eval_sysu", "eval_regdb", "eval_llcm", "evaluate_trials", "format_metrics"]
 
 # Rows per chunk are chosen so a chunk holds about this many distances: big
 # enough to amortise numpy's per-call overhead, small enough to stay in cache.
@@ -129,7 +130,7 @@ def _query_stats(distmat, rows, cols, q_codes, g_codes, n_codes, unique_ids, out
     table, table_codes, block_len, order, start = _id_table(g_codes[cols])
     slot_of_code = np.full(n_codes, -1, dtype=np.intp)
     slot_of_code[table_codes] = np.arange(len(table_codes))
-    # A gallery stored id by id (as data_manager reads it) needs no regrouping
+    # A gallery stored id by id (as protocols reads it) needs no regrouping
     # for the per-id reductions.
     grouped = np.array_equal(order, np.arange(num_g))
 
@@ -328,7 +329,7 @@ def evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_inde
 
     ``g_feats``/``g_pids``/``g_cams`` describe the UNION of the trial galleries and
     ``trial_index`` holds, per trial, the index array of that trial's gallery into the
-    union (``data_manager.sysu_gallery_trials``). Features are L2-normalised, so the
+    union (``protocols.sysu_gallery_trials``). Features are L2-normalised, so the
     distance is ``-(q @ g.T)``; the similarity to the union is computed once and sliced per
     trial. ``score(distmat, q_pids, g_pids, q_cams, g_cams, max_rank)`` is the benchmark's
     evaluator (:func:`eval_sysu`, :func:`eval_llcm`, or :func:`eval_regdb` ignoring the
@@ -349,7 +350,6 @@ def evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_inde
     if len(trial_index) == 0:
         raise ValueError("trial_index is empty: no gallery trial to evaluate")
     if rerank_args is not None:   # the distance blocks once, sliced per trial
-        import rerank
         q_g, q_q, g_g = rerank.distance_blocks(q_feats, g_feats)
     else:
         sim = q_feats @ g_feats.T
@@ -368,31 +368,6 @@ def evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_inde
         else:
             per_trial.append(score(dist, q_pids, g_pids[idx], q_cams, g_cams[idx], max_rank))
     return per_trial, _mean_metrics(per_trial)
-
-
-def evaluate_sysu_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index,
-                         max_rank=20):
-    """:func:`evaluate_trials` with the SYSU-MM01 evaluator (:func:`eval_sysu`)."""
-    return evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index,
-                           eval_sysu, max_rank)
-
-
-def evaluate_llcm_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index,
-                         direction, published_roles=True, max_rank=20):
-    """Evaluate every LLCM gallery trial (``data_manager.llcm_gallery_trials``) with
-    :func:`eval_llcm`; arguments and result as :func:`evaluate_sysu_trials`.
-
-    ``direction`` is the one the lists were built for ('vis2ir': visible queries, one
-    near-infrared image per id and camera as gallery; 'ir2vis': the reverse). With
-    ``published_roles`` (default) 'vis2ir' is scored as the DEEN authors' test script
-    scores it: their distance matrix is gallery x query there, so each drawn
-    near-infrared image ranks ALL visible query images. ``published_roles=False`` ranks
-    the gallery for each query in both directions.
-    """
-    if direction not in ("vis2ir", "ir2vis"):
-        raise ValueError(f"direction must be vis2ir or ir2vis, got {direction!r}")
-    return evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_index,
-                           eval_llcm, max_rank, swap=published_roles and direction == "vis2ir")
 
 
 def format_metrics(name, cmc, mAP, mINP):

@@ -9,8 +9,9 @@ One ``.npz`` per evaluated checkpoint (``np.savez``; plain arrays only, so
 ``query_feat_<head>``             float32 [Nq, D], L2-normalised
 ``gallery_feat_<head>``           float32 [Ng, D]: the DISTINCT gallery images (union over trials)
 ``query_ids``, ``gallery_ids``    int64 [Nq], [Ng]
-``query_cams``, ``gallery_cams``  int64; RegDB (no cameras): the modality code, 1 visible 2 thermal
-``query_modality``, ...           str: 'visible' or 'infrared' per image (``gallery_modality`` too)
+``query_cams``, ``gallery_cams``  int64; RegDB (no cameras): the modality code, 1 RGB 2 IR
+``query_modality``, ...           str: 'rgb' or 'ir' per image (``gallery_modality`` too; files
+                                  written before 2026-12 say 'visible' / 'infrared' and read as these)
 ``query_paths``, ``gallery_paths``  str
 ``trial_index``                   int64 [T, G]: each trial's gallery as indices into the gallery
                                   arrays (RegDB: one row, all gallery items)
@@ -31,7 +32,8 @@ from cli import UserError
 
 __all__ = ["FeatureFile", "save_features", "load_features", "evaluate"]
 
-MODALITIES = ("visible", "infrared")
+MODALITIES = ("rgb", "ir")
+_OLD_NAMES = {"visible": "rgb", "infrared": "ir"}   # our files before the one pair of names
 _PER_IMAGE = ("ids", "cams", "modality", "paths")
 _SCALARS = ("dataset", "mode", "checkpoint", "label")
 
@@ -85,6 +87,8 @@ def _check(arrays, where, problem="not a valid feature file"):
                 fail(f"{side}_{what} must be 1-D {'integers' if kind == 'i' else 'strings'} of "
                      f"length {n}, got {a.dtype} {a.shape}")
             out[f"{side}_{what}"] = a.astype(np.int64) if kind == "i" else a
+        out[f"{side}_modality"] = np.array([_OLD_NAMES.get(m, m) for m in out[f"{side}_modality"].tolist()],
+                                           dtype=str)
         bad = set(out[f"{side}_modality"].tolist()) - set(MODALITIES)
         if bad:
             fail(f"{side}_modality holds {sorted(bad)[:3]}, expected {' / '.join(MODALITIES)}")

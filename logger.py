@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from tensorboardX import SummaryWriter
 
 import cli
 import distributed
@@ -233,7 +234,6 @@ class RunLog:
             if not isinstance(sys.stdout, Tee):
                 sys.stdout = Tee(path)
             self.json = self.log_dir / f"{self.run}.jsonl"
-            from tensorboardX import SummaryWriter   # imported here: the test scripts never need it
             self.writer = SummaryWriter(str(self.vis_dir / self.run))
         print_run_header(args, device, header_lines)
 

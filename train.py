@@ -33,9 +33,10 @@ import logger
 import options
 import runtime
 from cli import REPO_ROOT, UserError
-from data_loader import DeviceAugment, PermHeldout, UnpairedSampler, make_loader, random_perms
-from loss import gumbel_sinkhorn, pcc_loss, perm_accuracy, perm_matrix, perm_mse_loss
+from loss import gumbel_sinkhorn, log_sinkhorn, pcc_loss, perm_accuracy, perm_matrix, perm_mse_loss
 from model import MMGLNet
+from pipeline import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, PermHeldout, UnpairedSampler, make_loader,
+                      random_perms)
 
 
 def get_args_parser():
@@ -396,8 +397,6 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
 def log_images(writer, x_rgb, x_ir, out, perms, args, step):
     """TensorBoard: the shuffled stripes the network saw (first 4 pairs, RGB over IR) and
     the predicted (noise-free Sinkhorn) vs true permutation matrix of the first pair."""
-    from data_loader import IMAGENET_MEAN, IMAGENET_STD
-    from loss import log_sinkhorn
     mean = torch.tensor(IMAGENET_MEAN, device=x_rgb.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x_rgb.device).view(1, 3, 1, 1)
     n = min(4, x_rgb.shape[0])

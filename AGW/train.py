@@ -23,9 +23,9 @@ import torch.nn as nn  # noqa: E402
 
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
-import data_loader  # noqa: E402
 import datasets  # noqa: E402
 import distributed  # noqa: E402
+import pipeline  # noqa: E402
 import engine_finetune as engine  # noqa: E402
 import logger  # noqa: E402
 import runtime  # noqa: E402
@@ -92,7 +92,7 @@ def main(args=None):
             print("note: no --resume and no --pretrained: the backbone starts from random weights")
         log.start(start_epoch, state.pop("global_step", start_epoch * engine.steps_per_epoch(data, args)))
         criterion = make_criterion(args)
-        aug = data_loader.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
+        aug = pipeline.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
 
         # ---- train; test every --test_every epochs; best by FC Rank-1 (the authors' cmc_att)
         print("==> Start Training...")

@@ -32,12 +32,13 @@ import torch.nn.functional as F  # noqa: E402
 
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
-import data_loader  # noqa: E402
 import datasets  # noqa: E402
 import distributed  # noqa: E402
+import pipeline  # noqa: E402
 import engine_finetune as engine  # noqa: E402
 import logger  # noqa: E402
 import runtime  # noqa: E402
+import test_ddag  # noqa: E402
 from cli import UserError  # noqa: E402
 from loss import TripletLoss  # noqa: E402
 from model_ddag import add_model_args, build_adjacency, builder  # noqa: E402
@@ -94,8 +95,7 @@ def main(args=None):
     if args.lambda0 < 0:
         raise UserError(f"--lambda0 must be >= 0, got {args.lambda0}")
     if args.test_only:
-        from test_ddag import run  # the test script's path (network layout from the checkpoint)
-        return run(args)
+        return test_ddag.run(args)   # the test script's path (the network's layout read from the checkpoint)
     build = builder(args)   # checks the network flags before any data work
     engine.prepare_args(args, TOOL_DIR)
     if args.milestones is None:
@@ -121,7 +121,7 @@ def main(args=None):
             print("note: no --resume and no --pretrained: the backbone starts from random weights")
         log.start(start_epoch, state.pop("global_step", start_epoch * engine.steps_per_epoch(data, args)))
         criterion = make_criterion(args, state)
-        aug = data_loader.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
+        aug = pipeline.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
 
         # ---- train; wG from each epoch's L_inst; best by the last feature's Rank-1 (FC_att)
         print("==> Start Training...")

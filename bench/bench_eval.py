@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import eval_metrics  # noqa: E402
 import cli  # noqa: E402
+import eval_metrics  # noqa: E402
 from eval_reference import eval_regdb_reference, eval_sysu_reference  # noqa: E402
 
 FEAT_DIM = 64

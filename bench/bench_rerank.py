@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import rerank  # noqa: E402
 import cli  # noqa: E402
+import rerank  # noqa: E402
 from test_rerank import reference_rerank  # noqa: E402
 
 NUM_IDS = 96

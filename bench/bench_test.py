@@ -9,19 +9,19 @@ under 5 minutes on a 2-core machine; the counts are the real ones. On the CPU ``
 
 The protocol's real counts: 3,803 IR queries (96 test ids, cams 3 and 6) and, per trial, a
 single-shot gallery of 301 RGB images (one per existing (id, RGB camera) folder) drawn with
-``random.seed(trial)``. The file lists come from the real ``data_manager`` functions run
+``random.seed(trial)``. The file lists come from the real ``protocols`` functions run
 on a generated SYSU-MM01 tree of EMPTY files with those counts (``--files_per_folder``
 images per gallery folder, 20 by default: an assumption, only the number of distinct
 images drawn over the 10 trials depends on it). The images themselves are random uint8
 arrays in memory (decoding is not timed on either side: the authors' way would decode
 3,803 + 10 x 301 JPEGs, ours 3,803 + the union once).
 
-* ours (``engine_finetune.test`` minus decoding): ``data_manager.sysu_gallery_trials`` (the union
+* ours (``engine_finetune.test`` minus decoding): ``protocols.sysu_gallery_trials`` (the union
   of the 10 trial galleries + an index per trial), every query and union image through
   ``engine_finetune.extract_features`` ONCE (batched uint8 -> device normalise -> network; AMP
   and channels_last as ``--amp``/``--channels_last``: AMP default on for CUDA,
   channels_last on, as test.py), then
-  ``eval_metrics.evaluate_sysu_trials`` for each of the network's two features (POOL, FC).
+  ``eval_metrics.evaluate_trials`` (SYSU-MM01's evaluator) for each of the network's two features (POOL, FC).
 * the authors' way (their AGW/DDAG test.py): the query features once; then PER TRIAL
   ``process_gallery_sysu``, the trial's 301 gallery images through a DataLoader with
   per-image PIL transforms (ToPILImage, Resize, ToTensor, Normalize; ``--workers``), fp32,
@@ -46,11 +46,11 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data_manager  # noqa: E402
-import datasets  # noqa: E402
-import eval_metrics  # noqa: E402
-import engine_finetune  # noqa: E402
 import cli  # noqa: E402
+import datasets  # noqa: E402
+import engine_finetune  # noqa: E402
+import eval_metrics  # noqa: E402
+import protocols  # noqa: E402
 from bench import common  # noqa: E402
 from bench.bench_train import reference_to_tensor  # noqa: E402
 from eval_reference import eval_sysu_reference  # noqa: E402
@@ -127,14 +127,14 @@ def run_reference(net, root, store, args, device):
     """Query once, then per trial: gallery list, gallery features, distances, per-query
     evaluation (both features). Returns ({name: mean (cmc, mAP, mINP)}, seconds per stage)."""
     t0 = time.perf_counter()
-    q_paths, q_pids, q_cams = data_manager.process_query_sysu(root, mode="all")
+    q_paths, q_pids, q_cams = protocols.process_query_sysu(root, mode="all")
     q_feats = reference_extract(net, store.get(q_paths), 2, args, device)
     stages = {"query features": time.perf_counter() - t0, "gallery features": 0.0,
               "evaluation": 0.0}
     per_trial = {n: [] for n in FEATURE_NAMES}
     for trial in range(args.trials):
         t = time.perf_counter()
-        g_paths, g_pids, g_cams = data_manager.process_gallery_sysu(root, mode="all", trial=trial)
+        g_paths, g_pids, g_cams = protocols.process_gallery_sysu(root, mode="all", trial=trial)
         g_feats = reference_extract(net, store.get(g_paths), 1, args, device)
         t1 = time.perf_counter()
         for name, qf, gf in zip(FEATURE_NAMES, q_feats, g_feats):
@@ -152,19 +152,19 @@ def run_ours(net, root, store, args, device):
     """engine_finetune.test's path without decoding: lists, every image's features once,
     vectorised 10-trial evaluation."""
     t0 = time.perf_counter()
-    q_paths, q_pids, q_cams = data_manager.process_query_sysu(root, mode="all")
-    g_paths, g_pids, g_cams, trial_index = data_manager.sysu_gallery_trials(
+    q_paths, q_pids, q_cams = protocols.process_query_sysu(root, mode="all")
+    g_paths, g_pids, g_cams, trial_index = protocols.sysu_gallery_trials(
         root, mode="all", trials=range(args.trials))
     q_img, g_img = store.get(q_paths), store.get(g_paths)
     t1 = time.perf_counter()
-    q_feats = engine_finetune.extract_features(net, q_img, datasets.THERMAL, args, device)
+    q_feats = engine_finetune.extract_features(net, q_img, datasets.IR, args, device)
     t2 = time.perf_counter()
-    g_feats = engine_finetune.extract_features(net, g_img, datasets.VISIBLE, args, device)
+    g_feats = engine_finetune.extract_features(net, g_img, datasets.RGB, args, device)
     t3 = time.perf_counter()
     means = {}
     for name, qf, gf in zip(FEATURE_NAMES, q_feats, g_feats):
-        _, means[name] = eval_metrics.evaluate_sysu_trials(qf, q_pids, q_cams, gf, g_pids, g_cams,
-                                                           trial_index)
+        _, means[name] = eval_metrics.evaluate_trials(qf, q_pids, q_cams, gf, g_pids, g_cams,
+                                                      trial_index, eval_metrics.eval_sysu)
     t4 = time.perf_counter()
     stages = {"query features": t2 - t1 + (t1 - t0), "gallery features": t3 - t2,
               "evaluation": t4 - t3}
@@ -219,14 +219,14 @@ def main():
     args = resolve_defaults(get_parser().parse_args())
     device, where = common.start(args)
     sys.path.append(str(ROOT / "AGW"))   # after the root: AGW/train.py must not shadow train.py
-    from model_agw import AGWNet
+    from model_agw import AGWNet   # only now: AGW/ joined sys.path on the line above
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "SYSU-MM01"
         make_sysu_tree(root, args.num_ids, args.num_query, args.folders, args.files_per_folder,
                        args.seed)
-        q_paths, _, _ = data_manager.process_query_sysu(root)
-        g_union, _, _, trial_index = data_manager.sysu_gallery_trials(root, trials=range(args.trials))
+        q_paths, _, _ = protocols.process_query_sysu(root)
+        g_union, _, _, trial_index = protocols.sysu_gallery_trials(root, trials=range(args.trials))
         store = ImageStore(q_paths + g_union, args.img_h, args.img_w, args.seed)
 
         torch.manual_seed(args.seed)
@@ -245,7 +245,7 @@ def main():
 
         # warm-up (kernel selection, allocator) on a few images, untimed
         few = store.images[: 2 * args.test_batch]
-        engine_finetune.extract_features(net, few, datasets.VISIBLE, args, device)
+        engine_finetune.extract_features(net, few, datasets.RGB, args, device)
         reference_extract(ref_net, few, 1, args, device)
 
         best = [None, None]

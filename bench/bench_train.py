@@ -8,7 +8,7 @@ Three parts, each measured side by side in the same process:
 1. Data pipeline: train-time augmentation of one batch of ``--aug_batch`` (64) uint8
    288x144 HWC images (always 288x144, the stored SYSU size), MMGL stripe shuffle included.
    * ours: a fancy-index read of the uint8 rows (what ``make_loader`` does), the uint8 batch
-     to the device, ``data_loader.DeviceAugment`` with a permutation per image;
+     to the device, ``pipeline.DeviceAugment`` with a permutation per image;
    * reference: the authors' per-image PIL pipeline, written here without torchvision:
      ``Image.fromarray`` -> pad 10 black (``ImageOps.expand``) -> random crop -> random
      horizontal flip (``Image.transpose``) -> float tensor /255 CHW -> ImageNet normalise ->
@@ -69,7 +69,7 @@ import logger  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402  (the top-level MMGL train.py; AGW/train.py is loaded by path below)
 from bench import common  # noqa: E402
-from data_loader import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, IdentitySampler,  # noqa: E402
+from pipeline import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, IdentitySampler,  # noqa: E402
                          UnpairedSampler, make_loader, random_perms)
 from loss import TripletLoss_WRT  # noqa: E402
 from model import MMGLNet  # noqa: E402
@@ -387,7 +387,7 @@ def load_agw_script():
 
 def bench_agw(args, device, rows, extra):
     agw = load_agw_script()
-    from model_agw import builder, AGWNet
+    from model_agw import AGWNet, builder   # only now: load_agw_script put AGW/ on sys.path
     B, steps, warmup = args.batch_size, args.steps, args.warmup
     if B % args.num_pos:
         raise cli.UserError(f"--batch-size {B} must be a multiple of --num_pos {args.num_pos}")

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "AGW"))
 
-import engine_finetune  # noqa: E402
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
+import engine_finetune  # noqa: E402
 import logger  # noqa: E402
 from conftest import (RESULT_LINE, SMALL_ARGS, check_mmgl_initialises_backbone,  # noqa: E402
                       epoch_results, final_lines, output_args, rank1, run_script)

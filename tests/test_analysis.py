@@ -36,7 +36,7 @@ def synthetic(path, offset, label, dataset="sysu", seed=0):
     else:
         q_cams, g_cams, trials = np.where(k % 2, 6, 3), np.array([1, 2, 4, 5])[k % 4], [k[::2], k[1::2]]
     return features.save_features(
-        path, ["POOL", "FC"], q, g, ids, ids, q_cams, g_cams, "infrared", "visible",
+        path, ["POOL", "FC"], q, g, ids, ids, q_cams, g_cams, "ir", "rgb",
         [f"ir/{i:03d}.jpg" for i in k], [f"rgb/{i:03d}.jpg" for i in k], trials, dataset,
         "all", f"/ckpt/{label}_best.t", label=label)
 
@@ -53,11 +53,18 @@ def test_round_trip(pair, tmp_path):
     assert ff.heads == ["POOL", "FC"] and ff.dataset == "sysu" and ff.mode == "all"
     assert ff.label == "near" and ff.checkpoint == "/ckpt/near_best.t"
     assert ff.query_feats["FC"].dtype == np.float32 and ff.query_feats["FC"].shape == (48, DIM)
-    assert list(ff.query_modality) == ["infrared"] * 48 and ff.gallery_paths[1] == "rgb/001.jpg"
+    assert list(ff.query_modality) == ["ir"] * 48 and ff.gallery_paths[1] == "rgb/001.jpg"
     assert ff.trial_index.shape == (2, 24) and ff.query_ids.dtype == np.int64
     with np.load(pair[0], allow_pickle=False) as npz:      # plain arrays only
         assert np.array_equal(npz["gallery_feat_POOL"], ff.gallery_feats["POOL"])
         assert str(npz["label"]) == "near"
+        arrays = dict(npz)
+    # our files written before the one pair of modality names read the same
+    arrays["query_modality"] = np.array(["infrared"] * 48)
+    arrays["gallery_modality"] = np.array(["visible"] * 48)
+    np.savez(tmp_path / "old.npz", **arrays)
+    old = features.load_features(tmp_path / "old.npz")
+    assert list(old.query_modality) == ["ir"] * 48 and list(old.gallery_modality) == ["rgb"] * 48
     # label defaults to the checkpoint's stem; a list of arrays in heads order is accepted
     p = features.save_features(tmp_path / "x.npz", ["FC"], [ff.query_feats["FC"]], [ff.gallery_feats["FC"]],
                                ff.query_ids, ff.gallery_ids, ff.query_cams, ff.gallery_cams,
@@ -75,14 +82,14 @@ def test_evaluate_equals_eval_metrics(dataset, tmp_path):
     qf, gf = ff.query_feats["FC"], ff.gallery_feats["FC"]
     per_trial, mean = features.evaluate(ff)                     # default head: the last, FC
     if dataset == "sysu":
-        ref_trials, ref = eval_metrics.evaluate_sysu_trials(qf, ff.query_ids, ff.query_cams, gf,
-                                                            ff.gallery_ids, ff.gallery_cams, ff.trial_index)
+        ref_trials, ref = eval_metrics.evaluate_trials(qf, ff.query_ids, ff.query_cams, gf, ff.gallery_ids,
+                                                       ff.gallery_cams, ff.trial_index, eval_metrics.eval_sysu)
     elif dataset == "regdb":    # what the test scripts do
         ref = eval_metrics.eval_regdb(-(qf @ gf.T), ff.query_ids, ff.gallery_ids)
         ref_trials = [ref]
     else:   # LLCM: its evaluator (same id AND camera dropped); mode 'all' is not its swapped VIS->IR
-        ref_trials, ref = eval_metrics.evaluate_llcm_trials(qf, ff.query_ids, ff.query_cams, gf, ff.gallery_ids,
-                                                            ff.gallery_cams, ff.trial_index, "ir2vis")
+        ref_trials, ref = eval_metrics.evaluate_trials(qf, ff.query_ids, ff.query_cams, gf, ff.gallery_ids,
+                                                       ff.gallery_cams, ff.trial_index, eval_metrics.eval_llcm)
     assert len(per_trial) == len(ref_trials)
     assert eval_metrics.format_metrics("FC", *mean) == eval_metrics.format_metrics("FC", *ref)
     np.testing.assert_array_equal(mean[0], ref[0])

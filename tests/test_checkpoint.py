@@ -103,7 +103,7 @@ def test_registry(sysu_small, regdb_small):
     sysu = datasets.get("sysu")
     assert sysu.run_suffix(args) == "" and str(sysu.data_path(args)) == str(sysu_small)
     lists = sysu.test_lists(args)
-    assert len(lists.trial_index) == 10 and lists.camera_rule and lists.q_modal == datasets.THERMAL
+    assert len(lists.trial_index) == 10 and lists.camera_rule and lists.q_modal == datasets.IR
     assert set(np.concatenate(lists.trial_index)) == set(range(len(lists.g_paths)))
     args = engine_finetune.get_args_parser("t").parse_args(["--dataset", "regdb", "--trial", "3",
                                                             "--data_path", str(regdb_small), "--tvsearch"])
@@ -111,7 +111,7 @@ def test_registry(sysu_small, regdb_small):
     assert regdb.run_suffix(args) == "_trial_3"
     lists = regdb.test_lists(args)
     assert lists.trials == [3] and lists.direction == "thermal to visible"
-    assert lists.q_modal == datasets.THERMAL and len(lists.trial_index[0]) == len(lists.g_paths)
+    assert lists.q_modal == datasets.IR and len(lists.trial_index[0]) == len(lists.g_paths)
     args.trial = 11
     with pytest.raises(UserError, match="--trial must be 1..10"):
         regdb.check_args(args)

@@ -1,7 +1,7 @@
 """Synthetic datasets, SYSU-MM01 preprocessing and the evaluation file lists.
 
 Everything runs on small synthetic sets written to tmp folders through the real code
-paths (the generator, the pre_process_sysu.py script in a subprocess, data_manager). The
+paths (the generator, the pre_process_sysu.py script in a subprocess, protocols). The
 gallery draw is checked against an independent, deliberately naive implementation of the
 published protocol (global ``random.seed(trial)`` + ``random.choice`` in nested loops).
 """
@@ -18,7 +18,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import data_manager as dm  # noqa: E402
+import protocols as dm  # noqa: E402
 from pre_process_sysu import preprocess_sysu  # noqa: E402
 from tools.make_synthetic import _split_counts, make_regdb, make_sysu  # noqa: E402
 from conftest import run_script  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval_metrics  # noqa: E402
-from eval_metrics import eval_regdb, eval_sysu, evaluate_sysu_trials, format_metrics  # noqa: E402
+from eval_metrics import eval_regdb, eval_sysu, evaluate_trials, format_metrics  # noqa: E402
 from eval_reference import eval_regdb_reference, eval_sysu_reference  # noqa: E402
 
 EXACT = 1e-12
@@ -185,7 +185,7 @@ def _random_case(rng, num_q, num_g, num_ids, sorted_gallery):
     q_pids = rng.integers(0, num_ids, num_q)
     g_pids = rng.integers(0, num_ids, num_g)
     g_cams = rng.choice([1, 2, 4, 5], num_g)
-    if sorted_gallery:               # stored id by id, like data_manager's galleries
+    if sorted_gallery:               # stored id by id, like protocols's galleries
         order = np.lexsort((g_cams, g_pids))
         g_pids, g_cams = g_pids[order], g_cams[order]
     q_cams = rng.choice([3, 6], num_q)
@@ -245,7 +245,7 @@ def test_matches_reference_with_ties(seed):
             _same_as_reference(eval_regdb, eval_regdb_reference, d, qp, gp)
 
 
-def test_evaluate_sysu_trials_equals_per_trial_eval():
+def test_evaluate_trials_equals_per_trial_eval():
     rng = np.random.default_rng(7)
     num_q, num_union, dim = 40, 60, 16
 
@@ -261,7 +261,7 @@ def test_evaluate_sysu_trials_equals_per_trial_eval():
     qp, gp = rng.integers(0, 8, num_q), rng.integers(0, 8, num_union)
     qc, gc = rng.choice([3, 6], num_q), rng.choice([1, 2, 4, 5], num_union)
     trials = [np.sort(rng.choice(num_union, 25, replace=False)) for _ in range(3)]
-    per_trial, mean = evaluate_sysu_trials(qf, qp, qc, gf, gp, gc, trials)
+    per_trial, mean = evaluate_trials(qf, qp, qc, gf, gp, gc, trials, eval_sysu)
     assert len(per_trial) == 3
     for got, idx in zip(per_trial, trials):
         want = eval_sysu(-(qf @ gf[idx].T), qp, gp[idx], qc, gc[idx])

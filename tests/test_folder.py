@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import datasets  # noqa: E402
-from data_loader import SYSUData, UnionData  # noqa: E402
-from data_manager import list_folder_images, load_images, read_folder_heldout  # noqa: E402
+from pipeline import PreprocessedData, UnionData  # noqa: E402
+from protocols import list_folder_images, load_images, read_folder_heldout  # noqa: E402
 
 RUN = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "--gpu", "cpu",
        "--workers", "0", "--batch-size", "8", "--warmup_epochs", "0", "--iters_per_epoch", "3",
@@ -43,7 +43,7 @@ def test_folder_preprocessing_holds_out_images_it_never_trains_on(folder):
     found = list_folder_images(root)
     assert {Path(p).suffix for p in found["rgb"] + found["ir"]} == {".jpg", ".png", ".bmp"}
     assert not any(p.endswith(".txt") for p in found["rgb"])   # notes.txt is not an image
-    data = SYSUData(root, title="image folder")
+    data = PreprocessedData(root, title="image folder")
     held = read_folder_heldout(root)
     for m in ("rgb", "ir"):
         n = len(found[m])
@@ -83,7 +83,7 @@ def test_folder_checkpoint_initialises_agw(folder, sysu_small, tmp_path):
 
 
 def test_union_reads_each_set_in_one_index_space(sysu_small, llcm_small):
-    a, b = SYSUData(sysu_small), SYSUData(llcm_small, title="LLCM")
+    a, b = PreprocessedData(sysu_small), PreprocessedData(llcm_small, title="LLCM")
     u = UnionData([a, b])
     n = len(a.rgb_img)
     assert len(u.rgb_img) == n + len(b.rgb_img)

@@ -1,4 +1,4 @@
-"""LLCM: the synthetic generator, the data_manager lists and the LLCM evaluation.
+"""LLCM: the synthetic generator, the protocols lists and the LLCM evaluation.
 
 The query and gallery lists are checked against an independent, deliberately naive
 reading of the DEEN authors' protocol (global ``random.seed(trial)`` + ``random.choice``
@@ -18,8 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import data_manager as dm  # noqa: E402
-from eval_metrics import eval_llcm, eval_sysu, evaluate_llcm_trials  # noqa: E402
+import datasets  # noqa: E402
+import protocols as dm  # noqa: E402
+from eval_metrics import eval_llcm, eval_sysu, evaluate_trials  # noqa: E402
 from tools.make_synthetic import main as make_synthetic_main  # noqa: E402
 from tools.make_synthetic import make_llcm  # noqa: E402
 from cli import UserError  # noqa: E402
@@ -303,9 +304,10 @@ def test_eval_llcm_matches_a_per_query_loop(seed):
     assert got[2] == pytest.approx(ref[2])
 
 
-def test_evaluate_llcm_trials_roles(llcm):
-    """'vis2ir' is scored as the authors' script does it (each drawn near-infrared image
-    ranks all visible queries) unless published_roles=False; 'ir2vis' ranks the gallery."""
+def test_llcm_scoring_roles(llcm):
+    """The LLCM benchmark scores 'vis2ir' as the authors' script does it (each drawn
+    near-infrared image ranks all visible queries: swap=True); the query-ranks-gallery
+    scoring (swap=False) differs there; 'ir2vis' ranks the gallery."""
     root, _ = llcm
     rng = np.random.default_rng(0)
     means = {}
@@ -318,9 +320,12 @@ def test_evaluate_llcm_trials_roles(llcm):
         g = centres[g_pids] + rng.normal(size=(len(g_pids), 16))
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         g /= np.linalg.norm(g, axis=1, keepdims=True)
+        score, swap = datasets.get("llcm").scorer("visible_to_infrared" if direction == "vis2ir"
+                                                  else "infrared_to_visible")
+        assert score is eval_llcm and swap == (direction == "vis2ir")
         for published in (True, False):
-            per_trial, mean = evaluate_llcm_trials(q, q_pids, q_cams, g, g_pids, g_cams, index,
-                                                   direction, published_roles=published)
+            per_trial, mean = evaluate_trials(q, q_pids, q_cams, g, g_pids, g_cams, index, score,
+                                              swap=swap and published)
             for (cmc, mAP, mINP), idx in zip(per_trial, index):
                 if published and direction == "vis2ir":
                     ref = ref_eval_llcm(-(g[idx] @ q.T), g_pids[idx], q_pids, g_cams[idx], q_cams)
@@ -332,5 +337,3 @@ def test_evaluate_llcm_trials_roles(llcm):
             means[direction, published] = mean[1]
     assert means["vis2ir", True] != pytest.approx(means["vis2ir", False])
     assert means["ir2vis", True] == means["ir2vis", False]
-    with pytest.raises(ValueError, match="direction"):
-        evaluate_llcm_trials(q, q_pids, q_cams, g, g_pids, g_cams, index, "both")

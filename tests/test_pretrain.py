@@ -14,11 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import datasets  # noqa: E402
-from data_loader import DeviceAugment, SYSUData, random_perms, unshuffle_stripes  # noqa: E402
+from pipeline import DeviceAugment, PreprocessedData, random_perms  # noqa: E402
 from model import TwoStreamBackbone  # noqa: E402
 
 TINY = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "--gpu", "cpu",
         "--workers", "0", "--batch-size", "8", "--print_freq", "2", "--warmup_epochs", "1"]
+
+
+def unshuffle_stripes(x, perms):
+    """The inverse of DeviceAugment's stripe shuffle on an NCHW tensor: the stripe at
+    position i goes back to position perms[b, i]."""
+    b, c, h, w = x.shape
+    k = perms.shape[1]
+    sh = h // k
+    src = perms.argsort(dim=1).repeat_interleave(sh, dim=1) * sh + torch.arange(sh).repeat(k)
+    return x.gather(2, src[:, None, :, None].expand(b, c, h, w))
 
 
 def run_train(tmp, *args, check=True):
@@ -35,7 +45,7 @@ def load_agw_net():
 
 # ----------------------------------------------------------------------------- stripes
 def test_stripe_shuffle_inverse_is_identity_on_real_images(sysu_small):
-    data = SYSUData(sysu_small)
+    data = PreprocessedData(sysu_small)
     x = torch.from_numpy(np.array(data.rgb_img[:8]))
     aug = DeviceAugment(SMALL_H, SMALL_W)
     perms = random_perms(8, 6)
@@ -55,7 +65,7 @@ def test_rgb_and_ir_of_a_pair_share_the_permutation(sysu_small):
     """In training the same perms tensor shuffles both halves of the pair; with the random
     crop/flip drawn independently per image, undoing the shuffle must give back an
     unshuffled augmentation of the same image (checked with crop/flip off: pad 0, no flip)."""
-    data = SYSUData(sysu_small)
+    data = PreprocessedData(sysu_small)
     rgb = torch.from_numpy(np.array(data.rgb_img[:4]))
     ir = torch.from_numpy(np.array(data.ir_img[:4]))
     aug = DeviceAugment(SMALL_H, SMALL_W, pad=0, flip=False)
@@ -135,7 +145,7 @@ def test_resume_is_exact(sysu_small, two_stream_run, tmp_path):
 
 def test_train_ratio_uses_a_seeded_fraction(sysu_small, tmp_path):
     # an epoch longer than the small fraction's one pass: the sampler cycles through it
-    data = SYSUData(sysu_small)
+    data = PreprocessedData(sysu_small)
     n_rgb = int(round(len(data.rgb_img) * 0.25))
     steps = max(n_rgb, int(round(len(data.ir_img) * 0.25))) // 4 + 3
     res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1", "--batch-size", "4",
@@ -225,8 +235,8 @@ def test_heldout_set_is_test_ids_only_and_evaluation_is_deterministic(sysu_small
     val_id), drawn and permuted the same way every time; one checkpoint evaluated twice
     gives identical numbers, and the numbers are those of the Hungarian decoding of the
     noise-free logits of exactly those images and permutations."""
-    from data_loader import PermHeldout
-    from data_manager import sysu_split_ids
+    from pipeline import PermHeldout
+    from protocols import sysu_split_ids
     from loss import perm_accuracy
     from model import MMGLNet
     from train import evaluate_perm, get_args_parser

@@ -23,7 +23,14 @@ import json
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+
+matplotlib.use("Agg")   # files only, no display; before pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from sklearn.manifold import TSNE  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402  (installed with scikit-learn)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import features  # noqa: E402
@@ -31,7 +38,7 @@ from cli import ArgumentParser, UserError, check_writable, cli  # noqa: E402
 
 DPI = 100
 PANEL = (4.0, 3.6)          # inches per panel: 400 x 360 pixels
-MARKERS = {"visible": "o", "infrared": "^"}
+MARKERS = {"rgb": "o", "ir": "^"}
 KINDS = (("same", "intra"), ("same", "cross"), ("diff", "intra"), ("diff", "cross"))
 STYLE = {("same", "intra"): ("C0", "-"), ("same", "cross"): ("C2", "-"),
          ("diff", "intra"): ("C3", "--"), ("diff", "cross"): ("C1", "--")}
@@ -127,9 +134,6 @@ def overlap(a, b, bins):
 
 # ----------------------------------------------------------------------------- plots
 def _figure(panels):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, panels, figsize=(PANEL[0] * panels, PANEL[1]), squeeze=False)
     return plt, fig, axes[0]
 
@@ -164,7 +168,7 @@ def tsne_ids(files, k, rng):
     for ff in files:
         ids = np.concatenate([ff.query_ids, ff.gallery_ids])
         mod = np.concatenate([ff.query_modality, ff.gallery_modality])
-        sets.append(set(ids[mod == "visible"].tolist()) & set(ids[mod == "infrared"].tolist()))
+        sets.append(set(ids[mod == "rgb"].tolist()) & set(ids[mod == "ir"].tolist()))
     common = set.intersection(*sets)
     if common:
         sets = [common] * len(files)
@@ -173,9 +177,6 @@ def tsne_ids(files, k, rng):
 
 
 def plot_tsne(files, heads, args, rng, path, per_id=20):
-    from matplotlib.lines import Line2D
-    from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits     # installed with scikit-learn
     plt, fig, axes = _figure(len(files))
     for ax, ff, head, ids_shown in zip(axes, files, heads, tsne_ids(files, args.ids, rng)):
         feats = np.concatenate([ff.query_feats[head], ff.gallery_feats[head]])

@@ -18,6 +18,12 @@ import re
 import sys
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")   # files only, no display; before pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import logger  # noqa: E402
 from cli import ArgumentParser, UserError, check_writable, cli  # noqa: E402
@@ -97,11 +103,6 @@ def main(args):
     out = Path(args.out)
     check_writable(out.parent)
 
-    # matplotlib here: pyplot must come after the file-only backend is chosen
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows + 0.4), squeeze=False)

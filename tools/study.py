@@ -17,6 +17,7 @@ finished; an interrupted run continues from its ``_last.pth``. So the command ca
 stopped and re-run at any time. Runs go ``--jobs`` at a time, ``--threads`` CPU threads
 each (``--gpu 0``: on CUDA device 0).
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,11 +26,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+matplotlib.use("Agg")   # files only, no display; before pyplot
+import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
 import logger  # noqa: E402
 from cli import REPO_ROOT, ArgumentParser, UserError, cli  # noqa: E402
+from loss import TripletLoss, TripletLoss_WRT, pdist  # noqa: E402
+from pipeline import DeviceAugment, IdentitySampler, PreprocessedData, make_loader  # noqa: E402
 
 # name -> (train.py flags, label in tables and plots)
 # Every PCC reading spelled out, so a configuration means the same run whatever the
@@ -267,16 +277,10 @@ def feature_scale(ckpts, data, batches=4):
     mode as at step 0) of the pooled features' norm, their pairwise distances (same id across
     modalities, different ids), and the triplet losses on them: the authors' WRT, WRT with
     stable weights, batch-hard with margin 0.3. -> {name: {...}, ..., 'random': {...}}."""
-    import importlib.util
-    import torch
-    import torch.nn.functional as F
-    import checkpoint
-    from data_loader import DeviceAugment, IdentitySampler, SYSUData, make_loader
-    from loss import TripletLoss, TripletLoss_WRT, pdist
     spec = importlib.util.spec_from_file_location("model_agw", REPO_ROOT / "AGW" / "model_agw.py")
     agw = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(agw)
-    train = SYSUData(data)
+    train = PreprocessedData(data)
     aug = DeviceAugment(*train.img_size)
     losses = {"WRT (authors)": TripletLoss_WRT(), "WRT (stable)": TripletLoss_WRT(stable=True),
               "batch-hard": TripletLoss(0.3)}
@@ -395,9 +399,6 @@ def claims_rows(out, pre, sources):
 
 
 def plot(pre, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for i, (name, r) in enumerate(pre.items()):
         log = [x for x in r["log"] if "val/perm_acc" in x]
@@ -456,9 +457,6 @@ def diagnostics_table(pre):
 
 
 def plot_diagnostics(pre, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     runs = {n: [x for x in r["log"] if "val/probe_backbone" in x] for n, r in pre.items()}
     runs = {n: log for n, log in runs.items() if log}
     if not runs:

@@ -1,4 +1,4 @@
-"""Training/test data: memory-mapped SYSU-MM01 arrays, RegDB from its idx files, the
+"""The input pipeline: the preprocessed training arrays (SYSU-MM01, LLCM, your folder; memory-mapped), RegDB from its idx files, the
 samplers (unpaired RGB/IR for MMGL, identity-balanced for AGW/DDAG) and the ONE
 augmentation module, which runs batched on the training device.
 
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cli import UserError, check_stripes
 from distributed import get_rank, get_world_size
+from protocols import load_images, read_regdb_train
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -139,7 +140,7 @@ class UnionData(TrainData):
         return "\n".join(p.stats() for p in self.parts)
 
 
-class SYSUData(TrainData):
+class PreprocessedData(TrainData):
     """A training set from the npy files written by ``pre_process_sysu.py`` (SYSU-MM01, or
     LLCM with ``title='LLCM'``), opened with ``mmap_mode='r'``: start-up reads only
     headers, pages come in on demand."""
@@ -177,7 +178,6 @@ class RegDBData(TrainData):
     ``idx/train_{visible,thermal}_{trial}.txt`` (small: ~2k images per modality)."""
 
     def __init__(self, data_path, trial, img_h=288, img_w=144, workers=0):
-        from data_manager import load_images, read_regdb_train
         data_path = Path(data_path)
         if not data_path.is_dir():
             raise UserError(f"dataset folder not found: {data_path} (expected RegDB with "
@@ -207,7 +207,6 @@ class PermHeldout:
     ``rgb_paths``/``ir_paths``: the image files."""
 
     def __init__(self, lists, num_stripe, img_h, img_w, n=300, seed=0, workers=0):
-        from data_manager import load_images
         pick, perm_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
         # several training sets: [(name, lists), ...], n images per modality from each
         self.sources = lists if isinstance(lists, list) else [("", lists)]
@@ -447,14 +446,3 @@ class DeviceAugment:
             out[i].copy_(crop.flip(1) if flip[i] else crop)
             self._normalize_(out[i])
         return out.permute(0, 3, 1, 2)
-
-
-def unshuffle_stripes(x, perms):
-    """Inverse of the stripe shuffle on an NCHW tensor (used by tests and the TensorBoard
-    visualisation): input stripe perms[b, i] goes back to position perms[b, i]."""
-    b, c, h, w = x.shape
-    k = perms.shape[1]
-    inv = perms.argsort(dim=1)
-    sh = h // k
-    src = inv.repeat_interleave(sh, dim=1) * sh + torch.arange(sh, device=x.device).repeat(k)
-    return x.gather(2, src[:, None, :, None].expand(b, c, h, w))

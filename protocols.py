@@ -8,8 +8,10 @@ sorted-id / camera-list order. Reproducing that draw order is what makes "trial 
 same gallery that every published SYSU-MM01 number was measured on. The LLCM gallery is
 drawn by the same routine: its authors reused the SYSU-MM01 protocol code.
 """
+import ctypes
 import os
 import random
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -405,8 +407,6 @@ def _decode_or_error(task):
 def _die_with_parent():
     """Pool worker initialiser: on Linux, ask the kernel to SIGTERM this worker when its
     parent dies (even by SIGKILL), so no decoder outlives the preprocessing it served."""
-    import ctypes
-    import signal
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
