@@ -322,7 +322,7 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
     if log.writer is not None:
         log_images(log.writer, x_rgb, x_ir, out, perms, args, log.global_step)
     _, means, _ = meter.read()
-    return {**means, **{f"step0_{k}": v for k, v in meter.first.items()}, "img_per_s": meter.img_per_s,
+    return {"lr": lr, **means, **{f"step0_{k}": v for k, v in meter.first.items()}, "img_per_s": meter.img_per_s,
             **grad_stats}
 
 
@@ -494,7 +494,7 @@ def main(args):
                 checkpoint.save_last(last_path, "pretrain", net, optimizer, scaler, epoch, args,
                                      state={"scheduler": scheduler.state_dict(), "global_step": log.global_step,
                                             "pcc_from": pcc_from})
-                log.epoch(epoch, time.time() - t0, train={"lr": optimizer.param_groups[0]["lr"], **stats}, val=val)
+                log.epoch(epoch, time.time() - t0, train=stats, val=val)
                 print(f"Epoch {epoch} done in {logger.format_time(time.time() - t0)}; {epoch_summary(val, stats, heldout)}"
                       f"saved {', '.join(saved + [str(last_path)])}")
                 if switched:

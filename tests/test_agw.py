@@ -326,7 +326,7 @@ def test_saved_features_reproduce_the_printed_metrics_and_rerank(sysu_run, sysu_
                      "--save_features", tmp_path / "feat", threads=1).stdout
     ff = features.load_features(tmp_path / "feat" / "sysu_agw_p4_n8_lr_0.1_seed_0_best.npz")
     assert ff.heads == ["POOL", "FC"] and ff.dataset == "sysu" and ff.mode == "all_single"
-    assert ff.trial_index.shape[0] == 10 and set(ff.query_modality) == {"infrared"}
+    assert ff.trial_index.shape[0] == 10 and set(ff.query_modality) == {"ir"}
     printed = final_lines(out)
     for head in ff.heads:
         assert engine_finetune.eval_metrics.format_metrics(head, *features.evaluate(ff, head)[1]) == printed[head]
