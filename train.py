@@ -318,7 +318,7 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
         scaler.update()
 
         watch.update(losses["loss"], step, None if scaler.is_enabled() else net.parameters())
-        meter.update(**losses, pcc_weight=weight)
+        meter.update(**{"loss": losses["loss"], **losses}, pcc_weight=weight)   # the total printed first
     if log.writer is not None:
         log_images(log.writer, x_rgb, x_ir, out, perms, args, log.global_step)
     _, means, _ = meter.read()

@@ -142,3 +142,15 @@ def test_kind_is_read_from_the_file(tmp_path):
     assert checkpoint.network_state({"state_dict": sd}).keys() == sd.keys()
     with pytest.raises(UserError, match="not a state_dict"):
         checkpoint.network_state({"epoch": 3})
+
+
+def test_one_path_rule_for_every_script(tmp_path, monkeypatch):
+    """Given paths are relative to the folder you run from; defaults live in the script's
+    folder (train.py: the repository root; AGW/DDAG: theirs)."""
+    import options
+    monkeypatch.chdir(tmp_path)
+    for script_dir in (ROOT, ROOT / "AGW"):
+        args = engine_finetune.get_args_parser("t").parse_args(["--model_path", "mine"])
+        options.resolve_paths(args, script_dir)
+        assert args.model_path == str(tmp_path / "mine")
+        assert args.log_path == str(script_dir / "log") and args.vis_log_path == str(script_dir / "log" / "vis_log")
