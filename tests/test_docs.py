@@ -4,6 +4,7 @@ they name belongs to one of the project's scripts."""
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,13 +29,13 @@ FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 
 @pytest.fixture(scope="module")
 def helps():
-    out = {}
-    for s in SCRIPTS:
+    def one(s):
         res = subprocess.run([sys.executable, str(ROOT / s), "--help"], capture_output=True, text=True,
                              cwd=(ROOT / s).parent, timeout=300)
         assert res.returncode == 0, (s, res.stderr[-500:])
-        out[s] = set(FLAG.findall(res.stdout))
-    return out
+        return set(FLAG.findall(res.stdout))
+    with ThreadPoolExecutor(2) as pool:   # two at a time: each mostly waits on importing torch
+        return dict(zip(SCRIPTS, pool.map(one, SCRIPTS)))
 
 
 def _commands(text):
