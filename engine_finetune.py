@@ -381,10 +381,14 @@ def identity_loader(data, epoch, args, device):
     return pipeline.make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
 
 
-def steps_per_epoch(data, args):
-    """Steps in a fine-tuning epoch, the same in every epoch (a run resumed from a file
-    without its global step counts epochs x this)."""
-    return len(identity_loader(data, 0, args, torch.device("cpu")))
+def start_log(log, start_epoch, state, data, args):
+    """Start ``log``'s clock and global step where the run begins: a resumed run's step from
+    its file (popped from the method ``state``), or, for a file without one, epochs x the
+    steps of an epoch (the same in every epoch; drawn only then)."""
+    step = state.pop("global_step", None)
+    if step is None:
+        step = start_epoch * len(identity_loader(data, 0, args, torch.device("cpu"))) if start_epoch else 0
+    log.start(start_epoch, step)
 
 
 def train_one_epoch(net, criterion, loader, aug, optimizer, scaler, epoch, lr, args, device, log, last_path):

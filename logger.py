@@ -173,7 +173,8 @@ class Meter:
 
     def __init__(self, device):
         self.device = device
-        self.last, self.sums, self.counts, self.since = {}, {}, {}, {}
+        self.last, self.sums, self.counts = {}, {}, {}
+        self.at_read = {}   # {name: (sum, count)} at the previous read: "since the last read" is derived
         self.first, self.img_per_s = {}, None   # set by RunLog.log_every
 
     def update(self, **values):
@@ -182,17 +183,18 @@ class Meter:
             self.last[k] = v
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1
-            s, n = self.since.get(k, (0, 0))
-            self.since[k] = (s + v, n + 1)
 
     def read(self):
         keys = list(self.sums)
         last = torch.stack([self.last[k] for k in keys])
         mean = torch.stack([self.sums[k] / self.counts[k] for k in keys])
-        recent = torch.stack([self.since[k][0] / self.since[k][1] if k in self.since else mean[i]
-                              for i, k in enumerate(keys)])
-        last, mean, recent = distributed.all_reduce_mean(torch.stack([last, mean, recent])).cpu().tolist()
-        self.since = {}
+        recent = []
+        for k, m in zip(keys, mean):
+            s0, n0 = self.at_read.get(k, (0.0, 0))
+            n = self.counts[k] - n0
+            recent.append((self.sums[k] - s0) / n if n else m)   # not updated since: its epoch mean
+        self.at_read = {k: (self.sums[k], self.counts[k]) for k in keys}
+        last, mean, recent = distributed.all_reduce_mean(torch.stack([last, mean, torch.stack(recent)])).cpu().tolist()
         return dict(zip(keys, last)), dict(zip(keys, mean)), dict(zip(keys, recent))
 
 

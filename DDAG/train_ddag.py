@@ -119,7 +119,7 @@ def main(args=None):
             start_epoch, best = checkpoint.load_resume(net, args, optimizer, scaler, state, loaded=resume)
         elif not args.pretrained:
             print("note: no --resume and no --pretrained: the backbone starts from random weights")
-        log.start(start_epoch, state.pop("global_step", start_epoch * engine.steps_per_epoch(data, args)))
+        engine.start_log(log, start_epoch, state, data, args)
         criterion = make_criterion(args, state)
         aug = pipeline.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
 

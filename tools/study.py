@@ -172,31 +172,23 @@ def wait(futures):
         f.result()
 
 
-def prepare_data(out, args):
-    data = out / "data" / "SYSU-MM01"
+# the study's synthetic sets: folder, generator seed offset (LLCM: another seed, other people)
+SYNTHETIC = {"sysu": ("SYSU-MM01", 0), "llcm": ("LLCM", 1)}
+
+
+def prepare_data(out, args, dataset="sysu"):
+    """The study's synthetic set (--num_ids identities; LLCM, for the transfer rows, as many
+    as SYSU-MM01 from another seed), preprocessed at the study's size, made once."""
+    folder, seed = SYNTHETIC[dataset]
+    data = out / "data" / folder
     if (data / "train_ir_resized_img.npy").is_file():
         return data
     out.mkdir(parents=True, exist_ok=True)
-    print(f"==> synthetic SYSU-MM01, {args.num_ids} ids -> {data}", flush=True)
+    print(f"==> synthetic {folder}, {args.num_ids} ids -> {data}", flush=True)
     py = sys.executable
-    run([py, "tools/make_synthetic.py", "--dataset", "sysu", "--out", str(data), "--num_ids",
-         str(args.num_ids), "--seed", str(args.data_seed)], out / "data.log", args)
-    run([py, "pre_process_sysu.py", "--data_path", str(data), *SIZE, "--workers", str(args.jobs)],
-        out / "data.log", args)
-    return data
-
-
-def prepare_llcm(out, args):
-    """The synthetic LLCM of the transfer rows: as many identities as the SYSU-MM01 set, from
-    another seed (other people), preprocessed at the same size."""
-    data = out / "data" / "LLCM"
-    if (data / "train_ir_resized_img.npy").is_file():
-        return data
-    print(f"==> synthetic LLCM, {args.num_ids} ids -> {data}", flush=True)
-    py = sys.executable
-    run([py, "tools/make_synthetic.py", "--dataset", "llcm", "--out", str(data), "--num_ids",
-         str(args.num_ids), "--seed", str(args.data_seed + 1)], out / "data.log", args)
-    run([py, "pre_process_sysu.py", "--dataset", "llcm", "--data_path", str(data), *SIZE, "--workers",
+    run([py, "tools/make_synthetic.py", "--dataset", dataset, "--out", str(data), "--num_ids",
+         str(args.num_ids), "--seed", str(args.data_seed + seed)], out / "data.log", args)
+    run([py, "pre_process_sysu.py", "--dataset", dataset, "--data_path", str(data), *SIZE, "--workers",
          str(args.jobs)], out / "data.log", args)
     return data
 
@@ -209,7 +201,7 @@ def pretrain_jobs(out, data, args, names):
         if len(read_jsonl(next(iter(d.glob("log/*.jsonl")), d / "none"))) >= args.epochs:
             continue
         if LLCM_DATA in flags:
-            flags = [str(prepare_llcm(out, args)) if f == LLCM_DATA else f for f in flags]
+            flags = [str(prepare_data(out, args, "llcm")) if f == LLCM_DATA else f for f in flags]
         flags = [str(args.steps_per_epoch) if f == STEPS else f for f in flags]
         cmd = [sys.executable, "train.py", "--dataset", "sysu", "--data_path", str(data), *SIZE,
                "--arch", "resnet18", "--batch-size", str(args.batch_size), "--lr", "0.1",
@@ -330,7 +322,7 @@ def finetune_table(out, method, feature):
         if not finals:
             continue
         first = [log[0] for log in logs]
-        r1 = [f[f"test/{feature}/rank1"] for f in finals]
+        r1 = [f[tested] for f in finals]
         mAP = [f[f"test/{feature}/mAP"] for f in finals]
         per_seed = ", ".join(f"{100 * x:.1f}" for x in r1)
         tri = sum(f["train/step0_tri_loss"] for f in first) / len(first)
