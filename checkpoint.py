@@ -38,9 +38,8 @@ try:
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct, scalar
 
-import distributed
 import model
-import runtime
+import utils
 from cli import UserError
 
 
@@ -166,14 +165,14 @@ def num_classes(obj, key="classifier.weight"):
 
 def save_network(path, net):
     """Pre-training's ``<run>_epoch_N.t``: the plain state_dict that fine-tuning loads."""
-    return save(distributed.unwrap(net).state_dict(), path)
+    return save(utils.unwrap(net).state_dict(), path)
 
 
 def save_finetuned(path, net, epoch, metrics, feature):
     """Fine-tuning's ``<run>_best.t`` / ``<run>_epoch_N.t`` (the authors' format, plus
     'feature' and 'stage'); ``metrics``: (cmc, mAP, mINP) of ``feature`` or None."""
     cmc, mAP, mINP = metrics if metrics is not None else (None, None, None)
-    return save({"stage": "finetune", "net": distributed.unwrap(net).state_dict(), "epoch": epoch,
+    return save({"stage": "finetune", "net": utils.unwrap(net).state_dict(), "epoch": epoch,
                  "cmc": cmc, "mAP": mAP, "mINP": mINP, "feature": feature}, path)
 
 
@@ -186,9 +185,9 @@ def _plain(d):
 
 def save_last(path, stage, net, optimizer, scaler, epoch, args, best=None, state=None):
     """Write ``<run>_last.pth`` (atomically; see :func:`save`)."""
-    return save({"stage": stage, "net": distributed.unwrap(net).state_dict(),
+    return save({"stage": stage, "net": utils.unwrap(net).state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "best": best, "rng": runtime.get_rng_state(),
+                 "epoch": epoch, "best": best, "rng": utils.get_rng_state(),
                  "args": _plain(vars(args)), "state": dict(state or {})}, path)
 
 
@@ -218,7 +217,7 @@ def load_last(path, obj, stage, net, optimizer=None, scaler=None, load_net=True,
     obj = read_last(obj)
     if load_net:
         try:
-            distributed.unwrap(net).load_state_dict(obj["net"])
+            utils.unwrap(net).load_state_dict(obj["net"])
         except RuntimeError:
             saved = obj.get("args") or {}
             differ = [f"--{k} {saved[k]} (this run: {getattr(args, k)})" for k in network_flags
@@ -230,7 +229,7 @@ def load_last(path, obj, stage, net, optimizer=None, scaler=None, load_net=True,
     if scaler is not None and obj.get("scaler"):
         scaler.load_state_dict(obj["scaler"])
     if obj.get("rng"):
-        runtime.set_rng_state(obj["rng"])
+        utils.set_rng_state(obj["rng"])
     return obj
 
 
@@ -300,7 +299,7 @@ def load_finetuned(net, state_dict, source, hint="--method/--arch/--dataset", lo
     """Load a fine-tuned network's state_dict strictly, except for the tensors the authors'
     networks carry but never run (their stems' whole ResNets), which are skipped with a
     note. Any other missing, unexpected or mis-shaped tensor is a UserError naming a few."""
-    net = distributed.unwrap(net)
+    net = utils.unwrap(net)
     report = load_backbone(net, state_dict, log=lambda *_: None, source=source)
     own = net.state_dict()
     written = {own[k].data_ptr() for k in report["loaded"]}
@@ -358,7 +357,7 @@ def load_imagenet(net, path, log=print):
     if not path.is_file():
         raise UserError(f"--pretrained: ImageNet weights file not found: {path}")
     src = _strip_module(network_state(load(path), str(path)))
-    net = distributed.unwrap(net)
+    net = utils.unwrap(net)
     own = net.state_dict()
     if isinstance(net, model.TwoStreamBackbone):
         strip = re.compile(r"^(visible_module\.visible|thermal_module\.thermal|base_resnet\.base)\.")
@@ -413,7 +412,7 @@ def load_backbone(net, obj, log=print, source="checkpoint"):
     loaded, skipped_unused, dropped_head, mismatched, missing_backbone, unexpected.
     UserError when no backbone tensor loads (a wrong file must never mean a silent
     from-scratch run)."""
-    net = distributed.unwrap(net)
+    net = utils.unwrap(net)
     sd = _strip_module(network_state(obj, source))
     own = net.state_dict()
     report = {k: [] for k in ("loaded", "skipped_unused", "dropped_head", "mismatched",

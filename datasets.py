@@ -5,7 +5,7 @@ Each benchmark declares its default folder, its training set, the images pre-tra
 use for the held-out permutation accuracy, the query/gallery lists of its test protocol
 (per gallery trial and search direction), its evaluator, and the suffix its runs are named
 with. The scripts ask ``get(args.dataset)`` and hold no dataset branches, so a new benchmark
-is one new class here (plus its file lists in protocols.py and its tests).
+is one new class here (plus its file lists in data_manager.py and its tests).
 
     bench = datasets.get("regdb")
     data = bench.train_data(args)            # TrainData: uint8 images, labels, cameras
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 import cli
+import data_manager
 import eval_metrics
-import protocols
 from cli import UserError
-from pipeline import PreprocessedData, RegDBData, UnionData
+from data_loader import PreprocessedData, RegDBData, UnionData
 
 RGB, IR = 1, 2   # the networks' modality codes (stem 1, stem 2)
 
@@ -80,7 +80,7 @@ class Benchmark:
         raise NotImplementedError
 
     def heldout_sources(self, args):
-        """[(set name, heldout_lists)]: one entry per training set (pipeline.PermHeldout)."""
+        """[(set name, heldout_lists)]: one entry per training set (data_loader.PermHeldout)."""
         return [(self.name, self.heldout_lists(self.data_path(args), args.trial))]
 
     def test_lists(self, args):
@@ -111,15 +111,15 @@ class SYSU(Benchmark):
         return _preprocessed(self, args)
 
     def heldout_lists(self, data_path, trial=1):
-        root = protocols.sysu_root(data_path)
-        ids = protocols.sysu_split_ids(root, "test")
-        return {"rgb": protocols.list_sysu_images(root, ids, protocols.SYSU_RGB_CAMS["all"])[0],
-                "ir": protocols.list_sysu_images(root, ids, protocols.SYSU_IR_CAMS)[0]}
+        root = data_manager.sysu_root(data_path)
+        ids = data_manager.sysu_split_ids(root, "test")
+        return {"rgb": data_manager.list_sysu_images(root, ids, data_manager.SYSU_RGB_CAMS["all"])[0],
+                "ir": data_manager.list_sysu_images(root, ids, data_manager.SYSU_IR_CAMS)[0]}
 
     def test_lists(self, args):
         path = self.data_path(args)
-        q_paths, q_pids, q_cams = protocols.process_query_sysu(path, mode=args.mode)
-        g_paths, g_pids, g_cams, index = protocols.sysu_gallery_trials(
+        q_paths, q_pids, q_cams = data_manager.process_query_sysu(path, mode=args.mode)
+        g_paths, g_pids, g_cams, index = data_manager.sysu_gallery_trials(
             path, mode=args.mode, gall_mode=args.gall_mode)
         mode = f"{args.mode}_{args.gall_mode}"
         return TestLists(q_paths, q_pids, q_cams, IR, g_paths, g_pids, g_cams, RGB, index,
@@ -151,13 +151,13 @@ class RegDB(Benchmark):
                          img_w=args.img_w, workers=args.workers)
 
     def heldout_lists(self, data_path, trial=1):
-        return {"rgb": protocols.process_test_regdb(data_path, trial, "visible")[0],
-                "ir": protocols.process_test_regdb(data_path, trial, "thermal")[0]}
+        return {"rgb": data_manager.process_test_regdb(data_path, trial, "visible")[0],
+                "ir": data_manager.process_test_regdb(data_path, trial, "thermal")[0]}
 
     def test_lists(self, args):
         path = self.data_path(args)
-        vis = protocols.process_test_regdb(path, trial=args.trial, modal="visible")
-        thr = protocols.process_test_regdb(path, trial=args.trial, modal="thermal")
+        vis = data_manager.process_test_regdb(path, trial=args.trial, modal="visible")
+        thr = data_manager.process_test_regdb(path, trial=args.trial, modal="thermal")
         (q_paths, q_pids), (g_paths, g_pids) = (thr, vis) if args.tvsearch else (vis, thr)
         q_modal, g_modal = (IR, RGB) if args.tvsearch else (RGB, IR)
         q_pids, g_pids = np.asarray(q_pids, dtype=np.int64), np.asarray(g_pids, dtype=np.int64)
@@ -187,14 +187,14 @@ class LLCM(Benchmark):
         return _preprocessed(self, args)
 
     def heldout_lists(self, data_path, trial=1):
-        return {"rgb": protocols.process_query_llcm(data_path, "vis2ir")[0],
-                "ir": protocols.process_query_llcm(data_path, "ir2vis")[0]}
+        return {"rgb": data_manager.process_query_llcm(data_path, "vis2ir")[0],
+                "ir": data_manager.process_query_llcm(data_path, "ir2vis")[0]}
 
     def test_lists(self, args):
         path = self.data_path(args)
-        direction = protocols.llcm_direction(args.tvsearch)
-        q_paths, q_pids, q_cams = protocols.process_query_llcm(path, direction)
-        g_paths, g_pids, g_cams, index = protocols.llcm_gallery_trials(path, direction)
+        direction = data_manager.llcm_direction(args.tvsearch)
+        q_paths, q_pids, q_cams = data_manager.process_query_llcm(path, direction)
+        g_paths, g_pids, g_cams, index = data_manager.llcm_gallery_trials(path, direction)
         vis2ir = direction == "vis2ir"
         q_modal, g_modal = (RGB, IR) if vis2ir else (IR, RGB)
         mode = "visible_to_infrared" if vis2ir else "infrared_to_visible"
@@ -230,7 +230,7 @@ class Folder(Benchmark):
         return data
 
     def heldout_lists(self, data_path, trial=1):
-        return protocols.read_folder_heldout(data_path)
+        return data_manager.read_folder_heldout(data_path)
 
 
 class Joint(Benchmark):

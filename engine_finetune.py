@@ -18,15 +18,13 @@ from tensorboardX import SummaryWriter
 
 import checkpoint
 import cli
+import data_loader
 import datasets
-import distributed
 import eval_metrics
 import features
 import logger
 import options
-import pipeline
-import protocols
-import runtime
+import utils
 import visrank
 from cli import UserError
 
@@ -120,7 +118,7 @@ def build_optimizer(net, args, new_modules):
     """The authors' optimiser: group 0 = everything except ``new_modules`` (the backbone, at
     0.1 x lr), then one group per new module (at lr). SGD momentum 0.9, Nesterov, weight
     decay 5e-4; ``--optim adam``: Adam with the same groups and weight decay."""
-    net = distributed.unwrap(net)
+    net = utils.unwrap(net)
     new_modules = list(new_modules)
     groups, taken = [], set()
     for name in new_modules:
@@ -171,9 +169,9 @@ def gather_for_loss(feat, labels, args):
     """With --gather under torchrun: the features and labels of every rank's batch
     (gradient-correct all_gather), so a batch-wise loss (the triplet's hardest negatives)
     sees the whole global batch; otherwise unchanged."""
-    if not args.gather or distributed.get_world_size() == 1:
+    if not args.gather or utils.get_world_size() == 1:
         return feat, labels
-    return distributed.all_gather_with_grad(feat), distributed.all_gather_with_grad(labels)
+    return utils.all_gather_with_grad(feat), utils.all_gather_with_grad(labels)
 
 
 # ============================================================================ testing
@@ -198,8 +196,8 @@ class TestSet:
         if self._images is None:
             a = self.args
             t = time.time()
-            self._images = (protocols.load_images(self.q_paths, a.img_w, a.img_h, a.workers),
-                            protocols.load_images(self.g_paths, a.img_w, a.img_h, a.workers))
+            self._images = (data_loader.load_images(self.q_paths, a.img_w, a.img_h, a.workers),
+                            data_loader.load_images(self.g_paths, a.img_w, a.img_h, a.workers))
             print(f"loaded {len(self.q_paths)} query and {len(self.g_paths)} gallery images "
                   f"in {time.time() - t:.1f}s")
         return self._images
@@ -216,15 +214,15 @@ def extract_features(net, images_uint8, modal, args, device):
     """Features of uint8 NHWC ``images_uint8`` through ``net`` in eval mode, ``modal`` 1
     (visible stem) or 2 (thermal stem): one float32 [N, D] array per evaluation output of
     the network (already L2-normalised by it)."""
-    net = distributed.unwrap(net)
+    net = utils.unwrap(net)
     was_training = net.training
     net.eval()
-    amp_dtype, _ = runtime.amp_setup(args.amp, device)
+    amp_dtype, _ = utils.amp_setup(args.amp, device)
     cl = args.channels_last
-    norm = pipeline.DeviceAugment(args.img_h, args.img_w, device=device)
+    norm = data_loader.DeviceAugment(args.img_h, args.img_w, device=device)
     outs = None
     starts = range(0, len(images_uint8), args.test_batch)
-    with torch.inference_mode(), runtime.autocast(device, amp_dtype):
+    with torch.inference_mode(), utils.autocast(device, amp_dtype):
         for s in logger.progress(starts, desc=f"extracting {'RGB' if modal == 1 else 'IR'}"):
             # a copy: slices of a read-only memmap cannot back a tensor
             x = torch.from_numpy(np.array(images_uint8[s:s + args.test_batch]))
@@ -239,7 +237,7 @@ def extract_features(net, images_uint8, modal, args, device):
     net.train(was_training)
     outs = [torch.cat(o).numpy().astype(np.float32, copy=False) for o in outs]
     for i, o in enumerate(outs):   # a NaN here would only surface as NaN distances later
-        runtime.check_finite(o, f"evaluation features (output {i}) of the {'RGB' if modal == 1 else 'IR'} "
+        utils.check_finite(o, f"evaluation features (output {i}) of the {'RGB' if modal == 1 else 'IR'} "
                               f"test images", net)
     return outs
 
@@ -319,8 +317,8 @@ def test_main(args, net, feature_names, tool_dir, loaded=None):
     path, obj = loaded or checkpoint.read_for_test(args)
     if args.save_features:   # a wrong folder fails now, not after the feature extraction
         cli.check_writable(args.save_features)
-    device = runtime.select_device(args.gpu)
-    runtime.set_seed(args.seed, args.deterministic)
+    device = utils.select_device(args.gpu)
+    utils.set_seed(args.seed, args.deterministic)
     if not isinstance(net, nn.Module):
         net = net(checkpoint.num_classes(obj) or 1)
     notes = []   # a file that does not fit fails here, before the header; its notes follow it
@@ -368,17 +366,17 @@ def prepare_net(net, args, device):
     net.to(device)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
-    train_net = distributed.wrap_ddp(net, device, args.sync_bn)
+    train_net = utils.wrap_ddp(net, device, args.sync_bn)
     return net, torch.compile(train_net) if args.compile else train_net
 
 
 def identity_loader(data, epoch, args, device):
     """The epoch's identity-balanced batches: --batch-size ids x --num_pos images per
     modality, RGB j and IR j of the same identity, seeded by (--seed, epoch)."""
-    sampler = pipeline.IdentitySampler(data.rgb_label, data.ir_label, args.num_pos, args.batch_size,
+    sampler = data_loader.IdentitySampler(data.rgb_label, data.ir_label, args.num_pos, args.batch_size,
                                           seed=args.seed, epoch=epoch, rgb_pool=data.rgb_pool,
                                           ir_pool=data.ir_pool)
-    return pipeline.make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
+    return data_loader.make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
 
 
 def start_log(log, start_epoch, state, data, args):
@@ -398,9 +396,9 @@ def train_one_epoch(net, criterion, loader, aug, optimizer, scaler, epoch, lr, a
     'acc', ...) are printed every --print_freq steps (log.log_every, the one host sync)
     and averaged for the epoch. ``last_path``: the checkpoint a NaN stop names. Returns the
     epoch's means (over ranks), with the first step's values as step0_*."""
-    amp_dtype, _ = runtime.amp_setup(args.amp, device)
+    amp_dtype, _ = utils.amp_setup(args.amp, device)
     net.train()
-    meter, watch = logger.Meter(device), runtime.NonFiniteWatch(device)
+    meter, watch = logger.Meter(device), utils.NonFiniteWatch(device)
     images = 2 * args.batch_size * args.num_pos
     for step, (rgb, ir, y_rgb, y_ir) in log.log_every(loader, epoch, meter, lr, images, watch, last_path):
         rgb, ir = rgb.to(device, non_blocking=True), ir.to(device, non_blocking=True)
@@ -408,7 +406,7 @@ def train_one_epoch(net, criterion, loader, aug, optimizer, scaler, epoch, lr, a
         x_rgb, x_ir = aug(rgb), aug(ir)
         if not args.channels_last:
             x_rgb, x_ir = x_rgb.contiguous(), x_ir.contiguous()
-        with runtime.autocast(device, amp_dtype):
+        with utils.autocast(device, amp_dtype):
             loss, logs = criterion(net, x_rgb, x_ir, y_rgb, y_ir)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

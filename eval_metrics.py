@@ -329,7 +329,7 @@ def evaluate_trials(q_feats, q_pids, q_cams, g_feats, g_pids, g_cams, trial_inde
 
     ``g_feats``/``g_pids``/``g_cams`` describe the UNION of the trial galleries and
     ``trial_index`` holds, per trial, the index array of that trial's gallery into the
-    union (``protocols.sysu_gallery_trials``). Features are L2-normalised, so the
+    union (``data_manager.sysu_gallery_trials``). Features are L2-normalised, so the
     distance is ``-(q @ g.T)``; the similarity to the union is computed once and sliced per
     trial. ``score(distmat, q_pids, g_pids, q_cams, g_cams, max_rank)`` is the benchmark's
     evaluator (:func:`eval_sysu`, :func:`eval_llcm`, or :func:`eval_regdb` ignoring the

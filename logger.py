@@ -32,8 +32,7 @@ import torch
 from tensorboardX import SummaryWriter
 
 import cli
-import distributed
-import runtime
+import utils
 from cli import REPO_ROOT, UserError
 
 
@@ -109,11 +108,11 @@ def print_run_header(args, device, extra=None):
     one), so the terminal stays short; without a log it is printed."""
     print("=" * 78)
     print(f"{' '.join(sys.argv)}")
-    dtype, _ = runtime.amp_setup(getattr(args, "amp", False), device)
+    dtype, _ = utils.amp_setup(getattr(args, "amp", False), device)
     precision = {None: "fp32", "bfloat16": "bf16 autocast", "float16": "fp16 autocast + GradScaler"}[
         dtype and str(dtype).split(".")[-1]]
     print(f"git {git_revision()} | {datetime.datetime.now().isoformat(timespec='seconds')} "
-          f"| device {device} | {precision} | world size {distributed.get_world_size()}")
+          f"| device {device} | {precision} | world size {utils.get_world_size()}")
     arg_lines = [f"  {k:>20}: {getattr(args, k)}" for k in sorted(vars(args))]
     if isinstance(sys.stdout, Tee):
         sys.stdout.file.write("\n".join(arg_lines) + "\n")
@@ -143,7 +142,7 @@ def progress(iterable, total=None, desc="", enable=None):
         except TypeError:
             total = None
     if enable is None:
-        enable = sys.stderr.isatty() and distributed.is_main_process()
+        enable = sys.stderr.isatty() and utils.is_main_process()
     if not enable:
         yield from iterable
         return
@@ -194,7 +193,7 @@ class Meter:
             n = self.counts[k] - n0
             recent.append((self.sums[k] - s0) / n if n else m)   # not updated since: its epoch mean
         self.at_read = {k: (self.sums[k], self.counts[k]) for k in keys}
-        last, mean, recent = distributed.all_reduce_mean(torch.stack([last, mean, torch.stack(recent)])).cpu().tolist()
+        last, mean, recent = utils.all_reduce_mean(torch.stack([last, mean, torch.stack(recent)])).cpu().tolist()
         return dict(zip(keys, last)), dict(zip(keys, mean)), dict(zip(keys, recent))
 
 
@@ -213,7 +212,7 @@ class RunLog:
 
     def __init__(self, args, run, outputs=True):
         """``outputs=False``: print only, write nothing (benchmarks time the step loop)."""
-        self.run, self.rank0 = run, distributed.is_main_process()
+        self.run, self.rank0 = run, utils.is_main_process()
         self.epochs, self.print_freq = args.epochs, args.print_freq
         self.writer = self.json = self.guard = None
         self._stdout = sys.stdout
@@ -254,7 +253,7 @@ class RunLog:
                   at_print=None):
         """Yield ``(step, batch)`` over ``loader``, counting global steps. The loop body puts
         its scalars into ``meter``; every --print_freq steps and at the last, ``watch``
-        (runtime.NonFiniteWatch) stops a run whose loss went non-finite (naming ``last_good``,
+        (utils.NonFiniteWatch) stops a run whose loss went non-finite (naming ``last_good``,
         the checkpoint left untouched, if it exists), ``at_print()`` adds what is measured at
         print steps only, then one line is printed and the means since the last print go to
         TensorBoard (``train/``). ``meter.first`` holds the epoch's first-step values."""
@@ -274,7 +273,7 @@ class RunLog:
             if step == 0:
                 meter.first = last
             now = time.time()
-            ips = images_per_step * distributed.get_world_size() * (step - printed) / max(now - t_print, 1e-9)
+            ips = images_per_step * utils.get_world_size() * (step - printed) / max(now - t_print, 1e-9)
             done = epoch - self.start_epoch + (step + 1) / steps
             eta = (now - self.t_start) / done * (self.epochs - self.start_epoch - done)
             values = "  ".join(f"{k} {_fmt(k, last[k])} ({_fmt(k, mean[k])})" for k in last)

@@ -18,7 +18,7 @@ ReID losses shared by AGW and DDAG fine-tuning (docs/FINETUNE.md): :func:`pdist`
 :class:`TripletLoss` (batch-hard) and :class:`TripletLoss_WRT` (weighted regularisation
 triplet, default = the authors' published numerics).
 
-Permutation-matrix convention (used everywhere, matches ``pipeline.DeviceAugment``
+Permutation-matrix convention (used everywhere, matches ``data_loader.DeviceAugment``
 where output stripe i = input stripe perms[b, i]):
 
     P[b, i, j] = 1  iff  shuffled position i holds original stripe j  (j = perms[b, i]).

@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from protocols import (FOLDER_HELDOUT, SYSU_IR_CAMS, SYSU_RGB_CAMS, folder_root, iter_decoded,
-                          list_folder_images, list_sysu_images, llcm_root, read_llcm_train, sysu_root,
-                          sysu_split_ids)
 from cli import ArgumentParser, UserError, cli, resolve_path
+from data_loader import iter_decoded
+from data_manager import (FOLDER_HELDOUT, SYSU_IR_CAMS, SYSU_RGB_CAMS, folder_root, list_folder_images,
+                          list_sysu_images, llcm_root, read_llcm_train, sysu_root, sysu_split_ids)
 from logger import progress
 
 MODALITIES = (("rgb", SYSU_RGB_CAMS["all"]), ("ir", SYSU_IR_CAMS))

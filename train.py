@@ -28,15 +28,14 @@ import checkpoint
 import cli
 import datasets
 import diagnostics
-import distributed
 import logger
 import options
-import runtime
+import utils
 from cli import REPO_ROOT, UserError
+from data_loader import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, PermHeldout, UnpairedSampler, make_loader,
+                         random_perms)
 from loss import gumbel_sinkhorn, log_sinkhorn, pcc_loss, perm_accuracy, perm_matrix, perm_mse_loss
 from model import MMGLNet
-from pipeline import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, PermHeldout, UnpairedSampler, make_loader,
-                      random_perms)
 
 
 def get_args_parser():
@@ -242,7 +241,7 @@ def pcc_switch(pcc_from, val, epoch, args):
             pcc_from = epoch + 1
             line = (f"PCC on from epoch {epoch + 1}: held-out stripe accuracy {val['stripe_acc']:.1%} "
                     f">= {args.pcc_start_acc:g} x chance ({need:.1%})")
-    if distributed.is_distributed():
+    if utils.is_distributed():
         box = [pcc_from]
         torch.distributed.broadcast_object_list(box, src=0)
         pcc_from = box[0]
@@ -268,10 +267,10 @@ def mmgl_losses(out, perms, args, cl_weight=None):
         z = out["stripes"].float()
         z_rgb, z_ir = z[:b], z[b:]
         reading = dict(pool=args.pcc_pool, form=args.pcc_form, detach_pool=args.pcc_detach_pool)
-        if args.gather and distributed.is_distributed():
-            pool_rgb, pool_ir = distributed.all_gather_with_grad(z_rgb), distributed.all_gather_with_grad(z_ir)
+        if args.gather and utils.is_distributed():
+            pool_rgb, pool_ir = utils.all_gather_with_grad(z_rgb), utils.all_gather_with_grad(z_ir)
             losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, pool_rgb=pool_rgb, pool_ir=pool_ir,
-                                     offset=distributed.get_rank() * b, gather=distributed.all_gather_with_grad, **reading)
+                                     offset=utils.get_rank() * b, gather=utils.all_gather_with_grad, **reading)
         else:
             losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, **reading)
         total = total + (args.cl_weight if cl_weight is None else cl_weight) * losses["pcc"]
@@ -285,9 +284,9 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
     stops the run before anything is saved (``last_path``: the checkpoint that stays good).
     Returns the epoch's means (over ranks) and, with --diag, the gradient diagnostics."""
     net.train()
-    amp_dtype, _ = runtime.amp_setup(args.amp, device)
+    amp_dtype, _ = utils.amp_setup(args.amp, device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    meter, watch = logger.Meter(device), runtime.NonFiniteWatch(device)
+    meter, watch = logger.Meter(device), utils.NonFiniteWatch(device)
     weight = pcc_weight(epoch, args, pcc_from)
     lr = optimizer.param_groups[0]["lr"]
     grad_stats = {}
@@ -307,11 +306,11 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
         perms = random_perms(rgb.shape[0], args.num_stripe, device=device)
         x_rgb = aug(rgb, train=True, perms=perms).contiguous(memory_format=memory_format)
         x_ir = aug(ir, train=True, perms=perms).contiguous(memory_format=memory_format)
-        with runtime.autocast(device, amp_dtype):
+        with utils.autocast(device, amp_dtype):
             out = net(x_rgb, x_ir, perms=perms.repeat(2, 1) if args.pcc_order == "original" else None)
         losses = mmgl_losses(out, perms, args, weight)
-        if args.diag and args.pcc and step == len(loader) - 1 and not distributed.is_distributed():
-            grad_stats = loss_gradients(distributed.unwrap(net), losses)
+        if args.diag and args.pcc and step == len(loader) - 1 and not utils.is_distributed():
+            grad_stats = loss_gradients(utils.unwrap(net), losses)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
         scaler.step(optimizer)
@@ -346,7 +345,7 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
     (noise-free Sinkhorn, Hungarian). Returns perm_acc / stripe_acc (both
     modalities), the same per modality (``_rgb``, ``_ir``) and perm_mse (the noise-free
     MSE against the true matrices, which moves before the accuracy does)."""
-    net = distributed.unwrap(net)
+    net = utils.unwrap(net)
     was_training = net.training
     net.eval()
     logits, perms = [], []
@@ -359,7 +358,7 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
         for i in range(0, len(imgs), batch):
             p = p_all[i:i + batch].to(device)
             x = aug(torch.from_numpy(imgs[i:i + batch]).to(device), train=False, perms=p)
-            with runtime.autocast(device, amp_dtype):
+            with utils.autocast(device, amp_dtype):
                 # the PCC probe only in shuffled order: in original order row j IS part j
                 res = net(x, x, modal=modal, pcc=branch and args.diag and args.pcc_order == "shuffled",
                           features=args.diag)
@@ -368,7 +367,7 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
                 if key in res:
                     probe[key].append(res[key].float().cpu().numpy())
         out = torch.cat(out)
-        runtime.check_finite(out.cpu().numpy(), f"held-out permutation logits of the {m.upper()} images", net)
+        utils.check_finite(out.cpu().numpy(), f"held-out permutation logits of the {m.upper()} images", net)
         acc, stripe = perm_accuracy(out, p_all, n_iters=args.sinkhorn_iters, temp=args.sinkhorn_temp)
         stats[f"perm_acc_{m}"], stats[f"stripe_acc_{m}"] = acc, stripe
         logits.append(out)
@@ -412,8 +411,8 @@ def log_images(writer, x_rgb, x_ir, out, perms, args, step):
 def main(args):
     check_args(args)
     bench = datasets.get(args.dataset)
-    device = runtime.init_device(args.gpu)
-    runtime.set_seed(args.seed + distributed.get_rank(), deterministic=args.deterministic)
+    device = utils.init_device(args.gpu)
+    utils.set_seed(args.seed + utils.get_rank(), deterministic=args.deterministic)
     options.resolve_paths(args, REPO_ROOT)
     # a missing, unreadable or wrong-kind --resume file, or one of another PCC reading,
     # fails here, before the run header and before any data is read
@@ -434,7 +433,7 @@ def main(args):
         data.subsample(args.train_ratio, args.seed)
     # held-out permutation accuracy: test-split images only, fixed permutations
     heldout = None
-    if distributed.is_main_process() and not args.dummy and args.val_images:
+    if utils.is_main_process() and not args.dummy and args.val_images:
         heldout = PermHeldout(bench.heldout_sources(args), args.num_stripe, args.img_h, args.img_w,
                               n=args.val_images, seed=0, workers=args.workers)
     # the logs start once the data is in, so a run that cannot start leaves none behind
@@ -448,7 +447,7 @@ def main(args):
                   perm_bn=args.perm_bn, pcc_head=args.pcc_head, local_branch=args.local_branch).to(device)
     if args.channels_last:  # NHWC: tensor-core kernels on a GPU; on the CPU as fast or faster too
         net = net.to(memory_format=torch.channels_last)
-    net = distributed.wrap_ddp(net, device, args.sync_bn)
+    net = utils.wrap_ddp(net, device, args.sync_bn)
     model = torch.compile(net) if args.compile else net
 
     if args.optim == "adam":   # not the paper's: for short CPU runs
@@ -456,7 +455,7 @@ def main(args):
     else:
         optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_at(e, args))
-    amp_dtype, scaler = runtime.amp_setup(args.amp, device)
+    amp_dtype, scaler = utils.amp_setup(args.amp, device)
     last_path = Path(args.model_path) / f"{name}_last.pth"
 
     # ---- --resume: a pre-training <run>_last.pth continues where it stopped
@@ -484,13 +483,13 @@ def main(args):
                                     last_path if last_path.is_file() else resume_path)
             scheduler.step()
             val, saved = {}, []
-            if distributed.is_main_process():
+            if utils.is_main_process():
                 if (epoch + 1) % args.save_epoch == 0 or epoch + 1 == args.epochs:
                     path = Path(args.model_path) / f"{name}_epoch_{epoch + 1}.t"   # N = epochs done
                     saved.append(str(checkpoint.save_network(path, net)))
                 val = evaluate_perm(net, heldout, aug, args, device, amp_dtype) if heldout else {}
             pcc_from, switched = pcc_switch(pcc_from, val, epoch, args)   # before the save: a resumed run switches alike
-            if distributed.is_main_process():
+            if utils.is_main_process():
                 checkpoint.save_last(last_path, "pretrain", net, optimizer, scaler, epoch, args,
                                      state={"scheduler": scheduler.state_dict(), "global_step": log.global_step,
                                             "pcc_from": pcc_from})
@@ -499,10 +498,10 @@ def main(args):
                       f"saved {', '.join(saved + [str(last_path)])}")
                 if switched:
                     print(switched)
-            distributed.barrier()
+            utils.barrier()
     finally:
         log.close()
-        distributed.cleanup()
+        utils.cleanup()
     return log
 
 

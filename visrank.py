@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from protocols import decode_image
+from data_loader import decode_image
 
 GREEN, RED, GREY = (0, 170, 0), (215, 0, 0), (128, 128, 128)
 THUMB_H, THUMB_W, BORDER, GAP = 128, 64, 4, 8

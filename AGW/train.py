@@ -23,12 +23,11 @@ import torch.nn as nn  # noqa: E402
 
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
+import data_loader  # noqa: E402
 import datasets  # noqa: E402
-import distributed  # noqa: E402
-import pipeline  # noqa: E402
 import engine_finetune as engine  # noqa: E402
 import logger  # noqa: E402
-import runtime  # noqa: E402
+import utils  # noqa: E402
 from loss import TripletLoss, TripletLoss_WRT  # noqa: E402
 from model_agw import FEATURE_NAMES, AGWNet, add_model_args, builder  # noqa: E402
 
@@ -73,8 +72,8 @@ def main(args=None):
     if args.milestones is None:
         args.milestones = list(MILESTONES)
     resume = checkpoint.read_resume(args, build) if args.resume else None   # fails before any data work
-    device = runtime.init_device(args.gpu)
-    runtime.set_seed(args.seed + distributed.get_rank(), args.deterministic)
+    device = utils.init_device(args.gpu)
+    utils.set_seed(args.seed + utils.get_rank(), args.deterministic)
     run = engine.run_name(args, args.method)
     best_path, last_path = Path(args.model_path) / f"{run}_best.t", Path(args.model_path) / f"{run}_last.pth"
     log = logger.RunLog(args, run)
@@ -84,7 +83,7 @@ def main(args=None):
         log.open(args, device, engine.data_stats(data, testset))
         net, train_net = engine.prepare_net(build(data.num_classes), args, device)
         optimizer = engine.build_optimizer(net, args, AGWNet.NEW_MODULES)
-        _, scaler = runtime.amp_setup(args.amp, device)
+        _, scaler = utils.amp_setup(args.amp, device)
         start_epoch, best, state = 0, None, {}
         if resume:
             start_epoch, best = checkpoint.load_resume(net, args, optimizer, scaler, state, loaded=resume)
@@ -92,7 +91,7 @@ def main(args=None):
             print("note: no --resume and no --pretrained: the backbone starts from random weights")
         engine.start_log(log, start_epoch, state, data, args)
         criterion = make_criterion(args)
-        aug = pipeline.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
+        aug = data_loader.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
 
         # ---- train; test every --test_every epochs; best by FC Rank-1 (the authors' cmc_att)
         print("==> Start Training...")
@@ -103,7 +102,7 @@ def main(args=None):
             stats = engine.train_one_epoch(train_net, criterion, loader, aug, optimizer, scaler, epoch, lr,
                                            args, device, log, last_path)
             metrics = None
-            if distributed.is_main_process():
+            if utils.is_main_process():
                 if engine.test_due(epoch, args):
                     print(f"Test Epoch: {epoch}")
                     metrics = engine.evaluate(net, args, device, FEATURE_NAMES, testset, per_trial=False,
@@ -112,11 +111,11 @@ def main(args=None):
                     best = engine.update_best(best, metrics, "FC", epoch, net, best_path)
                 engine.save_epoch(net, optimizer, scaler, epoch, args, run, best, metrics, "FC", log)
                 log.epoch(epoch, time.time() - t0, train=stats, test=metrics)
-            distributed.barrier()
+            utils.barrier()
         engine.summary(best, log.t_start, best_path)
     finally:
         log.close()
-        distributed.cleanup()
+        utils.cleanup()
 
 
 if __name__ == "__main__":

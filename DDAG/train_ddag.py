@@ -32,13 +32,12 @@ import torch.nn.functional as F  # noqa: E402
 
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
+import data_loader  # noqa: E402
 import datasets  # noqa: E402
-import distributed  # noqa: E402
-import pipeline  # noqa: E402
 import engine_finetune as engine  # noqa: E402
 import logger  # noqa: E402
-import runtime  # noqa: E402
 import test_ddag  # noqa: E402
+import utils  # noqa: E402
 from cli import UserError  # noqa: E402
 from loss import TripletLoss  # noqa: E402
 from model_ddag import add_model_args, build_adjacency, builder  # noqa: E402
@@ -102,8 +101,8 @@ def main(args=None):
         args.milestones = list(MILESTONES)
     names = ("FC", "FC_att") if args.wpa else ("FC",)
     resume = checkpoint.read_resume(args, build) if args.resume else None   # fails before any data work
-    device = runtime.init_device(args.gpu)
-    runtime.set_seed(args.seed + distributed.get_rank(), args.deterministic)
+    device = utils.init_device(args.gpu)
+    utils.set_seed(args.seed + utils.get_rank(), args.deterministic)
     run = engine.run_name(args, method_name(args))
     best_path, last_path = Path(args.model_path) / f"{run}_best.t", Path(args.model_path) / f"{run}_last.pth"
     log = logger.RunLog(args, run)
@@ -113,7 +112,7 @@ def main(args=None):
         log.open(args, device, engine.data_stats(data, testset))
         net, train_net = engine.prepare_net(build(data.num_classes), args, device)
         optimizer = engine.build_optimizer(net, args, net.new_modules())
-        _, scaler = runtime.amp_setup(args.amp, device)
+        _, scaler = utils.amp_setup(args.amp, device)
         start_epoch, best, state = 0, None, {"wG": 0.0}
         if resume:
             start_epoch, best = checkpoint.load_resume(net, args, optimizer, scaler, state, loaded=resume)
@@ -121,7 +120,7 @@ def main(args=None):
             print("note: no --resume and no --pretrained: the backbone starts from random weights")
         engine.start_log(log, start_epoch, state, data, args)
         criterion = make_criterion(args, state)
-        aug = pipeline.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
+        aug = data_loader.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
 
         # ---- train; wG from each epoch's L_inst; best by the last feature's Rank-1 (FC_att)
         print("==> Start Training...")
@@ -133,7 +132,7 @@ def main(args=None):
                                            args, device, log, last_path)
             update_graph_weight(state, stats)
             metrics = None
-            if distributed.is_main_process():
+            if utils.is_main_process():
                 if engine.test_due(epoch, args):
                     print(f"Test Epoch: {epoch}")
                     metrics = engine.evaluate(net, args, device, names, testset, per_trial=False,
@@ -142,11 +141,11 @@ def main(args=None):
                     best = engine.update_best(best, metrics, names[-1], epoch, net, best_path)
                 engine.save_epoch(net, optimizer, scaler, epoch, args, run, best, metrics, names[-1], log, state)
                 log.epoch(epoch, time.time() - t0, train=stats, test=metrics)
-            distributed.barrier()
+            utils.barrier()
         engine.summary(best, log.t_start, best_path)
     finally:
         log.close()
-        distributed.cleanup()
+        utils.cleanup()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ images drawn over the 10 trials depends on it). The images themselves are random
 arrays in memory (decoding is not timed on either side: the authors' way would decode
 3,803 + 10 x 301 JPEGs, ours 3,803 + the union once).
 
-* ours (``engine_finetune.test`` minus decoding): ``protocols.sysu_gallery_trials`` (the union
+* ours (``engine_finetune.test`` minus decoding): ``data_manager.sysu_gallery_trials`` (the union
   of the 10 trial galleries + an index per trial), every query and union image through
   ``engine_finetune.extract_features`` ONCE (batched uint8 -> device normalise -> network; AMP
   and channels_last as ``--amp``/``--channels_last``: AMP default on for CUDA,
@@ -47,10 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
+import data_manager  # noqa: E402
 import datasets  # noqa: E402
 import engine_finetune  # noqa: E402
 import eval_metrics  # noqa: E402
-import protocols  # noqa: E402
 from bench import common  # noqa: E402
 from bench.bench_train import reference_to_tensor  # noqa: E402
 from eval_reference import eval_sysu_reference  # noqa: E402
@@ -127,14 +127,14 @@ def run_reference(net, root, store, args, device):
     """Query once, then per trial: gallery list, gallery features, distances, per-query
     evaluation (both features). Returns ({name: mean (cmc, mAP, mINP)}, seconds per stage)."""
     t0 = time.perf_counter()
-    q_paths, q_pids, q_cams = protocols.process_query_sysu(root, mode="all")
+    q_paths, q_pids, q_cams = data_manager.process_query_sysu(root, mode="all")
     q_feats = reference_extract(net, store.get(q_paths), 2, args, device)
     stages = {"query features": time.perf_counter() - t0, "gallery features": 0.0,
               "evaluation": 0.0}
     per_trial = {n: [] for n in FEATURE_NAMES}
     for trial in range(args.trials):
         t = time.perf_counter()
-        g_paths, g_pids, g_cams = protocols.process_gallery_sysu(root, mode="all", trial=trial)
+        g_paths, g_pids, g_cams = data_manager.process_gallery_sysu(root, mode="all", trial=trial)
         g_feats = reference_extract(net, store.get(g_paths), 1, args, device)
         t1 = time.perf_counter()
         for name, qf, gf in zip(FEATURE_NAMES, q_feats, g_feats):
@@ -152,8 +152,8 @@ def run_ours(net, root, store, args, device):
     """engine_finetune.test's path without decoding: lists, every image's features once,
     vectorised 10-trial evaluation."""
     t0 = time.perf_counter()
-    q_paths, q_pids, q_cams = protocols.process_query_sysu(root, mode="all")
-    g_paths, g_pids, g_cams, trial_index = protocols.sysu_gallery_trials(
+    q_paths, q_pids, q_cams = data_manager.process_query_sysu(root, mode="all")
+    g_paths, g_pids, g_cams, trial_index = data_manager.sysu_gallery_trials(
         root, mode="all", trials=range(args.trials))
     q_img, g_img = store.get(q_paths), store.get(g_paths)
     t1 = time.perf_counter()
@@ -225,8 +225,8 @@ def main():
         root = Path(tmp) / "SYSU-MM01"
         make_sysu_tree(root, args.num_ids, args.num_query, args.folders, args.files_per_folder,
                        args.seed)
-        q_paths, _, _ = protocols.process_query_sysu(root)
-        g_union, _, _, trial_index = protocols.sysu_gallery_trials(root, trials=range(args.trials))
+        q_paths, _, _ = data_manager.process_query_sysu(root)
+        g_union, _, _, trial_index = data_manager.sysu_gallery_trials(root, trials=range(args.trials))
         store = ImageStore(q_paths + g_union, args.img_h, args.img_w, args.seed)
 
         torch.manual_seed(args.seed)

@@ -8,7 +8,7 @@ Three parts, each measured side by side in the same process:
 1. Data pipeline: train-time augmentation of one batch of ``--aug_batch`` (64) uint8
    288x144 HWC images (always 288x144, the stored SYSU size), MMGL stripe shuffle included.
    * ours: a fancy-index read of the uint8 rows (what ``make_loader`` does), the uint8 batch
-     to the device, ``pipeline.DeviceAugment`` with a permutation per image;
+     to the device, ``data_loader.DeviceAugment`` with a permutation per image;
    * reference: the authors' per-image PIL pipeline, written here without torchvision:
      ``Image.fromarray`` -> pad 10 black (``ImageOps.expand``) -> random crop -> random
      horizontal flip (``Image.transpose``) -> float tensor /255 CHW -> ImageNet normalise ->
@@ -66,10 +66,10 @@ sys.path.insert(0, str(ROOT))
 import cli  # noqa: E402
 import engine_finetune  # noqa: E402
 import logger  # noqa: E402
-import runtime  # noqa: E402
 import train  # noqa: E402  (the top-level MMGL train.py; AGW/train.py is loaded by path below)
+import utils  # noqa: E402
 from bench import common  # noqa: E402
-from pipeline import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, IdentitySampler,  # noqa: E402
+from data_loader import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, IdentitySampler,  # noqa: E402
                          UnpairedSampler, make_loader, random_perms)
 from loss import TripletLoss_WRT  # noqa: E402
 from model import MMGLNet  # noqa: E402
@@ -332,7 +332,7 @@ def bench_mmgl(args, device, rows, extra):
     lr = args.lr * train.lr_at(0, ours_args)                # epoch 0 of the warm-up
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     ref_opt = torch.optim.SGD(ref_net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    _, scaler = runtime.amp_setup(ours_args.amp, device)       # as train.main does
+    _, scaler = utils.amp_setup(ours_args.amp, device)       # as train.main does
     aug = DeviceAugment(args.img_h, args.img_w, device=device)
     log = logger.RunLog(ours_args, "bench", outputs=False)   # prints only (its lines are discarded)
     epoch = [0]
@@ -416,7 +416,7 @@ def bench_agw(args, device, rows, extra):
     ref_opt = engine_finetune.build_optimizer(ref_net, fargs, AGWNet.NEW_MODULES)
     lr = engine_finetune.adjust_learning_rate(opt, 0, fargs)
     engine_finetune.adjust_learning_rate(ref_opt, 0, fargs)
-    amp_dtype, scaler = runtime.amp_setup(fargs.amp, device)
+    amp_dtype, scaler = utils.amp_setup(fargs.amp, device)
     criterion = agw.make_criterion(fargs)
     aug = DeviceAugment(args.img_h, args.img_w, pad=PAD, device=device)
     epoch = [0]

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, random_perms  # noqa: E402
+from data_loader import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, random_perms  # noqa: E402
 
 
 def draws(b, h, w, aug, k=None, seed=0):

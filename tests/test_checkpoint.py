@@ -17,7 +17,7 @@ import checkpoint  # noqa: E402
 import datasets  # noqa: E402
 import engine_finetune  # noqa: E402
 import logger  # noqa: E402
-import runtime  # noqa: E402
+import utils  # noqa: E402
 from cli import UserError  # noqa: E402
 
 TINY = ["--arch", "resnet18", "--img_h", "96", "--img_w", "48", "--gpu", "cpu", "--workers", "0",
@@ -81,7 +81,7 @@ def test_old_fine_tuning_last_file_resumes(tmp_path):
     opt = engine_finetune.build_optimizer(net, args, AGWNet.NEW_MODULES)
     best = {"epoch": 2, "rank1": 0.5, "feature": "FC", "mAP": 0.4, "mINP": 0.3}
     torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scaler": {}, "epoch": 3,
-                "best": best, "rng": runtime.get_rng_state(), "state": {"wG": 0.25}, "args": {}},
+                "best": best, "rng": utils.get_rng_state(), "state": {"wG": 0.25}, "args": {}},
                tmp_path / "x_last.pth")
     other = AGWNet(5, arch="resnet18")
     opt2 = engine_finetune.build_optimizer(other, args, AGWNet.NEW_MODULES)

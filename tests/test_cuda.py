@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import checkpoint  # noqa: E402
-from pipeline import DeviceAugment  # noqa: E402
+from data_loader import DeviceAugment  # noqa: E402
 from test_augment import draws  # noqa: E402
 from test_ddp import free_port  # noqa: E402
 

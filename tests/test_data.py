@@ -1,7 +1,7 @@
 """Synthetic datasets, SYSU-MM01 preprocessing and the evaluation file lists.
 
 Everything runs on small synthetic sets written to tmp folders through the real code
-paths (the generator, the pre_process_sysu.py script in a subprocess, protocols). The
+paths (the generator, the pre_process_sysu.py script in a subprocess, data_manager). The
 gallery draw is checked against an independent, deliberately naive implementation of the
 published protocol (global ``random.seed(trial)`` + ``random.choice`` in nested loops).
 """
@@ -18,7 +18,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import protocols as dm  # noqa: E402
+import data_loader  # noqa: E402
+import data_manager as dm  # noqa: E402
 from pre_process_sysu import preprocess_sysu  # noqa: E402
 from tools.make_synthetic import _split_counts, make_regdb, make_sysu  # noqa: E402
 from conftest import run_script  # noqa: E402
@@ -242,13 +243,13 @@ def test_preprocess_corrupt_image_and_skip_bad(tiny):
     kept = [f for p in sorted(train + ids_of(tiny, "val")) for c in RGB_CAMS
             for f in folder_files(tiny, c, p) if f != str(garbage)]
     rgb = np.load(tiny / "train_rgb_resized_img.npy")
-    assert np.array_equal(rgb, np.stack([dm.decode_image(f) for f in kept]))
+    assert np.array_equal(rgb, np.stack([data_loader.decode_image(f) for f in kept]))
     assert np.load(tiny / "train_rgb_resized_cam.npy").tolist() == \
         [int(Path(f).parts[-3][3:]) for f in kept]
     assert np.load(tiny / "train_ir_resized_img.npy", mmap_mode="r").shape == (n_ir - 1, 288, 144, 3)
 
     with pytest.raises(UserError, match="9999.jpg"):
-        dm.load_images([good, str(garbage)], workers=2)
+        data_loader.load_images([good, str(garbage)], workers=2)
 
 
 def test_bad_flags_of_the_data_tools_are_one_error_line(tmp_path):
@@ -348,10 +349,10 @@ def test_regdb_lists_and_grey_thermal(tmp_path):
             assert not test_pids & train_pids and len(test_pids | train_pids) == 8
         assert by_label["visible"] == by_label["thermal"]   # label k is one person
     paths, _ = dm.process_test_regdb(root, 1, "thermal")
-    imgs = dm.load_images(paths[:5], img_w=64, img_h=128, workers=2)
+    imgs = data_loader.load_images(paths[:5], img_w=64, img_h=128, workers=2)
     assert imgs.shape == (5, 128, 64, 3) and imgs.dtype == np.uint8
     assert np.array_equal(imgs[..., 0], imgs[..., 1]) and np.array_equal(imgs[..., 1], imgs[..., 2])
-    vis = dm.load_images(dm.process_test_regdb(root, 1, "visible")[0][:5])
+    vis = data_loader.load_images(dm.process_test_regdb(root, 1, "visible")[0][:5])
     assert vis.shape == (5, 288, 144, 3) and not np.array_equal(vis[..., 0], vis[..., 1])
     with pytest.raises(UserError, match="test_thermal_11.txt"):
         dm.process_test_regdb(root, 11, "thermal")

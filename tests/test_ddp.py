@@ -17,7 +17,7 @@ from conftest import SMALL_ARGS, SMALL_H, SMALL_W
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import IdentitySampler, UnpairedSampler  # noqa: E402
+from data_loader import IdentitySampler, UnpairedSampler  # noqa: E402
 
 
 def free_port():

@@ -185,7 +185,7 @@ def _random_case(rng, num_q, num_g, num_ids, sorted_gallery):
     q_pids = rng.integers(0, num_ids, num_q)
     g_pids = rng.integers(0, num_ids, num_g)
     g_cams = rng.choice([1, 2, 4, 5], num_g)
-    if sorted_gallery:               # stored id by id, like protocols's galleries
+    if sorted_gallery:               # stored id by id, like data_manager's galleries
         order = np.lexsort((g_cams, g_pids))
         g_pids, g_cams = g_pids[order], g_cams[order]
     q_cams = rng.choice([3, 6], num_q)

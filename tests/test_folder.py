@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import datasets  # noqa: E402
-from pipeline import PreprocessedData, UnionData  # noqa: E402
-from protocols import list_folder_images, load_images, read_folder_heldout  # noqa: E402
+from data_loader import PreprocessedData, UnionData, load_images  # noqa: E402
+from data_manager import list_folder_images, read_folder_heldout  # noqa: E402
 
 RUN = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "--gpu", "cpu",
        "--workers", "0", "--batch-size", "8", "--warmup_epochs", "0", "--iters_per_epoch", "3",

@@ -1,4 +1,4 @@
-"""LLCM: the synthetic generator, the protocols lists and the LLCM evaluation.
+"""LLCM: the synthetic generator, the data_manager lists and the LLCM evaluation.
 
 The query and gallery lists are checked against an independent, deliberately naive
 reading of the DEEN authors' protocol (global ``random.seed(trial)`` + ``random.choice``
@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import datasets  # noqa: E402
-import protocols as dm  # noqa: E402
+import data_loader  # noqa: E402
+import data_manager as dm  # noqa: E402
 from eval_metrics import eval_llcm, eval_sysu, evaluate_trials  # noqa: E402
 from tools.make_synthetic import main as make_synthetic_main  # noqa: E402
 from tools.make_synthetic import make_llcm  # noqa: E402
@@ -158,7 +159,7 @@ def test_llcm_layout_and_quirks(llcm):
         assert paths == [str(root / ln.split(" ")[0]) for ln in lines]
         assert labs.dtype == np.int64 and labs.tolist() == [int(ln.split(" ")[1]) for ln in lines]
 
-    imgs = dm.load_images(paths[:3], img_w=48, img_h=96)     # near-infrared: grey
+    imgs = data_loader.load_images(paths[:3], img_w=48, img_h=96)     # near-infrared: grey
     assert imgs.shape == (3, 96, 48, 3)
     assert np.array_equal(imgs[..., 0], imgs[..., 1]) and np.array_equal(imgs[..., 1], imgs[..., 2])
 
@@ -251,7 +252,7 @@ def test_llcm_bad_inputs(tiny, tmp_path):
     # an unreadable image
     paths = dm.process_query_llcm(tiny, "ir2vis")[0]
     Path(paths[1]).write_bytes(b"not a jpeg" * 30)
-    one_line_error(lambda: dm.load_images(paths[:3]), "cannot read image", paths[1])
+    one_line_error(lambda: data_loader.load_images(paths[:3]), "cannot read image", paths[1])
 
     # a garbled, then missing training list; a missing split file
     train_nir = tiny / "idx" / "train_nir.txt"

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import datasets  # noqa: E402
-from pipeline import DeviceAugment, PreprocessedData, random_perms  # noqa: E402
+from data_loader import DeviceAugment, PreprocessedData, random_perms  # noqa: E402
 from model import TwoStreamBackbone  # noqa: E402
 
 TINY = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "--gpu", "cpu",
@@ -235,8 +235,8 @@ def test_heldout_set_is_test_ids_only_and_evaluation_is_deterministic(sysu_small
     val_id), drawn and permuted the same way every time; one checkpoint evaluated twice
     gives identical numbers, and the numbers are those of the Hungarian decoding of the
     noise-free logits of exactly those images and permutations."""
-    from pipeline import PermHeldout
-    from protocols import sysu_split_ids
+    from data_loader import PermHeldout
+    from data_manager import sysu_split_ids
     from loss import perm_accuracy
     from model import MMGLNet
     from train import evaluate_perm, get_args_parser

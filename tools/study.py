@@ -39,7 +39,7 @@ import checkpoint  # noqa: E402
 import logger  # noqa: E402
 from cli import REPO_ROOT, ArgumentParser, UserError, cli  # noqa: E402
 from loss import TripletLoss, TripletLoss_WRT, pdist  # noqa: E402
-from pipeline import DeviceAugment, IdentitySampler, PreprocessedData, make_loader  # noqa: E402
+from data_loader import DeviceAugment, IdentitySampler, PreprocessedData, make_loader  # noqa: E402
 
 # name -> (train.py flags, label in tables and plots)
 # Every PCC reading spelled out, so a configuration means the same run whatever the
@@ -93,6 +93,14 @@ PRETRAIN = {
     "stripes_k6_start10": (S + FIRST + ["--pcc_start_epoch", "10"], "stripes, PCC switched on at epoch 10"),
     "stripes_k6_ramp10": (S + FIRST + ["--pcc_ramp_epochs", "10"],
                           "stripes, PCC weight ramped 0 -> 0.5 over 10 epochs"),
+    # the paper's backbone (run with --arch resnet50): the default spelled out, one-stream beside it
+    "gap_k6_default_one": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one"],
+                           "GAP, K=6, default PCC, one-stream"),
+    # the figure's own PCC (q_i with its soft neighbours from both modalities) on the paper's head,
+    # the permutation MSE summed per K x K matrix; seeds 0 and 1
+    "gap_k6_pair_matrix": (FIRST + ["--perm_reduction", "matrix"], "GAP, K=6, the figure's PCC, MSE per matrix"),
+    "gap_k6_pair_matrix_seed1": (FIRST + ["--perm_reduction", "matrix", "--seed", "1"],
+                                 "GAP, K=6, the figure's PCC, MSE per matrix, seed 1"),
     "stripes_k6_default": (S, "stripes, PCC default (same-part mutual-NN, on at stripe acc 2x chance)"),
     # the paper's transfer and data-efficiency claims: the default configuration on other
     # data, each for the SAME steps (--steps_per_epoch) as the default on the study's SYSU-MM01
@@ -109,7 +117,10 @@ SCREEN = ("stripes_k6_nopcc,stripes_k6_cw0,stripes_k6_pcc,stripes_k6_mlp,stripes
           "stripes_k6_part_orig_mlp,stripes_k6_separate,stripes_k6_start10,stripes_k6_ramp10,"
           "stripes_k6_mutual_part_orig,stripes_k6_default,stripes_k6_mse_matrix,stripes_k6_mutual_part_orig_mse_matrix,"
           "gap_k6_mutual_part_orig_start10")
-SIZE = ["--img_h", "96", "--img_w", "48"]
+
+def size(args):
+    """The study's image size and backbone: 96x48 ResNet-18 unless --img_h/--img_w/--arch say."""
+    return ["--img_h", str(args.img_h), "--img_w", str(args.img_w), "--arch", args.arch]
 
 
 def get_args_parser():
@@ -118,6 +129,9 @@ def get_args_parser():
     p.add_argument("--num_ids", default=60, type=int, help="identities of the synthetic set (60: 42 "
                    "training and 18 test ids)")
     p.add_argument("--data_seed", default=0, type=int)
+    p.add_argument("--arch", default="resnet18", help="backbone of every run (resnet18 | resnet50)")
+    p.add_argument("--img_h", default=96, type=int, help="image height of the preprocessed set and every run")
+    p.add_argument("--img_w", default=48, type=int, help="image width")
     p.add_argument("--epochs", default=30, type=int, help="pre-training epochs of every configuration")
     p.add_argument("--batch-size", dest="batch_size", default=16, type=int,
                    help="pre-training images per modality per step")
@@ -188,7 +202,7 @@ def prepare_data(out, args, dataset="sysu"):
     py = sys.executable
     run([py, "tools/make_synthetic.py", "--dataset", dataset, "--out", str(data), "--num_ids",
          str(args.num_ids), "--seed", str(args.data_seed + seed)], out / "data.log", args)
-    run([py, "pre_process_sysu.py", "--dataset", dataset, "--data_path", str(data), *SIZE, "--workers",
+    run([py, "pre_process_sysu.py", "--dataset", dataset, "--data_path", str(data), *size(args)[:4], "--workers",
          str(args.jobs)], out / "data.log", args)
     return data
 
@@ -203,8 +217,8 @@ def pretrain_jobs(out, data, args, names):
         if LLCM_DATA in flags:
             flags = [str(prepare_data(out, args, "llcm")) if f == LLCM_DATA else f for f in flags]
         flags = [str(args.steps_per_epoch) if f == STEPS else f for f in flags]
-        cmd = [sys.executable, "train.py", "--dataset", "sysu", "--data_path", str(data), *SIZE,
-               "--arch", "resnet18", "--batch-size", str(args.batch_size), "--lr", "0.1",
+        cmd = [sys.executable, "train.py", "--dataset", "sysu", "--data_path", str(data), *size(args),
+               "--batch-size", str(args.batch_size), "--lr", "0.1",
                "--warmup_epochs", "1", "--epochs", str(args.epochs), "--save_epoch", str(args.epochs),
                "--print_freq", "1000", "--workers", "0", "--gpu", args.gpu,
                "--model_path", str(d), "--log_path", str(d / "log"), "--vis_log_path", str(d / "vis"),
@@ -241,8 +255,8 @@ def finetune_jobs(out, data, inits, args):
                 d = out / method / f"{init}_seed{seed}"
                 if len(read_jsonl(next(iter(d.glob("log/*.jsonl")), d / "none"))) >= args.ft_epochs:
                     continue
-                cmd = [sys.executable, script, "--dataset", "sysu", "--data_path", str(data), *SIZE,
-                       "--arch", "resnet18", "--lr", "0.1", "--epochs", str(args.ft_epochs),
+                cmd = [sys.executable, script, "--dataset", "sysu", "--data_path", str(data), *size(args),
+                       "--lr", "0.1", "--epochs", str(args.ft_epochs),
                        "--warmup_epochs", "0", "--test_every", "2", "--print_freq", "1000",
                        "--workers", "0", "--gpu", args.gpu, "--seed", str(seed),
                        "--model_path", str(d), "--log_path", str(d / "log"), "--vis_log_path", str(d / "vis")]
@@ -262,7 +276,7 @@ def finetune_jobs(out, data, inits, args):
 
 
 # ----------------------------------------------------------------------------- feature scale
-def feature_scale(ckpts, data, batches=4):
+def feature_scale(ckpts, data, batches=4, arch="resnet18"):
     """The first AGW step from each of ``ckpts`` ({name: path}) and from random weights,
     without training: mean over
     ``batches`` identity batches (8 ids x 4 RGB + 4 IR, train-time augmentation, BN in train
@@ -279,7 +293,7 @@ def feature_scale(ckpts, data, batches=4):
     res = {}
     for init in [*ckpts, "random"]:
         torch.manual_seed(0)
-        net = agw.AGWNet(train.num_classes, arch="resnet18")
+        net = agw.AGWNet(train.num_classes, arch=arch)
         if init != "random":
             checkpoint.load_backbone(net, checkpoint.load(ckpts[init]), log=lambda *_: None, source=str(ckpts[init]))
         net.train()
@@ -541,7 +555,7 @@ def report(out, pre, chosen, args):
                       "standard error, then each seed).", ""] + claims
         # the chosen checkpoint, every other finished K=6 one, and random weights
         ckpts = {n: r["ckpt"] for n, r in pre.items() if r["ckpt"] and "_k6_" in n}
-        scale = feature_scale(ckpts, out / "data" / "SYSU-MM01")
+        scale = feature_scale(ckpts, out / "data" / "SYSU-MM01", arch=args.arch)
         # a run whose checkpoint was not kept keeps the row measured while it was there
         old = out / "feature_scale.json"
         kept = json.loads(old.read_text()) if old.is_file() else {}

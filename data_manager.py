@@ -1,6 +1,8 @@
-"""File lists of the evaluation protocols (SYSU-MM01 and LLCM query/gallery, RegDB and
-LLCM idx files) and the ONE image decode/resize routine, shared by ``pre_process_sysu.py``
-and test-time loading.
+"""The evaluation protocols' file lists, as in the AGW authors' ``data_manager.py``:
+SYSU-MM01 queries and gallery draws (``process_query_sysu``, ``process_gallery_sysu``),
+RegDB's idx files (``process_test_regdb``), LLCM's query/gallery draws, the training lists
+of RegDB and LLCM, and the folder layout of your own images. Paths, identities and cameras
+only: images are decoded in ``data_loader.py``.
 
 The SYSU-MM01 gallery is drawn exactly as the published protocol does: the Python
 ``random`` stream seeded by the trial number, one ``choice`` per (test id, RGB camera) in
@@ -8,15 +10,11 @@ sorted-id / camera-list order. Reproducing that draw order is what makes "trial 
 same gallery that every published SYSU-MM01 number was measured on. The LLCM gallery is
 drawn by the same routine: its authors reused the SYSU-MM01 protocol code.
 """
-import ctypes
 import os
 import random
-import signal
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from cli import UserError, choice_check
 
@@ -374,70 +372,3 @@ def read_folder_heldout(data_path):
                             f"--data_path {root}")
         lists[m] = [str(root / line) for line in f.read_text().splitlines() if line.strip()]
     return lists
-
-
-# ----------------------------------------------------------------------------- images
-def decode_image(path, img_w=144, img_h=288):
-    """Decode one image fully, convert to RGB (grey 'L' thermal images become three equal
-    channels) and resize to ``img_w`` x ``img_h`` with LANCZOS (the high-quality filter
-    that replaced Pillow's ANTIALIAS). -> uint8 [img_h, img_w, 3].
-
-    A missing, corrupt or truncated file raises :class:`UserError` naming it: Pillow
-    refuses truncated data by default, so nothing half-decoded is ever kept."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")  # convert() forces the full decode
-        im = im.resize((img_w, img_h), Image.Resampling.LANCZOS)
-        return np.asarray(im, dtype=np.uint8)
-    except Exception as e:  # PIL raises OSError/ValueError/SyntaxError/DecompressionBomb...
-        msg = str(e).replace(str(path), "").strip(" '\":") or type(e).__name__
-        raise UserError(f"cannot read image {path}: {msg}") from None
-
-
-def _decode_or_error(task):
-    """Pool worker: (array, None) or (None, error message); never raises, so one bad file
-    neither kills the pool nor hides which file it was."""
-    path, img_w, img_h = task
-    try:
-        return decode_image(path, img_w, img_h), None
-    except UserError as e:
-        return None, str(e)
-
-
-def _die_with_parent():
-    """Pool worker initialiser: on Linux, ask the kernel to SIGTERM this worker when its
-    parent dies (even by SIGKILL), so no decoder outlives the preprocessing it served."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return  # not Linux/glibc: the pool's own shutdown still ends the workers normally
-    if os.getppid() == 1:   # the parent died before the request took effect
-        os._exit(1)
-
-
-def iter_decoded(paths, img_w=144, img_h=288, workers=0):
-    """Yield ``(array or None, error or None)`` for each path, in order. ``workers`` > 0
-    decodes in that many processes (JPEG decode + LANCZOS are CPU-bound)."""
-    tasks = [(str(p), img_w, img_h) for p in paths]
-    if workers and workers > 0 and len(tasks) > 1:
-        chunk = max(1, min(64, len(tasks) // (workers * 4)))
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent)
-        try:
-            yield from pool.map(_decode_or_error, tasks, chunksize=chunk)
-        finally:
-            # A consumer that stops early (first bad file) should not wait for the rest.
-            pool.shutdown(wait=True, cancel_futures=True)
-    else:
-        for t in tasks:
-            yield _decode_or_error(t)
-
-
-def load_images(paths, img_w=144, img_h=288, workers=0):
-    """Decode and resize ``paths`` -> uint8 [N, img_h, img_w, 3] (RGB; grey images give
-    three equal channels). An unreadable file raises :class:`UserError` naming it."""
-    out = np.empty((len(paths), img_h, img_w, 3), dtype=np.uint8)
-    for i, (arr, err) in enumerate(iter_decoded(paths, img_w, img_h, workers)):
-        if err is not None:
-            raise UserError(err)
-        out[i] = arr
-    return out

@@ -1,4 +1,4 @@
-"""The input pipeline: the preprocessed training arrays (SYSU-MM01, LLCM, your folder; memory-mapped), RegDB from its idx files, the
+"""Datasets and loading, as in the AGW authors' ``data_loader.py``: the preprocessed training arrays (SYSU-MM01, LLCM, your folder; memory-mapped), RegDB from its idx files, the
 samplers (unpaired RGB/IR for MMGL, identity-balanced for AGW/DDAG) and the ONE
 augmentation module, which runs batched on the training device.
 
@@ -8,15 +8,20 @@ fancy-index read per batch), the batch travels to the device as uint8 (4x fewer 
 float32, pinned for an async copy), and pad/crop/flip/normalise/stripe-shuffle are a few
 batched tensor ops there.
 """
+import ctypes
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cli import UserError, check_stripes
-from distributed import get_rank, get_world_size
-from protocols import load_images, read_regdb_train
+from data_manager import read_regdb_train
+from utils import get_rank, get_world_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -446,3 +451,70 @@ class DeviceAugment:
             out[i].copy_(crop.flip(1) if flip[i] else crop)
             self._normalize_(out[i])
         return out.permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------- images
+def decode_image(path, img_w=144, img_h=288):
+    """Decode one image fully, convert to RGB (grey 'L' thermal images become three equal
+    channels) and resize to ``img_w`` x ``img_h`` with LANCZOS (the high-quality filter
+    that replaced Pillow's ANTIALIAS). -> uint8 [img_h, img_w, 3].
+
+    A missing, corrupt or truncated file raises :class:`UserError` naming it: Pillow
+    refuses truncated data by default, so nothing half-decoded is ever kept."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # convert() forces the full decode
+        im = im.resize((img_w, img_h), Image.Resampling.LANCZOS)
+        return np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # PIL raises OSError/ValueError/SyntaxError/DecompressionBomb...
+        msg = str(e).replace(str(path), "").strip(" '\":") or type(e).__name__
+        raise UserError(f"cannot read image {path}: {msg}") from None
+
+
+def _decode_or_error(task):
+    """Pool worker: (array, None) or (None, error message); never raises, so one bad file
+    neither kills the pool nor hides which file it was."""
+    path, img_w, img_h = task
+    try:
+        return decode_image(path, img_w, img_h), None
+    except UserError as e:
+        return None, str(e)
+
+
+def _die_with_parent():
+    """Pool worker initialiser: on Linux, ask the kernel to SIGTERM this worker when its
+    parent dies (even by SIGKILL), so no decoder outlives the preprocessing it served."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux/glibc: the pool's own shutdown still ends the workers normally
+    if os.getppid() == 1:   # the parent died before the request took effect
+        os._exit(1)
+
+
+def iter_decoded(paths, img_w=144, img_h=288, workers=0):
+    """Yield ``(array or None, error or None)`` for each path, in order. ``workers`` > 0
+    decodes in that many processes (JPEG decode + LANCZOS are CPU-bound)."""
+    tasks = [(str(p), img_w, img_h) for p in paths]
+    if workers and workers > 0 and len(tasks) > 1:
+        chunk = max(1, min(64, len(tasks) // (workers * 4)))
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent)
+        try:
+            yield from pool.map(_decode_or_error, tasks, chunksize=chunk)
+        finally:
+            # A consumer that stops early (first bad file) should not wait for the rest.
+            pool.shutdown(wait=True, cancel_futures=True)
+    else:
+        for t in tasks:
+            yield _decode_or_error(t)
+
+
+def load_images(paths, img_w=144, img_h=288, workers=0):
+    """Decode and resize ``paths`` -> uint8 [N, img_h, img_w, 3] (RGB; grey images give
+    three equal channels). An unreadable file raises :class:`UserError` naming it."""
+    out = np.empty((len(paths), img_h, img_w, 3), dtype=np.uint8)
+    for i, (arr, err) in enumerate(iter_decoded(paths, img_w, img_h, workers)):
+        if err is not None:
+            raise UserError(err)
+        out[i] = arr
+    return out
