@@ -25,7 +25,9 @@ Three parts, each measured side by side in the same process:
    network and loss from per-image PIL transforms (stripe shuffle per image in the dataset,
    the RGB and IR image of a pair sharing the permutation) in a DataLoader with
    ``--workers`` processes, in fp32, reading the loss with ``.item()`` every step as the
-   authors' meters do.
+   authors' meters do. Neither side runs the gradient-cosine diagnostic (``--no-diag``) or
+   the Hungarian decoding of the batch's permutation accuracy that ``train_one_epoch`` does
+   at print steps (:class:`_NoDecodeLog` drops it): both time the same training work.
 3. AGW fine-tuning step. Ours is the engine's ``engine_finetune.train_one_epoch`` with AGW's own
    ``make_criterion`` (AGW/train.py: CE + WRT triplet on ``model_agw.AGWNet``); the reference
    is the authors' loop over per-image PIL transforms of identity-sampled pairs, fp32, same
@@ -37,7 +39,11 @@ torch's default thread count oversubscribes the cores and the timings swing by s
 Images are random uint8 (content does not change the cost). Each part alternates ours and
 the reference ``--repeat`` times and keeps the best of each (robust to other load on a
 shared machine); the reference's DataLoader is created afresh for each repeat and shut down
-before ours runs, and its first ``--warmup`` steps (worker start-up) are not timed. On CUDA
+before ours runs, and its first ``--warmup`` steps (worker start-up) are not timed. Each
+side COUNTS the steps and images it runs (ours: its loader hands a batch to the counter once
+the training loop is done with it; the reference: its step function), a timed run that did
+not run exactly ``--steps`` steps stops the bench, and every rate is the counted images (or
+steps) over the measured seconds; the rows print the counts. On CUDA
 the peak GPU memory of each training step and the projected time of 100 SYSU-MM01 epochs
 (22,258 RGB images) at the measured rate are printed too.
 
@@ -45,6 +51,7 @@ The last line is the headline: on CUDA the pre-training step throughput; on the 
 data pipeline (there, network compute dominates both training steps equally, so their
 ratio says little about the pipeline).
 """
+import collections
 import contextlib
 import gc
 import importlib.util
@@ -179,34 +186,65 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-class _First:
-    """The first ``n`` batches of a loader, with ``len`` (the engine's loop takes len())."""
+# One timed run: its seconds and what it COUNTED running in them (the rates divide by these).
+Timing = collections.namedtuple("Timing", "seconds steps images")
 
-    def __init__(self, loader, n):
-        self.loader, self.n = loader, n
+
+class StepCount:
+    """The steps and images one side of a comparison has run. Ours: :class:`_Counted` adds a
+    batch once the training loop is done with it; the reference: its step function adds at
+    its end. A timed run's rate is its counted images (steps) over its seconds."""
+
+    def __init__(self):
+        self.steps = self.images = 0
+
+    def add(self, images):
+        self.steps += 1
+        self.images += int(images)
+
+
+def _measure(count, fn, device):
+    """Run ``fn()`` between two device syncs: a :data:`Timing` of what ``count`` gained."""
+    steps, images = count.steps, count.images
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return Timing(time.perf_counter() - t, count.steps - steps, count.images - images)
+
+
+class _Counted:
+    """A loader (its first ``n`` batches when ``n`` is given) with ``len`` (the engines' loops
+    take len()), adding each (RGB, IR, ...) batch to ``count`` when the loop comes back for
+    the next one or ends, i.e. once the step on that batch is done."""
+
+    def __init__(self, loader, count, n=None):
+        self.loader, self.count = loader, count
+        self.n = len(loader) if n is None else min(n, len(loader))
 
     def __len__(self):
         return self.n
 
     def __iter__(self):
-        return itertools.islice(iter(self.loader), self.n)
+        for batch in itertools.islice(iter(self.loader), self.n):
+            yield batch
+            self.count.add(len(batch[0]) + len(batch[1]))
 
 
-def _timed_reference(make_iter, step, warmup, steps, device):
-    """Seconds for ``steps`` reference steps after ``warmup`` untimed ones (worker start-up,
-    first-batch latency) on a fresh loader, whose workers are shut down before returning."""
-    it = make_iter()
+def _timed_reference(make_iter, step, warmup, steps, device, count):
+    """:data:`Timing` of ``steps`` reference steps after ``warmup`` untimed ones (worker
+    start-up, first-batch latency) on a fresh loader, whose workers are shut down before
+    returning; ``step`` adds each step it runs to ``count``."""
+    it = [make_iter()]   # a list, so that `finally` drops the loader's only reference
+
+    def run(n):
+        for _ in range(n):
+            step(next(it[0]))
     try:
-        for _ in range(warmup):
-            step(next(it))
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            step(next(it))
-        _sync(device)
-        return time.perf_counter() - t
+        run(warmup)
+        return _measure(count, lambda: run(steps), device)
     finally:
-        del it
+        it.clear()
         gc.collect()
 
 
@@ -281,10 +319,12 @@ def bench_augment(args, device, rows):
     if args.workers > 0:
         n_batches = max(1, args.warmup) + args.aug_repeat
         order = rng.integers(0, len(images), n_batches * n_img)
-        secs = _timed_reference(
+        count = StepCount()
+        timing = _timed_reference(
             lambda: iter(_ref_loader(RefAugData(images, order, k), n_img, args.workers, device)),
-            lambda b: b, max(1, args.warmup), args.aug_repeat, device)
-        loader_ips = args.aug_repeat * n_img / secs
+            lambda b: count.add(len(b)), max(1, args.warmup), args.aug_repeat, device, count)
+        _check_count("augment: reference DataLoader", timing, args.aug_repeat, n_img)
+        loader_ips = timing.images / timing.seconds
         if device.type == "cpu":
             torch.set_num_threads(args.workers)
             ours_n, = best_of([ours])
@@ -303,10 +343,27 @@ def bench_augment(args, device, rows):
 
 
 # ============================================================================ part 2: MMGL step
+# What the MMGL step comparison leaves out on BOTH sides (printed with its row): the gradient
+# cosine diagnostic (--diag, on an epoch's last step) and the Hungarian decoding of the batch's
+# permutation accuracy (at print steps: an epoch's first and last), which train_one_epoch
+# would run in every timed run here (each is one short epoch); the reference never runs them.
+MMGL_WORK = "diagnostics and decoding off on both sides"
+
+
+class _NoDecodeLog(logger.RunLog):
+    """The run log of our MMGL side: ``train_one_epoch`` hands ``log_every`` its print-step
+    extra (the Hungarian decoding of the batch's permutation accuracy), which this log drops;
+    the NaN watch and the meter read at the last step stay (one host sync per run)."""
+
+    def log_every(self, loader, epoch, meter, lr, images_per_step, watch=None, last_good=None,
+                  at_print=None):
+        return super().log_every(loader, epoch, meter, lr, images_per_step, watch, last_good)
+
+
 def _mmgl_args(args, steps):
     argv = ["--arch", args.arch, "--img_h", str(args.img_h), "--img_w", str(args.img_w),
             "--batch-size", str(args.batch_size), "--num_stripe", str(args.num_stripe),
-            "--gpu", "cpu" if args.device == "cpu" else "0", "--workers", "0",
+            "--gpu", "cpu" if args.device == "cpu" else "0", "--workers", "0", "--no-diag",
             "--iters_per_epoch", str(steps), "--print_freq", "1000000", "--seed", str(args.seed)]
     argv += ["--amp"] if args.amp else []
     argv += ["--channels_last"] if args.channels_last else ["--no-channels_last"]
@@ -315,8 +372,7 @@ def _mmgl_args(args, steps):
 
 def bench_mmgl(args, device, rows, extra):
     B, steps, warmup = args.batch_size, args.steps, args.warmup
-    # enough images for one epoch of (warmup or steps) + 1 batches (the loop fetches one
-    # batch past its last step)
+    # a few batches' worth of images; both samplers are cut to the asked number of steps
     data = RandomData((max(warmup, steps) + 2) * B, args.img_h, args.img_w, num_ids=8, seed=args.seed)
     ours_args = _mmgl_args(args, steps)
     ref_args = _mmgl_args(args, steps)
@@ -334,21 +390,22 @@ def bench_mmgl(args, device, rows, extra):
     ref_opt = torch.optim.SGD(ref_net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     _, scaler = utils.amp_setup(ours_args.amp, device)       # as train.main does
     aug = DeviceAugment(args.img_h, args.img_w, device=device)
-    log = logger.RunLog(ours_args, "bench", outputs=False)   # prints only (its lines are discarded)
+    log = _NoDecodeLog(ours_args, "bench", outputs=False)   # prints only (its lines are discarded)
     epoch = [0]
+    ours_count, ref_count = StepCount(), StepCount()
 
     def ours(n):
+        # an epoch of exactly n steps, as train.main builds it from --iters_per_epoch
         ours_args.iters_per_epoch = n
-        sampler = UnpairedSampler(data.rgb_pool, data.ir_pool, B, seed=args.seed, epoch=epoch[0])
-        loader = make_loader(data, sampler, workers=0, pin_memory=device.type == "cuda")
+        sampler = UnpairedSampler(data.rgb_pool, data.ir_pool, B, seed=args.seed, epoch=epoch[0],
+                                  steps=n)
+        loader = _Counted(make_loader(data, sampler, workers=0, pin_memory=device.type == "cuda"),
+                          ours_count)
         epoch[0] += 1
-        _sync(device)
-        t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):     # its per-epoch progress line
             # pcc_from 0: PCC on, as in every step after the switch (the steps it costs most)
-            train.train_one_epoch(net, loader, opt, scaler, aug, 0, ours_args, device, log, 0, None)
-        _sync(device)
-        return time.perf_counter() - t
+            return _measure(ours_count, lambda: train.train_one_epoch(
+                net, loader, opt, scaler, aug, 0, ours_args, device, log, 0, None), device)
 
     def ref_step(batch):
         x_rgb, x_ir, perms = (t.to(device, non_blocking=True) for t in batch)
@@ -358,18 +415,17 @@ def bench_mmgl(args, device, rows, extra):
         losses["loss"].backward()
         ref_opt.step()
         losses["loss"].item()
+        ref_count.add(len(x_rgb) + len(x_ir))
 
     def reference():
         sampler = UnpairedSampler(np.arange(len(data.rgb_img)), np.arange(len(data.ir_img)), B,
-                                  seed=args.seed + 1)
-        pairs, need = _pairs(sampler), (warmup + steps) * B
-        pairs = (pairs * -(-need // len(pairs)))[:need]
-        ds = RefPairData(data, pairs, args.img_h, args.img_w, args.num_stripe)
+                                  seed=args.seed + 1, steps=warmup + steps)
+        ds = RefPairData(data, _pairs(sampler), args.img_h, args.img_w, args.num_stripe)
         return _timed_reference(lambda: iter(_ref_loader(ds, B, args.workers, device)), ref_step,
-                                warmup, steps, device)
+                                warmup, steps, device, ref_count)
 
     return _compare_steps("MMGL pre-training step", ours, reference, args, device, rows, extra,
-                          epoch_steps=max(SYSU_RGB_TRAIN, SYSU_IR_TRAIN) // B)
+                          epoch_steps=max(SYSU_RGB_TRAIN, SYSU_IR_TRAIN) // B, work=MMGL_WORK)
 
 
 # ============================================================================ part 3: AGW step
@@ -403,7 +459,8 @@ def bench_agw(args, device, rows, extra):
     argv += ["--amp"] if args.amp else []
     argv += ["--channels_last"] if args.channels_last else ["--no-channels_last"]
     fargs = agw.get_parser().parse_args(argv)
-    fargs.milestones = list(engine_finetune.DEFAULT_MILESTONES)
+    if fargs.milestones is None:     # as AGW/train.py's main fills them
+        fargs.milestones = list(agw.MILESTONES)
 
     torch.manual_seed(args.seed)
     net = builder(fargs)(num_ids).to(device)
@@ -421,19 +478,17 @@ def bench_agw(args, device, rows, extra):
     aug = DeviceAugment(args.img_h, args.img_w, pad=PAD, device=device)
     epoch = [0]
     log = logger.RunLog(fargs, "bench", outputs=False)   # prints only (its lines are discarded)
+    ours_count, ref_count = StepCount(), StepCount()
 
     def ours(n):
         sampler = IdentitySampler(data.rgb_label, data.ir_label, args.num_pos, ids,
                                   seed=args.seed, epoch=epoch[0])
-        loader = _First(make_loader(data, sampler, workers=0, pin_memory=device.type == "cuda"), n)
+        loader = _Counted(make_loader(data, sampler, workers=0, pin_memory=device.type == "cuda"),
+                          ours_count, n)
         epoch[0] += 1
-        _sync(device)
-        t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
-            engine_finetune.train_one_epoch(net, criterion, loader, aug, opt, scaler, 0, lr, fargs, device,
-                                            log, None)
-        _sync(device)
-        return time.perf_counter() - t
+            return _measure(ours_count, lambda: engine_finetune.train_one_epoch(
+                net, criterion, loader, aug, opt, scaler, 0, lr, fargs, device, log, None), device)
 
     criterion_id, criterion_tri = nn.CrossEntropyLoss(), TripletLoss_WRT()
 
@@ -448,6 +503,7 @@ def bench_agw(args, device, rows, extra):
         loss.backward()
         ref_opt.step()
         loss.item()
+        ref_count.add(len(x_rgb) + len(x_ir))
 
     rep = [0]
 
@@ -459,25 +515,42 @@ def bench_agw(args, device, rows, extra):
             rep[0] += 1
         ds = RefIdentityData(data, pairs[: (warmup + steps) * B], args.img_h, args.img_w)
         return _timed_reference(lambda: iter(_ref_loader(ds, B, args.workers, device)), ref_step,
-                                warmup, steps, device)
+                                warmup, steps, device, ref_count)
 
     return _compare_steps("AGW fine-tuning step", ours, reference, args, device, rows, extra,
                           epoch_steps=int(SYSU_RGB_TRAIN / B) + 1)
 
 
-def _compare_steps(name, ours, reference, args, device, rows, extra, epoch_steps):
-    """Warm both up, alternate ``--repeat`` timed runs, keep the best; rows + CUDA extras."""
-    ours(args.warmup)
-    best, peak = [np.inf, np.inf], [0.0, 0.0]
+def _check_count(what, timing, steps, images_per_step):
+    """A timed run must have run exactly the steps (and images) asked: its rate divides by
+    what it counted, and both sides of a comparison must count the same."""
+    if timing.steps != steps or timing.images != steps * images_per_step:
+        raise RuntimeError(f"{what} ran {timing.steps} steps ({timing.images} images) where "
+                           f"{steps} steps ({steps * images_per_step} images) were asked")
+    return timing
+
+
+def _compare_steps(name, ours, reference, args, device, rows, extra, epoch_steps, work=None):
+    """Warm ours up, alternate ``--repeat`` timed runs of each side, keep each side's fastest;
+    every run must have counted exactly ``--steps`` steps. The rates are the counted images
+    and steps over the measured seconds. Adds the row (+ CUDA extras) and returns (headline
+    label, ours img/s, reference img/s, {"ours": Timing, "reference": Timing})."""
+    per_step = 2 * args.batch_size
+    if args.warmup:
+        _check_count(f"{name}: ours' warm-up", ours(args.warmup), args.warmup, per_step)
+    best, peak = [None, None], [0.0, 0.0]
     for _ in range(args.repeat):
-        for j, fn in enumerate((lambda: ours(args.steps), reference)):
+        for j, (side, fn) in enumerate((("ours", lambda: ours(args.steps)), ("the reference", reference))):
             _reset_peak(device)
-            best[j] = min(best[j], fn())
+            timing = _check_count(f"{name}: {side}", fn(), args.steps, per_step)
+            if best[j] is None or timing.seconds < best[j].seconds:
+                best[j] = timing
             if device.type == "cuda":
                 peak[j] = max(peak[j], _peak_gib(device))
-    sps = [args.steps / b for b in best]
-    ips = [s * 2 * args.batch_size for s in sps]
-    rows.append((f"{name} ({args.batch_size}+{args.batch_size} img)",
+    sps = [t.steps / t.seconds for t in best]
+    ips = [t.images / t.seconds for t in best]
+    rows.append((f"{name} ({args.batch_size}+{args.batch_size} img; {best[0].steps} and "
+                 f"{best[1].steps} steps counted{'; ' + work if work else ''})",
                  f"{sps[0]:.2f} step/s = {ips[0]:,.1f} img/s",
                  f"{sps[1]:.2f} step/s = {ips[1]:,.1f} img/s", sps[0] / sps[1]))
     if device.type == "cuda":
@@ -487,7 +560,9 @@ def _compare_steps(name, ours, reference, args, device, rows, extra, epoch_steps
         hours = [PROJECT_EPOCHS * epoch_steps / s / 3600 for s in sps]
         extra.append(f"{name}: {PROJECT_EPOCHS} SYSU-MM01 epochs ({epoch_steps} steps each) "
                      f"projected {hours[0]:.2f} h (ours) vs {hours[1]:.2f} h (reference)")
-    return f"{name.replace(' step', ' step throughput')} on {device.type}", ips[0], ips[1]
+    label = f"{name.replace(' step', ' step throughput')} on {device.type}"
+    return (label + (f" ({work})" if work else ""), ips[0], ips[1],
+            {"ours": best[0], "reference": best[1]})
 
 
 # ============================================================================ main
@@ -542,7 +617,7 @@ def main():
           f"{args.batch_size} IR, ours amp={'on' if args.amp else 'off'} channels_last="
           f"{'on' if args.channels_last else 'off'}, reference fp32 with {args.workers} "
           f"DataLoader workers; best of {args.repeat} alternating runs of {args.steps} steps "
-          f"after {args.warmup} warm-up")
+          f"after {args.warmup} warm-up, each run's steps counted; MMGL: {MMGL_WORK}")
     rows, extra, results = [], [], {}
     if "aug" in args.parts:
         results["aug"] = bench_augment(args, device, rows)
@@ -561,7 +636,7 @@ def main():
     # compute dominates both training steps alike
     order = ("mmgl", "agw", "aug") if device.type == "cuda" else ("aug", "mmgl", "agw")
     key = next(k for k in order if k in results)
-    label, ours_ips, ref_ips = results[key]
+    label, ours_ips, ref_ips = results[key][:3]
     print(f"{label}: {ours_ips / ref_ips:.1f}x ({ours_ips:,.0f} img/s vs {ref_ips:,.0f} img/s)")
 
 

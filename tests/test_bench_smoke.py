@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,12 +27,58 @@ def test_bench_train_smallest_run_prints_every_row_and_the_headline():
     text = "\n".join(lines)
     for row in ("1 core each (ours 1 thread, ref in-process)",
                 "1 cores each (ours 1 threads, ref DataLoader 1 workers)",
-                "ours 1 thread vs ref DataLoader 1 workers", "MMGL pre-training step (4+4 img)",
-                "AGW fine-tuning step (4+4 img)"):
+                "ours 1 thread vs ref DataLoader 1 workers",
+                "MMGL pre-training step (4+4 img; 1 and 1 steps counted; diagnostics and "
+                "decoding off on both sides)", "AGW fine-tuning step (4+4 img; 1 and 1 steps counted)"):
         assert row in text, text
     # CPU headline: the data pipeline, as '<what>: N.Nx (A img/s vs B img/s)'
     assert re.fullmatch(r"data pipeline on cpu .*: \d+\.\dx \([\d,]+ img/s vs [\d,]+ img/s\)",
                         lines[-1]), lines[-1]
+
+
+def test_bench_train_rates_divide_by_the_steps_each_side_ran(monkeypatch):
+    """Both training-step comparisons, in process at a tiny size: each side's timed run ran
+    exactly --steps steps (counted by the bench, and independently here by every optimiser
+    step taken), the rates printed and returned are the counted images and steps over the
+    measured seconds, and our MMGL side decodes nothing and runs no gradient diagnostic, as
+    the reference. (The bug it guards: ours ran an epoch of max(warmup, steps) + 2 steps and
+    was divided by --steps.)"""
+    sys.path.insert(0, str(ROOT))
+    import train
+    from bench import bench_train
+    steps, warmup, repeat, batch = 2, 1, 1, 4
+    args = bench_train.resolve_defaults(bench_train.get_parser().parse_args(
+        ["--img_h", "48", "--img_w", "24", "--batch-size", str(batch), "--num_pos", "2",
+         "--steps", str(steps), "--warmup", str(warmup), "--repeat", str(repeat), "--workers", "0",
+         "--parts", "mmgl,agw"]))
+    extra_work = []
+    for name in ("perm_accuracy", "loss_gradients"):
+        real = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, _real=real, _name=name, **k:
+                            extra_work.append(_name) or _real(*a, **k))
+    optimizer_steps = [0]
+    hook = register_optimizer_step_post_hook(
+        lambda *_: optimizer_steps.__setitem__(0, optimizer_steps[0] + 1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for bench in (bench_train.bench_mmgl, bench_train.bench_agw):
+            rows, extra = [], []
+            optimizer_steps[0] = 0
+            label, ours_ips, ref_ips, timing = bench(args, torch.device("cpu"), rows, extra)
+            # ours: the warm-up and `repeat` timed runs; the reference: `repeat` runs of
+            # warm-up + timed steps
+            assert optimizer_steps[0] == warmup + repeat * steps + repeat * (warmup + steps), label
+            for t, ips, shown in ((timing["ours"], ours_ips, rows[0][1]),
+                                  (timing["reference"], ref_ips, rows[0][2])):
+                assert (t.steps, t.images) == (steps, steps * 2 * batch), (label, t)
+                assert t.seconds > 0 and ips == pytest.approx(t.images / t.seconds), (label, t, ips)
+                assert shown == f"{t.steps / t.seconds:.2f} step/s = {t.images / t.seconds:,.1f} img/s"
+            assert f"; {steps} and {steps} steps counted" in rows[0][0], rows[0][0]
+    finally:
+        hook.remove()
+        torch.set_num_threads(threads)
+    assert extra_work == [], extra_work
 
 
 def test_bench_test_smallest_run_agrees_with_the_authors_way():
