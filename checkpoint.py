@@ -40,7 +40,7 @@ except ImportError:  # numpy < 2
 
 import model
 import utils
-from cli import UserError
+from cli import UserError, warn
 
 
 # ============================================================================ file I/O
@@ -205,6 +205,37 @@ def check_resumable(path, obj, stage):
         what = {"pretrain": ("pre-training", "train.py"), "finetune": ("fine-tuning", "AGW/DDAG")}
         raise UserError(f"{path} is not a resumable {what[stage][0]} checkpoint (expected a "
                         f"<run>_last.pth written by {what[stage][1]})")
+
+
+# flags that never change what a run computes: a continued run may differ in them freely
+OPERATIONAL_FLAGS = ("gpu", "workers", "print_freq", "save_epoch", "model_path", "log_path", "vis_log_path",
+                     "resume", "trust_checkpoint", "overwrite", "resume_anyway", "diag", "compile",
+                     "channels_last", "deterministic", "test_every", "test_batch", "visrank", "save_features",
+                     "test_only")
+
+
+def check_continuation(path, obj, args, fixed=()):
+    """Before a run continues the ``<run>_last.pth`` ``obj`` (read from ``path``): a UserError
+    if a flag in ``fixed`` (those that shape the network, the losses' reading, the optimiser's
+    state) differs from the file's, or if any other result-changing flag does (data, image
+    size, batch, schedule, seed, ...) unless --resume_anyway, which prints the differences
+    with the run header instead. Files that did not record a flag are not checked on it."""
+    saved, now = read_last(obj).get("args") or {}, _plain(vars(args))
+    differ = {k: (saved[k], now[k]) for k in now if k in saved and k not in OPERATIONAL_FLAGS
+              and saved[k] != now[k] and saved[k] is not None}
+
+    def listing(keys, i):
+        return ", ".join(f"--{k} {differ[k][i]}" for k in keys)
+    hard = [k for k in fixed if k in differ]
+    if hard:
+        raise UserError(f"{path} was written with {listing(hard, 0)} (this run: {listing(hard, 1)}); a run "
+                        f"continues only with the flags that shape its network, losses and optimiser")
+    if differ and not args.resume_anyway:
+        raise UserError(f"{path} was written with {listing(differ, 0)} (this run: {listing(differ, 1)}): "
+                        f"not an exact resume; pass the same flags, or --resume_anyway to continue so")
+    if differ:
+        warn(f"--resume_anyway: continuing {path.name} with {listing(differ, 1)} (it was written with "
+             f"{listing(differ, 0)})")
 
 
 def load_last(path, obj, stage, net, optimizer=None, scaler=None, load_net=True, args=None,

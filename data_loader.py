@@ -9,9 +9,9 @@ float32, pinned for an async copy), and pad/crop/flip/normalise/stripe-shuffle a
 batched tensor ops there.
 """
 import ctypes
+import multiprocessing
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,23 @@ SYSU_NPY = ("train_rgb_resized_img", "train_rgb_resized_label", "train_rgb_resiz
 
 
 # ----------------------------------------------------------------------------- datasets
+def integer_array(values, source, hint):
+    """``values`` (labels or cameras read from ``source``) as int64 [N]; a UserError ending in
+    ``hint`` for anything else: another shape, NaN or non-integer numbers, text. A float array
+    of whole numbers is accepted (what numpy writes after arithmetic on labels)."""
+    a = np.asarray(values)
+    if a.ndim != 1:
+        raise UserError(f"{source}: expected a 1-D array of integers, got shape {a.shape}; {hint}")
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a) | (a != np.round(a))
+        if bad.any():
+            raise UserError(f"{source}: {int(bad.sum())} entries are not whole numbers (e.g. "
+                            f"{a[bad][0]}); {hint}")
+    elif a.dtype.kind not in "iub":
+        raise UserError(f"{source}: expected integers, got {a.dtype} values; {hint}")
+    return a.astype(np.int64)
+
+
 class TrainData:
     """Common attributes of a two-modality training set.
 
@@ -51,6 +68,13 @@ class TrainData:
                                 f"re-run the preprocessing")
             if len(img) == 0:
                 raise UserError(f"{name}: no {m} training images")
+            # identities 0..C-1, or -1 for every image of an unlabelled set (a folder): a
+            # negative label among real ones would be an identity the samplers never draw
+            lab = integer_array(lab, f"{name}: {m} labels", "re-run the preprocessing")
+            if (lab < 0).any() and not (lab == -1).all():
+                raise UserError(f"{name}: {int((lab < 0).sum())} {m} labels are negative (e.g. "
+                                f"{int(lab[lab < 0][0])}); identity labels are 0..C-1; re-run the preprocessing")
+            setattr(self, f"{m}_label", lab)
             setattr(self, f"{m}_pool", np.arange(len(img)))
         if self.rgb_img.shape[1:] != self.ir_img.shape[1:]:
             raise UserError(f"{name}: RGB images are {self.rgb_img.shape[1:3]} but IR images "
@@ -67,6 +91,15 @@ class TrainData:
         if self.img_size != (img_h, img_w):
             raise UserError(f"{self.name} holds {self.img_size[0]}x{self.img_size[1]} images "
                             f"but --img_h/--img_w ask for {img_h}x{img_w}; {hint}")
+
+    def check_batch(self, batch):
+        """Pre-training draws ``batch`` distinct images per modality per step: refuse a set
+        with fewer (the step would repeat images within one batch)."""
+        for m in ("rgb", "ir"):
+            n = len(getattr(self, f"{m}_pool"))
+            if n < batch:
+                raise UserError(f"{self.name}: {n} {m.upper()} training images, fewer than one batch "
+                                f"(--batch-size {batch}); add images or lower --batch-size")
 
     def subsample(self, ratio, seed):
         """Keep a seeded random fraction of each modality's images (the paper's
@@ -171,10 +204,11 @@ class PreprocessedData(TrainData):
             except (ValueError, OSError) as e:
                 raise UserError(f"cannot read {f} ({e}); re-run: {cmd} --data_path {data_path}")
         self.rgb_img, self.ir_img = arrays["train_rgb_resized_img"], arrays["train_ir_resized_img"]
-        self.rgb_label = np.asarray(arrays["train_rgb_resized_label"], dtype=np.int64)
-        self.ir_label = np.asarray(arrays["train_ir_resized_label"], dtype=np.int64)
-        self.rgb_cam = np.asarray(arrays["train_rgb_resized_cam"], dtype=np.int64)
-        self.ir_cam = np.asarray(arrays["train_ir_resized_cam"], dtype=np.int64)
+        for m in ("rgb", "ir"):
+            for what in ("label", "cam"):
+                key = f"train_{m}_resized_{what}"
+                setattr(self, f"{m}_{what}", integer_array(arrays[key], data_path / f"{key}.npy",
+                                                           f"re-run: {cmd} --data_path {data_path}"))
         self._finish(f"{title} {data_path}")
 
 
@@ -481,29 +515,35 @@ def _decode_or_error(task):
         return None, str(e)
 
 
-def _die_with_parent():
-    """Pool worker initialiser: on Linux, ask the kernel to SIGTERM this worker when its
-    parent dies (even by SIGKILL), so no decoder outlives the preprocessing it served."""
+def _worker_init():
+    """Pool worker initialiser. Ctrl-C reaches the whole process group: the workers ignore it
+    and leave the stopping to the parent, which terminates them (a worker that raised
+    KeyboardInterrupt mid-write could leave the parent waiting on its pipe for ever). On
+    Linux the kernel also SIGTERMs a worker whose parent dies, even by SIGKILL, so no decoder
+    outlives the run it served."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        return  # not Linux/glibc: the pool's own shutdown still ends the workers normally
+        return  # not Linux/glibc: the parent's terminate() still ends the workers
     if os.getppid() == 1:   # the parent died before the request took effect
         os._exit(1)
 
 
 def iter_decoded(paths, img_w=144, img_h=288, workers=0):
     """Yield ``(array or None, error or None)`` for each path, in order. ``workers`` > 0
-    decodes in that many processes (JPEG decode + LANCZOS are CPU-bound)."""
+    decodes in that many processes (JPEG decode + LANCZOS are CPU-bound); they are
+    terminated, not waited for, when the consumer stops early (first bad file, Ctrl-C)."""
     tasks = [(str(p), img_w, img_h) for p in paths]
     if workers and workers > 0 and len(tasks) > 1:
         chunk = max(1, min(64, len(tasks) // (workers * 4)))
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent)
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
         try:
-            yield from pool.map(_decode_or_error, tasks, chunksize=chunk)
+            yield from pool.imap(_decode_or_error, tasks, chunksize=chunk)
+            pool.close()
         finally:
-            # A consumer that stops early (first bad file) should not wait for the rest.
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.terminate()   # SIGTERM: a worker blocked on a full pipe ends too
+            pool.join()
     else:
         for t in tasks:
             yield _decode_or_error(t)

@@ -220,14 +220,7 @@ class Folder(Benchmark):
         return cli.resolve_path(args.data_path)
 
     def train_data(self, args):
-        data = _preprocessed(self, args)
-        batch = getattr(args, "batch_size", 1)
-        for m in ("rgb", "ir"):
-            if len(getattr(data, f"{m}_img")) < batch:
-                raise UserError(f"{data.name}: {len(getattr(data, f'{m}_img'))} {m.upper()} training "
-                                f"images, fewer than one batch (--batch-size {batch}); add images or "
-                                f"lower --batch-size")
-        return data
+        return _preprocessed(self, args)
 
     def heldout_lists(self, data_path, trial=1):
         return data_manager.read_folder_heldout(data_path)
@@ -246,6 +239,9 @@ class Joint(Benchmark):
 
     def _part_args(self, args):
         paths = [p.strip() for p in args.data_path.split(",")] if getattr(args, "data_path", None) else [None] * len(self.parts)
+        if "" in paths:   # "crops," must not quietly mean the second set's default folder
+            raise UserError(f"--data_path {args.data_path!r} has an empty entry; give one folder per set of "
+                            f"--dataset {args.dataset}, in the same order, separated by commas")
         if len(paths) != len(self.parts):
             raise UserError(f"--dataset {args.dataset} names {len(self.parts)} sets but --data_path "
                             f"{args.data_path} gives {len(paths)}; give one folder per set, in the "
@@ -281,7 +277,7 @@ def get(name):
     for n in names:
         cli.choice_check("--dataset", n, NAMES)
     if len(names) == 1:
-        return BENCHMARKS[name]
+        return BENCHMARKS[names[0]]
     if len(set(names)) < len(names):
         raise UserError(f"--dataset {name} names a set twice")
     return Joint([BENCHMARKS[n] for n in names])

@@ -10,6 +10,7 @@ N = epochs done), ``<run>_last.pth`` (every epoch, to continue after a crash).
 """
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -28,11 +29,8 @@ import utils
 import visrank
 from cli import UserError
 
-DEFAULT_MILESTONES = (20, 50)  # AGW's lr steps
-
-
 # ============================================================================ arguments
-def get_args_parser(description, epochs=80, milestones=DEFAULT_MILESTONES):
+def get_args_parser(description, epochs=80, milestones=(20, 50)):
     """The authors' fine-tuning flags (their AGW/DDAG train.py) plus ours, over the flags
     every stage shares (options.parents()). ``epochs``/``milestones`` are the method's
     defaults (AGW: 80, (20, 50))."""
@@ -49,8 +47,8 @@ def get_args_parser(description, epochs=80, milestones=DEFAULT_MILESTONES):
     a("--pad", default=10, type=int, help="train-time augmentation: zero padding before the "
       "random crop back to img_h x img_w (the authors' 10 pixels at 288x144)")
     a("--margin", default=0.3, type=float, help="triplet loss margin")
-    a("--milestones", default=None, type=int, nargs=2, metavar=("M1", "M2"),
-      help=f"lr x0.1 from epoch M1, x0.01 from M2 (default: {milestones[0]} {milestones[1]})")
+    a("--milestones", default=list(milestones), type=int, nargs=2, metavar=("M1", "M2"),
+      help="lr x0.1 from epoch M1, x0.01 from M2")
     g = p.add_argument_group("testing")
     a = g.add_argument
     a("--test-batch", default=64, type=int, help="test batch size")
@@ -132,11 +130,10 @@ def build_optimizer(net, args, new_modules):
     return torch.optim.Adam(groups, lr=args.lr, weight_decay=5e-4)
 
 
-def learning_rate(epoch, args, milestones=None):
+def learning_rate(epoch, args):
     """lr of the new modules at ``epoch``: linear warm-up lr*(epoch+1)/W over the first
-    W = --warmup_epochs (10) epochs, then lr, x0.1 from milestones[0], x0.01 from
-    milestones[1]."""
-    m1, m2 = milestones or args.milestones or DEFAULT_MILESTONES
+    W = --warmup_epochs (10) epochs, then lr, x0.1 from --milestones M1, x0.01 from M2."""
+    m1, m2 = args.milestones
     warm = args.warmup_epochs
     if epoch < warm:
         return args.lr * (epoch + 1) / warm
@@ -147,9 +144,9 @@ def learning_rate(epoch, args, milestones=None):
     return args.lr * 0.01
 
 
-def adjust_learning_rate(optimizer, epoch, args, milestones=None):
+def adjust_learning_rate(optimizer, epoch, args):
     """Set the epoch's lr: group 0 (backbone) 0.1 x, the others 1 x. Returns the lr."""
-    lr = learning_rate(epoch, args, milestones)
+    lr = learning_rate(epoch, args)
     optimizer.param_groups[0]["lr"] = 0.1 * lr
     for g in optimizer.param_groups[1:]:
         g["lr"] = lr
@@ -348,6 +345,55 @@ def test_main(args, net, feature_names, tool_dir, loaded=None):
             writer.close()
 
 
+# ============================================================================ one setup for both methods
+# flags a fine-tuning <run>_last.pth continues only with: they shape the network or the
+# optimiser's state (checkpoint.check_continuation compares the others too)
+FIXED_FLAGS = ("optim", "arch", "stream", "method", "nl_width", "wpa", "graph", "part", "nheads", "low_dim",
+               "wpa_proj")
+
+
+def setup(args, build, method, tool_dir, state=None):
+    """What AGW's and DDAG's ``main`` do before their epoch loop, ordered so that every error
+    a user can cause stops the run before its header: the flags; --resume read, fitted to
+    the network (``build``: class_num -> network) and, for a ``<run>_last.pth``, its flags
+    compared; the run's outputs claimed (logger.RunLog); the data read and the batch
+    checked. Then the header, the network, its optimiser (the network's ``new_modules()``
+    at the full lr), --resume applied and the log's clock started. ``state``: the method's
+    own values a ``_last.pth`` brings back (DDAG: wG). Returns a namespace with run, log,
+    device, data, testset, net, train_net, optimizer, scaler, start_epoch, best, state,
+    best_path, last_path."""
+    prepare_args(args, tool_dir)
+    resume = checkpoint.read_resume(args, build) if args.resume else None
+    run = run_name(args, method)
+    r = SimpleNamespace(run=run, state=dict(state or {}), best_path=Path(args.model_path) / f"{run}_best.t",
+                        last_path=Path(args.model_path) / f"{run}_last.pth")
+    continuing = False
+    if resume and checkpoint.kind(resume[1]) == ("finetune", True):
+        checkpoint.check_continuation(resume[0], resume[1], args, fixed=FIXED_FLAGS)
+        continuing = resume[0].resolve() == r.last_path.resolve()
+    r.device = utils.init_device(args.gpu)
+    utils.set_seed(args.seed + utils.get_rank(), args.deterministic)
+    r.log = logger.RunLog(args, run, continuing=continuing)
+    try:
+        r.data = datasets.get(args.dataset).train_data(args)
+        identity_sampler(r.data, 0, args)   # too few identities for --batch-size: stop before the header
+        r.testset = TestSet(args)
+        r.log.open(args, r.device, data_stats(r.data, r.testset))
+        r.net, r.train_net = prepare_net(build(r.data.num_classes), args, r.device)
+        r.optimizer = build_optimizer(r.net, args, r.net.new_modules())
+        _, r.scaler = utils.amp_setup(args.amp, r.device)
+        r.start_epoch, r.best = 0, None
+        if resume:
+            r.start_epoch, r.best = checkpoint.load_resume(r.net, args, r.optimizer, r.scaler, r.state, loaded=resume)
+        elif not args.pretrained:
+            print("note: no --resume and no --pretrained: the backbone starts from random weights")
+        start_log(r.log, r.start_epoch, r.state, r.data, args)
+    except BaseException:
+        r.log.close()
+        raise
+    return r
+
+
 # ============================================================================ training
 def data_stats(data, testset):
     """The run header's dataset lines."""
@@ -370,13 +416,17 @@ def prepare_net(net, args, device):
     return net, torch.compile(train_net) if args.compile else train_net
 
 
-def identity_loader(data, epoch, args, device):
+def identity_sampler(data, epoch, args):
     """The epoch's identity-balanced batches: --batch-size ids x --num_pos images per
     modality, RGB j and IR j of the same identity, seeded by (--seed, epoch)."""
-    sampler = data_loader.IdentitySampler(data.rgb_label, data.ir_label, args.num_pos, args.batch_size,
-                                          seed=args.seed, epoch=epoch, rgb_pool=data.rgb_pool,
-                                          ir_pool=data.ir_pool)
-    return data_loader.make_loader(data, sampler, workers=args.workers, pin_memory=device.type == "cuda")
+    return data_loader.IdentitySampler(data.rgb_label, data.ir_label, args.num_pos, args.batch_size,
+                                       seed=args.seed, epoch=epoch, rgb_pool=data.rgb_pool, ir_pool=data.ir_pool)
+
+
+def identity_loader(data, epoch, args, device):
+    """:func:`identity_sampler`'s batches, loaded."""
+    return data_loader.make_loader(data, identity_sampler(data, epoch, args), workers=args.workers,
+                                   pin_memory=device.type == "cuda")
 
 
 def start_log(log, start_epoch, state, data, args):
@@ -385,7 +435,7 @@ def start_log(log, start_epoch, state, data, args):
     steps of an epoch (the same in every epoch; drawn only then)."""
     step = state.pop("global_step", None)
     if step is None:
-        step = start_epoch * len(identity_loader(data, 0, args, torch.device("cpu"))) if start_epoch else 0
+        step = start_epoch * len(identity_sampler(data, 0, args)) if start_epoch else 0
     log.start(start_epoch, step)
 
 

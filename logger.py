@@ -19,8 +19,10 @@ prints, writes and shows, the same in both stages.
   reads these files, and the older ones (flat unprefixed or nested), in this schema.
 """
 import datetime
+import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -210,24 +212,68 @@ class RunLog:
     steps; ``epoch`` writes its JSON line and marks the run as started; ``close`` at the end
     (also on failure)."""
 
-    def __init__(self, args, run, outputs=True):
-        """``outputs=False``: print only, write nothing (benchmarks time the step loop)."""
+    def __init__(self, args, run, outputs=True, continuing=False):
+        """``outputs=False``: print only, write nothing (benchmarks time the step loop).
+        ``continuing``: this run resumes its own ``<run>_last.pth``, so its outputs exist
+        and are appended to; otherwise outputs of a run of the same name stop it, unless
+        --overwrite (:meth:`_claim`)."""
         self.run, self.rank0 = run, utils.is_main_process()
         self.epochs, self.print_freq = args.epochs, args.print_freq
         self.writer = self.json = self.guard = None
+        self.locks = []
         self._stdout = sys.stdout
         self.start()
         if not outputs:
             return
         self.log_dir, self.vis_dir = Path(args.log_path), Path(args.vis_log_path)
         if self.rank0:
+            # a wrong output folder fails now, not at the first save
+            cli.check_writable(args.model_path, args.log_path, args.vis_log_path)
+            self._claim(args, continuing)
             # a run that fails before its first epoch is done leaves none of these (cli.cli)
             self.guard = StartGuard(self.log_dir / f"{run}.txt", self.log_dir / f"{run}.jsonl",
                                     self.vis_dir / run)
-            # a wrong output folder fails now, not at the first save
-            cli.check_writable(args.model_path, args.log_path, args.vis_log_path)
         else:   # one log: the other ranks stay silent (their errors still reach stderr)
             sys.stdout = open(os.devnull, "w")
+
+    def outputs(self, model_path):
+        """The files and folders of this run that exist: its checkpoints (``<run>_last.pth``,
+        ``<run>_best.t``, ``<run>_epoch_N.t``), text log, JSON lines and TensorBoard run."""
+        model_dir = Path(model_path)
+        ckpt = re.compile(re.escape(self.run) + r"_(last\.pth|best\.t|epoch_\d+\.t)")
+        found = sorted(p for p in model_dir.iterdir() if ckpt.fullmatch(p.name)) if model_dir.is_dir() else []
+        return found + [p for p in (self.log_dir / f"{self.run}.txt", self.log_dir / f"{self.run}.jsonl",
+                                    self.vis_dir / self.run) if p.exists()]
+
+    def _claim(self, args, continuing):
+        """Never two live runs on one set of outputs (a lock held until the process ends),
+        never a new run over an earlier one's outputs (unless --overwrite removes them)."""
+        for folder in dict.fromkeys(Path(p).resolve() for p in (args.model_path, args.log_path)):
+            f = open(folder / f".{self.run}.lock", "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                pid = f.read().strip() or "?"
+                f.close()
+                raise UserError(f"another run (pid {pid}) is writing the outputs of {self.run} in {folder} "
+                                f"now; wait for it to end, or give this run another --model_path/--log_path") from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            self.locks.append(f)
+        earlier = [] if continuing else self.outputs(args.model_path)
+        if earlier and not getattr(args, "overwrite", False):
+            last = Path(args.model_path) / f"{self.run}_last.pth"
+            more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
+            cont = f"continue it with --resume {last.name}, " if last.is_file() else ""
+            raise UserError(f"a run named {self.run} has outputs here ({earlier[0]}{more}): {cont}replace "
+                            f"them with --overwrite, or give this run other flags or another --model_path")
+        for p in earlier:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if earlier:
+            cli.warn(f"--overwrite: removed {len(earlier)} output(s) of an earlier run {self.run}")
 
     def open(self, args, device, header_lines):
         if self.rank0:
@@ -305,6 +351,10 @@ class RunLog:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+        for f in self.locks:   # the lock file goes; its lock would end with the process anyway
+            Path(f.name).unlink(missing_ok=True)
+            f.close()
+        self.locks = []
         if sys.stdout is not self._stdout:   # the log tee (rank 0) or the silenced stdout
             sys.stdout.flush()
             sys.stdout.close()

@@ -36,7 +36,7 @@ def model_parser():
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("backbone")
     g.add_argument("--arch", default="resnet50", help=" | ".join(ARCHS))
-    g.add_argument("--pretrained", default="", help="local torchvision-format ImageNet ResNet "
+    g.add_argument("--pretrained", default=None, help="local torchvision-format ImageNet ResNet "
                    "weights for the backbone (never downloaded)")
     return p
 
@@ -72,8 +72,14 @@ def runtime_parser():
 def output_parser():
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--resume", "-r", default="", help="checkpoint to continue from or load: a path "
+    g.add_argument("--resume", "-r", default=None, help="checkpoint to continue from or load: a path "
                    "or a name under --model_path")
+    g.add_argument("--resume_anyway", action="store_true", help="continue a <run>_last.pth although "
+                   "the data, batch or schedule flags differ from the ones it was written with (not an "
+                   "exact resume; the differences are printed)")
+    g.add_argument("--overwrite", action="store_true", help="start this run although outputs of a run "
+                   "of the same name exist (its checkpoints and logs are removed first); without it such a "
+                   "run stops with a message")
     g.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
                    help="unpickle --resume fully (only for files you trust)")
     # the path rule (cli.py): given paths are relative to the current folder, the defaults
@@ -95,9 +101,19 @@ def parents():
     return [data_parser(), model_parser(), optim_parser(), runtime_parser(), output_parser()]
 
 
+# path flags: given empty (an unset shell variable: --resume $CKPT) is an error, never "not given"
+PATH_FLAGS = ("data_path", "pretrained", "resume", "model_path", "log_path", "vis_log_path")
+
+
 def check(args):
     """The shared flags' rules, checked once for every stage; returns the benchmark."""
+    for name in PATH_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and not str(value).strip():
+            raise UserError(f"--{name} was given an empty value (an unset shell variable?); give a path "
+                            f"or leave the flag out")
     bench = datasets.get(args.dataset)
+    args.dataset = ",".join(n.strip() for n in args.dataset.split(","))   # "sysu " is sysu
     cli.choice_check("--arch", args.arch, ARCHS)
     for name in ("img_h", "img_w", "epochs", "save_epoch", "print_freq"):
         if getattr(args, name) < 1:

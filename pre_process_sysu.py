@@ -52,6 +52,20 @@ def _tmp_name(path):
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def remove_stale_tmps(root):
+    """Remove the temporary files (``.<output>.tmp<pid>``) that a preprocessing killed
+    mid-write (SIGKILL, power loss) left in ``root``, unless their process still runs.
+    Returns the removed paths."""
+    removed = []
+    for t in sorted(Path(root).glob(".*.tmp[0-9]*")):
+        m = re.fullmatch(r"\.(train_(rgb|ir)_resized_(img|label|cam)\.npy|heldout_(rgb|ir)\.txt)\.tmp(\d+)", t.name)
+        if not m or Path(f"/proc/{m.group(5)}").exists():
+            continue
+        t.unlink()
+        removed.append(t)
+    return removed
+
+
 def _npy_header(n, img_h, img_w):
     """A .npy (format 1.0) header for uint8 [n, img_h, img_w, 3], padded to a fixed 128
     bytes so it can be rewritten in place with another n."""
@@ -166,13 +180,17 @@ def write_arrays(root, lists, workers, skip_bad, img_w, img_h, verbose, relabel,
     otherwise the ids are the labels (LLCM's files hold them)."""
     if workers < 0:
         raise UserError(f"--workers must be >= 0, got {workers}")
+    stale = remove_stale_tmps(root)
+    if stale and verbose:
+        print(f"removed {len(stale)} temporary file(s) of an interrupted preprocessing: "
+              + ", ".join(t.name for t in stale))
     # the arrays' size is known: refuse up front rather than die mid-write on a full disk
     need = sum(len(v[0]) for v in lists.values()) * (img_h * img_w * 3 + 16) + 2**20
     free = shutil.disk_usage(root).free
     if free < need:
         raise UserError(f"not enough free space in {root}: the arrays need {need / 2**20:.0f} MiB, "
                         f"{free / 2**20:.0f} MiB are free; nothing was written")
-    tmps, outputs, errors, stats = [], {}, [], {"data_path": str(root), "skipped": []}
+    tmps, outputs, errors, stats = [], {}, [], {"data_path": str(root), "skipped": [], "removed_stale": stale}
     try:
         for mod, _ in MODALITIES:
             paths, pids, cams = lists[mod]

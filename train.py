@@ -152,48 +152,33 @@ NETWORK_FLAGS = ("arch", "stream", "num_stripe", "perm_feat", "perm_bn", "pcc", 
 READING_FLAGS = ("pcc_form", "pcc_pool", "pcc_order", "pcc_detach_pool", "perm_reduction", "optim")
 
 
-def check_same_reading(path, saved, args):
-    differ = [k for k in READING_FLAGS if k in saved and saved[k] != getattr(args, k)]
-    if differ:
-        raise UserError(f"{path} was written with " + ", ".join(f"--{k} {saved[k]}" for k in differ)
-                        + " (this run: " + ", ".join(f"--{k} {getattr(args, k)}" for k in differ)
-                        + "); pass the same flags to continue it")
+# The run name: the authors' (sysu_two_cw_0.5_ct_0.07_so_20_spm_10) for their command, plus a
+# tag for each flag below that differs from its default, so that runs of other settings (a
+# second seed, another lr) never share files. Two runs of one name cannot share outputs either
+# (logger.RunLog refuses, naming --resume and --overwrite).
+NAME_TAGS = (("arch", "{arch}"), ("perm_feat", "{perm_feat}"), ("perm_bn", "permbn"),
+             ("perm_reduction", "mse_{perm_reduction}"), ("pcc_readings", "pcc_{pcc_readings}"),
+             ("train_ratio", "ratio_{train_ratio}"), ("optim", "{optim}"), ("num_stripe", "k{num_stripe}"),
+             ("img_h", "{img_h}x{img_w}"), ("img_w", "{img_h}x{img_w}"), ("sinkhorn_temp", "st{sinkhorn_temp:g}"),
+             ("gumbel_noise", "gn{gumbel_noise:g}"), ("lr", "lr{lr:g}"), ("batch_size", "b{batch_size}"),
+             ("iters_per_epoch", "it{iters_per_epoch}"), ("seed", "seed{seed}"))
+# PCC's reading (only when PCC is on), joined into one tag: flag -> its part of the tag
+PCC_TAGS = (("pcc_form", "{}"), ("pcc_pool", "{}"), ("pcc_order", "{}"), ("pcc_head", "{}"),
+            ("local_branch", "{}"), ("pcc_detach_pool", "detach"), ("pcc_start_acc", "startacc{:g}"),
+            ("pcc_start_epoch", "start{}"), ("pcc_ramp_epochs", "ramp{}"))
 
 
 def run_name(args):
-    """Like the authors' ``sysu_two_cw_0.5_ct_0.07_so_20_spm_10`` (+ epoch suffix)."""
-    name = f"{datasets.get(args.dataset).name}_{args.stream}_cw_{args.cl_weight if args.pcc else 0}_ct_{args.cl_temp}" \
-           f"_so_{args.sinkhorn_iters}_spm_{args.gumbel_samples}"
-    name += datasets.get(args.dataset).run_suffix(args)
-    if args.arch != "resnet50":
-        name += f"_{args.arch}"
-    if args.perm_feat != "gap":
-        name += f"_{args.perm_feat}"
-    if args.perm_bn:
-        name += "_permbn"
-    if args.perm_reduction != "mean":
-        name += f"_mse_{args.perm_reduction}"
-    # PCC readings that differ from the defaults, in a fixed order (the default adds nothing)
-    default = get_args_parser().get_default
-    readings = []
-    for flag in ("pcc_form", "pcc_pool", "pcc_order", "pcc_head", "local_branch"):
-        if getattr(args, flag) != default(flag):
-            readings.append(str(getattr(args, flag)))
-    if args.pcc_detach_pool:
-        readings.append("detach")
-    if args.pcc_start_acc != default("pcc_start_acc"):
-        readings.append(f"startacc{args.pcc_start_acc:g}")
-    if args.pcc_start_epoch:
-        readings.append(f"start{args.pcc_start_epoch}")
-    if args.pcc_ramp_epochs:
-        readings.append(f"ramp{args.pcc_ramp_epochs}")
-    if args.pcc and readings:
-        name += "_pcc_" + "_".join(readings)
-    if args.train_ratio < 1.0:
-        name += f"_ratio_{args.train_ratio}"
-    if args.optim != "sgd":
-        name += f"_{args.optim}"
-    return name
+    """The authors' ``sysu_two_cw_0.5_ct_0.07_so_20_spm_10`` + a tag per non-default setting."""
+    default = vars(get_args_parser().parse_args([]))
+    values = dict(vars(args), pcc_readings="_".join(
+        fmt.format(getattr(args, k)) for k, fmt in PCC_TAGS if getattr(args, k) != default[k]) if args.pcc else "")
+    default["pcc_readings"] = ""
+    bench = datasets.get(args.dataset)
+    name = (f"{bench.name}_{args.stream}_cw_{args.cl_weight if args.pcc else 0}_ct_{args.cl_temp}"
+            f"_so_{args.sinkhorn_iters}_spm_{args.gumbel_samples}" + bench.run_suffix(args))
+    tags = dict.fromkeys(fmt.format(**values) for k, fmt in NAME_TAGS if values[k] != default[k])
+    return "_".join([name, *tags])
 
 
 class DummyData:
@@ -223,7 +208,7 @@ def pcc_weight(epoch, args, pcc_from):
     """PCC's weight in ``epoch``: --cl_weight (the paper's 0.5) from epoch ``pcc_from`` on
     (:func:`pcc_start`, :func:`pcc_switch`; None: not yet), 0 before; with --pcc_ramp_epochs
     a linear ramp up to it. The schedule is our reading: the paper gives none."""
-    if pcc_from is None or epoch < pcc_from:
+    if not args.pcc or pcc_from is None or epoch < pcc_from:
         return 0.0
     if args.pcc_ramp_epochs:
         return args.cl_weight * min(1.0, (epoch - pcc_from + 1) / args.pcc_ramp_epochs)
@@ -414,16 +399,20 @@ def main(args):
     device = utils.init_device(args.gpu)
     utils.set_seed(args.seed + utils.get_rank(), deterministic=args.deterministic)
     options.resolve_paths(args, REPO_ROOT)
-    # a missing, unreadable or wrong-kind --resume file, or one of another PCC reading,
+    if not args.dummy:
+        args.data_path = str(bench.data_path(args))   # as resolved, so a resume can compare it
+    # a missing, unreadable or wrong-kind --resume file, or one written with other flags,
     # fails here, before the run header and before any data is read
     resume_path = checkpoint.find(args.resume, args.model_path) if args.resume else None
     resume_obj = None
+    name = run_name(args)
+    last_path = Path(args.model_path) / f"{name}_last.pth"
     if resume_path:
         resume_obj = checkpoint.load(resume_path, trust=args.trust_checkpoint)
         checkpoint.check_resumable(resume_path, resume_obj, "pretrain")
-        check_same_reading(resume_path, checkpoint.read_last(resume_obj).get("args") or {}, args)
-    name = run_name(args)
-    log = logger.RunLog(args, name)
+        checkpoint.check_continuation(resume_path, resume_obj, args, fixed=NETWORK_FLAGS + READING_FLAGS)
+    # continuing this run's own _last.pth appends to its outputs; any other start must not meet them
+    log = logger.RunLog(args, name, continuing=bool(resume_path) and resume_path.resolve() == last_path.resolve())
 
     # ---- data: uint8 arrays (memory-mapped for SYSU); unpaired batches, no labels used
     if args.dummy:
@@ -431,6 +420,7 @@ def main(args):
     else:
         data = bench.train_data(args)
         data.subsample(args.train_ratio, args.seed)
+        data.check_batch(args.batch_size * utils.get_world_size())
     # held-out permutation accuracy: test-split images only, fixed permutations
     heldout = None
     if utils.is_main_process() and not args.dummy and args.val_images:
@@ -456,7 +446,6 @@ def main(args):
         optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_at(e, args))
     amp_dtype, scaler = utils.amp_setup(args.amp, device)
-    last_path = Path(args.model_path) / f"{name}_last.pth"
 
     # ---- --resume: a pre-training <run>_last.pth continues where it stopped
     start_epoch, pcc_from = 0, pcc_start(args)

@@ -92,9 +92,6 @@ class AGWNet(TwoStreamBackbone):
     For resnet18 (2 blocks per layer) the blocks go after the last min(n, 2) blocks.
     """
 
-    # the modules trained at the full learning rate; the backbone, non-local blocks
-    # included, gets 0.1x, as in the authors' optimiser
-    NEW_MODULES = ("bottleneck", "classifier")
     feature_names = FEATURE_NAMES
 
     def __init__(self, class_num, arch="resnet50", stream="two", method="agw",
@@ -121,6 +118,11 @@ class AGWNet(TwoStreamBackbone):
         nn.init.zeros_(self.bottleneck.bias)
         self.classifier = nn.Linear(self.pool_dim, class_num, bias=False)
         nn.init.normal_(self.classifier.weight, 0.0, 0.001)
+
+    def new_modules(self):
+        """The modules trained at the full learning rate; the backbone, non-local blocks
+        included, gets 0.1x, as in the authors' optimiser."""
+        return ["bottleneck", "classifier"]
 
     def forward_body(self, x):
         base = self.base_resnet.base

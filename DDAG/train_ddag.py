@@ -30,23 +30,17 @@ sys.path.insert(0, str(TOOL_DIR.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import checkpoint  # noqa: E402
 import cli  # noqa: E402
 import data_loader  # noqa: E402
-import datasets  # noqa: E402
 import engine_finetune as engine  # noqa: E402
-import logger  # noqa: E402
 import test_ddag  # noqa: E402
 import utils  # noqa: E402
 from cli import UserError  # noqa: E402
 from loss import TripletLoss  # noqa: E402
 from model_ddag import add_model_args, build_adjacency, builder  # noqa: E402
 
-MILESTONES = (30, 50)
-
-
 def get_parser():
-    p = engine.get_args_parser("DDAG cross-modality fine-tuning", epochs=80, milestones=MILESTONES)
+    p = engine.get_args_parser("DDAG cross-modality fine-tuning", epochs=80, milestones=(30, 50))
     add_model_args(p)
     p.add_argument("--lambda0", default=1.0, type=float,
                    help="multiplies the dynamic graph-loss weight wG (1.0: the authors' loss)")
@@ -95,56 +89,37 @@ def main(args=None):
         raise UserError(f"--lambda0 must be >= 0, got {args.lambda0}")
     if args.test_only:
         return test_ddag.run(args)   # the test script's path (the network's layout read from the checkpoint)
-    build = builder(args)   # checks the network flags before any data work
-    engine.prepare_args(args, TOOL_DIR)
-    if args.milestones is None:
-        args.milestones = list(MILESTONES)
-    names = ("FC", "FC_att") if args.wpa else ("FC",)
-    resume = checkpoint.read_resume(args, build) if args.resume else None   # fails before any data work
-    device = utils.init_device(args.gpu)
-    utils.set_seed(args.seed + utils.get_rank(), args.deterministic)
-    run = engine.run_name(args, method_name(args))
-    best_path, last_path = Path(args.model_path) / f"{run}_best.t", Path(args.model_path) / f"{run}_last.pth"
-    log = logger.RunLog(args, run)
+    # ---- flags, --resume (a <run>_last.pth brings back wG too), outputs, data, network, optimiser
+    r = engine.setup(args, builder(args), method_name(args), TOOL_DIR, state={"wG": 0.0})
+    names = r.net.feature_names
     try:
-        # ---- data, network, optimiser, --resume (a <run>_last.pth brings back wG too)
-        data, testset = datasets.get(args.dataset).train_data(args), engine.TestSet(args)
-        log.open(args, device, engine.data_stats(data, testset))
-        net, train_net = engine.prepare_net(build(data.num_classes), args, device)
-        optimizer = engine.build_optimizer(net, args, net.new_modules())
-        _, scaler = utils.amp_setup(args.amp, device)
-        start_epoch, best, state = 0, None, {"wG": 0.0}
-        if resume:
-            start_epoch, best = checkpoint.load_resume(net, args, optimizer, scaler, state, loaded=resume)
-        elif not args.pretrained:
-            print("note: no --resume and no --pretrained: the backbone starts from random weights")
-        engine.start_log(log, start_epoch, state, data, args)
-        criterion = make_criterion(args, state)
-        aug = data_loader.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=device)
+        criterion = make_criterion(args, r.state)
+        aug = data_loader.DeviceAugment(args.img_h, args.img_w, pad=args.pad, device=r.device)
 
         # ---- train; wG from each epoch's L_inst; best by the last feature's Rank-1 (FC_att)
         print("==> Start Training...")
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(r.start_epoch, args.epochs):
             t0 = time.time()
-            lr = engine.adjust_learning_rate(optimizer, epoch, args)
-            loader = engine.identity_loader(data, epoch, args, device)
-            stats = engine.train_one_epoch(train_net, criterion, loader, aug, optimizer, scaler, epoch, lr,
-                                           args, device, log, last_path)
-            update_graph_weight(state, stats)
+            lr = engine.adjust_learning_rate(r.optimizer, epoch, args)
+            loader = engine.identity_loader(r.data, epoch, args, r.device)
+            stats = engine.train_one_epoch(r.train_net, criterion, loader, aug, r.optimizer, r.scaler, epoch, lr,
+                                           args, r.device, r.log, r.last_path)
+            update_graph_weight(r.state, stats)
             metrics = None
             if utils.is_main_process():
                 if engine.test_due(epoch, args):
                     print(f"Test Epoch: {epoch}")
-                    metrics = engine.evaluate(net, args, device, names, testset, per_trial=False,
-                                              tag=f"{run}_epoch_{epoch + 1}", writer=log.writer,
-                                              step=log.global_step)
-                    best = engine.update_best(best, metrics, names[-1], epoch, net, best_path)
-                engine.save_epoch(net, optimizer, scaler, epoch, args, run, best, metrics, names[-1], log, state)
-                log.epoch(epoch, time.time() - t0, train=stats, test=metrics)
+                    metrics = engine.evaluate(r.net, args, r.device, names, r.testset, per_trial=False,
+                                              tag=f"{r.run}_epoch_{epoch + 1}", writer=r.log.writer,
+                                              step=r.log.global_step)
+                    r.best = engine.update_best(r.best, metrics, names[-1], epoch, r.net, r.best_path)
+                engine.save_epoch(r.net, r.optimizer, r.scaler, epoch, args, r.run, r.best, metrics, names[-1], r.log,
+                                  r.state)
+                r.log.epoch(epoch, time.time() - t0, train=stats, test=metrics)
             utils.barrier()
-        engine.summary(best, log.t_start, best_path)
+        engine.summary(r.best, r.log.t_start, r.best_path)
     finally:
-        log.close()
+        r.log.close()
         utils.cleanup()
 
 

@@ -443,7 +443,7 @@ def load_agw_script():
 
 def bench_agw(args, device, rows, extra):
     agw = load_agw_script()
-    from model_agw import AGWNet, builder   # only now: load_agw_script put AGW/ on sys.path
+    from model_agw import builder   # only now: load_agw_script put AGW/ on sys.path
     B, steps, warmup = args.batch_size, args.steps, args.warmup
     if B % args.num_pos:
         raise cli.UserError(f"--batch-size {B} must be a multiple of --num_pos {args.num_pos}")
@@ -459,8 +459,6 @@ def bench_agw(args, device, rows, extra):
     argv += ["--amp"] if args.amp else []
     argv += ["--channels_last"] if args.channels_last else ["--no-channels_last"]
     fargs = agw.get_parser().parse_args(argv)
-    if fargs.milestones is None:     # as AGW/train.py's main fills them
-        fargs.milestones = list(agw.MILESTONES)
 
     torch.manual_seed(args.seed)
     net = builder(fargs)(num_ids).to(device)
@@ -469,8 +467,8 @@ def bench_agw(args, device, rows, extra):
     cl = fargs.channels_last
     if cl:
         net.to(memory_format=torch.channels_last)
-    opt = engine_finetune.build_optimizer(net, fargs, AGWNet.NEW_MODULES)
-    ref_opt = engine_finetune.build_optimizer(ref_net, fargs, AGWNet.NEW_MODULES)
+    opt = engine_finetune.build_optimizer(net, fargs, net.new_modules())
+    ref_opt = engine_finetune.build_optimizer(ref_net, fargs, ref_net.new_modules())
     lr = engine_finetune.adjust_learning_rate(opt, 0, fargs)
     engine_finetune.adjust_learning_rate(ref_opt, 0, fargs)
     amp_dtype, scaler = utils.amp_setup(fargs.amp, device)

@@ -127,14 +127,14 @@ def test_authors_checkpoint_with_unused_stem_tensors_loads(tmp_path, capsys):
 
 def test_lr_schedule_and_parameter_groups():
     args = engine_finetune.get_args_parser("t").parse_args([])
-    lrs = [engine_finetune.learning_rate(e, args, (20, 50)) for e in (0, 4, 9, 10, 19, 20, 49, 50, 79)]
+    lrs = [engine_finetune.learning_rate(e, args) for e in (0, 4, 9, 10, 19, 20, 49, 50, 79)]
     assert lrs == pytest.approx([0.01, 0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     net = AGWNet(4, arch="resnet18")
-    opt = engine_finetune.build_optimizer(net, args, AGWNet.NEW_MODULES)
+    opt = engine_finetune.build_optimizer(net, args, net.new_modules())
     assert [g["name"] for g in opt.param_groups] == ["backbone", "bottleneck", "classifier"]
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
     assert opt.defaults["weight_decay"] == 5e-4
-    engine_finetune.adjust_learning_rate(opt, 30, args, (20, 50))
+    engine_finetune.adjust_learning_rate(opt, 30, args)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.01, 0.01])
     n_all = sum(p.numel() for p in net.parameters())
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_all

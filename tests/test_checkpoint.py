@@ -78,13 +78,13 @@ def test_old_fine_tuning_last_file_resumes(tmp_path):
     torch.manual_seed(0)
     net = AGWNet(5, arch="resnet18")
     args = engine_finetune.get_args_parser("t").parse_args(["--resume", str(tmp_path / "x_last.pth")])
-    opt = engine_finetune.build_optimizer(net, args, AGWNet.NEW_MODULES)
+    opt = engine_finetune.build_optimizer(net, args, net.new_modules())
     best = {"epoch": 2, "rank1": 0.5, "feature": "FC", "mAP": 0.4, "mINP": 0.3}
     torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scaler": {}, "epoch": 3,
                 "best": best, "rng": utils.get_rng_state(), "state": {"wG": 0.25}, "args": {}},
                tmp_path / "x_last.pth")
     other = AGWNet(5, arch="resnet18")
-    opt2 = engine_finetune.build_optimizer(other, args, AGWNet.NEW_MODULES)
+    opt2 = engine_finetune.build_optimizer(other, args, net.new_modules())
     state = {"wG": 0.0}
     assert checkpoint.load_resume(other, args, opt2, None, state) == (4, best)
     assert state == {"wG": 0.25}

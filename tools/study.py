@@ -172,7 +172,11 @@ def run(cmd, log, args, cwd=REPO_ROOT):
         rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env,
                             stdin=subprocess.DEVNULL).returncode
     if rc:
-        raise UserError(f"run failed (exit {rc}); see {log}")
+        # the run's own one-line reason (cli.cli prints 'error: ...' last), else where to look
+        lines = [ln for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()]
+        reason = next((ln for ln in reversed(lines) if ln.startswith("error: ")), "")
+        raise UserError(f"{Path(cmd[1]).name} failed (exit {rc})" + (f": {reason[7:]}" if reason else "")
+                        + f"; see {log}")
     print(f"  done in {time.time() - t0:.0f}s: {log}", flush=True)
 
 
@@ -573,7 +577,21 @@ def report(out, pre, chosen, args):
     print("\n".join(lines))
 
 
+def check_args(args):
+    """Every flag's rule, before anything is made."""
+    for name in ("jobs", "threads", "epochs", "num_ids", "batch_size", "steps_per_epoch", "ft_epochs",
+                 "img_h", "img_w"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('batch_size', 'batch-size')} must be >= 1, got {getattr(args, name)}")
+    for name in ("seeds", "ddag_seeds"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.img_h % 6:
+        raise UserError(f"--img_h must be a multiple of 6 (the K=6 stripes), got {args.img_h}")
+
+
 def main(args):
+    check_args(args)
     out = Path(args.out)
     out = out if out.is_absolute() else REPO_ROOT / out
     args.configs = {"readings": READINGS, "screen": SCREEN}.get(args.configs, args.configs)
@@ -587,6 +605,8 @@ def main(args):
                         f"nothing pre-trains it")
     if args.report:
         pre = pretrain_results(out, args)
+        if not pre:
+            raise UserError(f"--report: no pre-training run of --configs under {out} to report (run the study first)")
         plot(pre, out)
         plot_diagnostics(pre, out)
         report(out, pre, args.ft_from or None, args)
