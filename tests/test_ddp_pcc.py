@@ -13,6 +13,10 @@ as DDP's average scales it).
 
 Positives must be found across ranks (rank r's rows are rows r*b.. of the gathered pool:
 the ``offset`` in mmgl_losses), so a wrong rank offset fails here.
+
+Known gap (xfail, strict): under the default mutual reading the ranks' losses are means over
+their OWN matched queries, so when the ranks find different numbers of mutual matches the
+DDP average is not the one-process mean (test_mutual_pcc_with_unequal_matches_...).
 """
 import os
 import socket
