@@ -40,6 +40,8 @@ import rerank  # noqa: E402
 import utils  # noqa: E402
 from conftest import output_args, run_script  # noqa: E402
 
+assert Path(train.__file__).resolve() == ROOT / "train.py", f"imported {train.__file__} as the pre-training script"
+
 H, W = 48, 24            # tiny images: 6 stripes of 8 rows; a 3x2 map at the end of ResNet-18
 K = 6                    # --num_stripe's default
 TINY = ["--arch", "resnet18", "--img_h", str(H), "--img_w", str(W), "--workers", "0", "--gpu", "cpu"]
