@@ -34,6 +34,7 @@ TRAIN, TEST = str(ROOT / "AGW" / "train.py"), str(ROOT / "AGW" / "test.py")
 # identities x 4 images per modality, no warm-up, 6 epochs (~45 s on 2 cores). Measured on
 # the 12 held-out identities: best FC Rank-1 19-26% (chance 8.3%), mAP 27-33% (untrained
 # 21%); 3x chance needs ~12 epochs (28-30%), too long for the suite.
+AGW_UNTRAINED_R1_MAX, AGW_UNTRAINED_MAP_MAX = 0.146, 0.218   # untrained FC over 3 seeds (see the test)
 LEARN_ARGS = ["--lr", "0.1", "--epochs", "6", "--warmup_epochs", "0", "--test_every", "2",
               "--print_freq", "100"]
 
@@ -265,11 +266,15 @@ def test_finetune_beats_chance_and_the_untrained_network(sysu_run, sysu_small, c
     capsys.readouterr()
     report = (f"fine-tuned FC Rank-1 {best_r1:.3f} mAP {best_map:.3f}; untrained Rank-1 "
               f"{untrained[0][0]:.3f} mAP {untrained[1]:.3f}; chance {chance:.3f}")
-    # Rank-1 over 12 test identities moves in steps of a few points between CPUs (float
-    # kernels: 15.6% on a loaded AMD EPYC, 19-26% elsewhere), so the Rank-1 bound is 1.5x
-    # chance (12.5%) and the margin that decides is mAP's (~30% against ~21% untrained).
-    assert best_r1 > 1.5 * chance, report
-    assert best_map > untrained[1] + 0.05, report
+    print(report)
+    # The untrained network (AGWNet, seeds 0, 1, 2, the same test data, one thread, AMD EPYC,
+    # 2026-12-07): FC Rank-1 13.2%, 14.6%, 12.2%, mAP 21.0%, 21.8%, 20.7%. Rank-1 over 12
+    # test identities moves in steps of a few points between CPUs' float kernels, so the
+    # Rank-1 bound is only the untrained maximum, and the margin that decides is mAP's:
+    # 5 points over the untrained network of this seed (3 seeds spread 1.1 points) and 4
+    # over the untrained maximum.
+    assert best_r1 > AGW_UNTRAINED_R1_MAX, report
+    assert best_map > untrained[1] + 0.05 and best_map > AGW_UNTRAINED_MAP_MAX + 0.04, report
     # training accuracy went up
     acc = [float(a) for a in re.findall(r"  acc \d+\.\d+% \((\d+\.\d+)%\)", stdout)]
     assert acc[-1] > 2 * acc[0]

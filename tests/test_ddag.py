@@ -250,6 +250,7 @@ def test_bad_flags_are_one_line_errors(monkeypatch):
 # chance) by epoch 2 and plateaus there; SGD --lr 0.1 needs 5-6 epochs for the same.
 EPOCHS = 4
 CHANCE_FACTOR = 1.5
+UNTRAINED_R1_MAX, UNTRAINED_MAP_MAX, UNTRAINED_MAP_MARGIN = 0.133, 0.205, 0.04   # see the test
 LEARN_ARGS = ["--optim", "adam", "--lr", "0.003", "--epochs", str(EPOCHS),
               "--warmup_epochs", "0", "--test_every", "1", "--print_freq", "100"]
 RUN = "sysu_ddag_wpa_graph_p4_n8_lr_0.003_seed_0_adam"
@@ -274,11 +275,14 @@ def test_finetune_learns_far_above_chance(sysu_run, sysu_small):
     chance = 1.0 / test_ids
     best = max(rank1(line) for r in results.values() for line in r.values())
     best_map = max(float(RESULT_LINE.match(line).group(6)) / 100 for r in results.values() for line in r.values())
-    # Rank-1 over 12 test identities moves by a few points between CPUs' float kernels, so
-    # its bound is 1.5x chance (12.5%; measured ~21%), and mAP must clear 25% (measured
-    # ~30%; docs/STUDY.md)
-    assert best > CHANCE_FACTOR * chance, (best, chance, stdout[-2000:])
-    assert best_map > 0.25, (best_map, stdout[-2000:])
+    print(f"best Rank-1 {best:.3f} mAP {best_map:.3f}")
+    # The untrained network (DDAGNet --wpa --graph, seeds 0, 1, 2, the same test data, one
+    # thread, AMD EPYC, 2026-12-07; FC / FC_att): Rank-1 12.5/9.8%, 10.3/13.3%, 11.9/7.2%,
+    # mAP 19.9/18.1%, 20.2/20.4%, 20.5/18.7%. Rank-1 over 12 test identities moves by a few
+    # points between CPUs' float kernels, so it must only clear the untrained maximum
+    # (13.3%); mAP must clear the untrained maximum (20.5%) by UNTRAINED_MAP_MARGIN.
+    assert best > max(CHANCE_FACTOR * chance, UNTRAINED_R1_MAX), (best, chance, stdout[-2000:])
+    assert best_map > UNTRAINED_MAP_MAX + UNTRAINED_MAP_MARGIN, (best_map, stdout[-2000:])
     acc = [float(a) for a in re.findall(r"  acc \d+\.\d+% \((\d+\.\d+)%\)", stdout)]
     assert acc[-1] > 2 * acc[0]
 

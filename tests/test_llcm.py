@@ -19,6 +19,9 @@ LEARN = ["--optim", "adam", "--lr", "0.003", "--epochs", "5", "--warmup_epochs",
          "--print_freq", "100"]
 
 
+DDAG_UNTRAINED_R1_MAX, DDAG_UNTRAINED_MAP_MAX, DDAG_MAP_MARGIN = 0.127, 0.203, 0.01   # see test_ddag_from_mmgl
+
+
 @pytest.fixture(scope="module")
 def pretrained(llcm_small, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llcm_pre")
@@ -26,7 +29,7 @@ def pretrained(llcm_small, tmp_path_factory):
                      "--model_path", tmp / "sm", "--log_path", tmp / "log", "--vis_log_path", tmp / "vis",
                      threads=1)
     assert "LLCM" in out.stdout and "held-out permutation set: 40 RGB + 40 IR" in out.stdout
-    return tmp / "sm" / f"{PRE_NAME}_epoch_1.t"
+    return next((tmp / "sm").glob(f"{PRE_NAME}*_epoch_1.t"))   # the run name may carry tags
 
 
 def test_agw_from_mmgl_in_both_directions(pretrained, llcm_small, tmp_path):
@@ -61,8 +64,19 @@ def test_ddag_from_mmgl(pretrained, llcm_small, tmp_path):
                      "--test_every", "1", "--print_freq", "100", "--wpa", "--tvsearch",
                      "--resume", pretrained, *output_args(tmp_path), cwd=ROOT / "DDAG", threads=1).stdout
     chance = 1 / len((llcm_small / "idx" / "test_id.txt").read_text().split(","))
-    best = max(rank1(r["FC_att"]) for r in epoch_results(out).values())
-    assert best > 1.5 * chance, best
+    results = epoch_results(out)
+    best = max(rank1(line) for r in results.values() for line in r.values())
+    best_map = max(float(RESULT_LINE.match(line).group(6)) / 100 for r in results.values() for line in r.values())
+    print(f"DDAG LLCM best Rank-1 {best:.3f} mAP {best_map:.3f}")
+    # The untrained network (DDAGNet --wpa, --tvsearch, seeds 0, 1, 2, the same test data,
+    # one thread, AMD EPYC, 2026-12-07; FC / FC_att): Rank-1 6.9/5.2%, 12.7/10.4%, 12.4/11.3%,
+    # mAP 14.7/15.1%, 15.7/16.9%, 18.4/20.3%. Rank-1 over 12 test identities moves by a few
+    # points between CPUs, so it must clear 1.5x chance and the untrained maximum; mAP
+    # must clear the untrained maximum by a margin. Fine-tuned here: Rank-1 14.9%, mAP
+    # 23.4%: this 4-epoch budget beats the untrained network by only ~3 mAP points, so the
+    # margin is 1 point (a clear margin needs a longer run).
+    assert best > max(1.5 * chance, DDAG_UNTRAINED_R1_MAX), (best, chance)
+    assert best_map > DDAG_UNTRAINED_MAP_MAX + DDAG_MAP_MARGIN, (best_map, out[-2000:])
 
 
 @pytest.mark.parametrize("case", ["missing idx file", "missing camera folder", "unreadable image",

@@ -213,18 +213,28 @@ def test_fine_tune_checkpoint_is_not_resumable(two_stream_run, sysu_small, tmp_p
 
 # ----------------------------------------------------------------------------- learning
 def test_permutation_recovery_is_learnt(sysu_small, tmp_path):
-    """A short CPU pre-training on synthetic data predicts whole stripe permutations far
-    above chance. The CPU budget is ~100 steps, so this run uses --num_stripe 3 (chance
-    1/3! = 16.7%) and no PCC; everything else is the default objective. The 6-stripe
-    default is tested with the stripes head below."""
+    """A short CPU pre-training on synthetic data predicts whole stripe permutations of
+    HELD-OUT images (the 300 + 300 test-identity images the run scores after every epoch,
+    fixed permutations, no augmentation) far above the untrained network. The CPU budget
+    is ~100 steps, so this run uses --num_stripe 3 (chance 1/3! = 16.7%) and no PCC;
+    everything else is the default objective. The 6-stripe default is tested with the
+    stripes head below.
+
+    Measured with one thread (AMD EPYC, 2026-12-07): the untrained network (seeds 0, 1, 2;
+    train.evaluate_perm on the same held-out set) scores 15.9%, 20.0%, 17.0% whole-permutation
+    accuracy (chance 16.7%); this run's epochs score 38.1%, 55.6%, 49.3%. The bound on the
+    last epoch is the untrained maximum + 15 points (35%)."""
+    import json
     res = run_train(tmp_path, "--data_path", str(sysu_small), *LEARN_ARGS)
-    accs = [float(line.split("perm_acc ")[1].split("%")[0]) for line in res.stdout.splitlines()
-            if line.startswith("Epoch: [")]
-    assert len(accs) == 9   # 3 epochs x (steps 0, 14 and the last of 28)
-    final = np.mean(accs[-2:])  # each print measures one batch of 2 x 16 images: average 2
-    assert final > 3 * 100 / 6, res.stdout[-2000:]  # > 3x chance (1/3! = 16.7%)
+    log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
+    assert len(log) == 3 and all("val/perm_acc" in r for r in log), res.stdout[-2000:]
+    accs = [r["val/perm_acc"] for r in log]
+    print("held-out perm_acc per epoch:", accs)
+    assert accs[-1] > PERM_UNTRAINED_MAX + PERM_MARGIN, (accs, res.stdout[-2000:])
 
 
+# the untrained network's held-out accuracy over 3 seeds was at most 20.0% (see above)
+PERM_UNTRAINED_MAX, PERM_MARGIN = 0.20, 0.15
 LEARN_ARGS = [*TINY, "--num_stripe", "3", "--epochs", "3", "--batch-size", "16", "--lr", "0.1",
               "--warmup_epochs", "0", "--no-pcc", "--print_freq", "14", "--seed", "0", "--deterministic"]
 
