@@ -224,18 +224,17 @@ def check_continuation(path, obj, args, fixed=()):
     differ = {k: (saved[k], now[k]) for k in now if k in saved and k not in OPERATIONAL_FLAGS
               and saved[k] != now[k] and saved[k] is not None}
 
-    def listing(keys, i):
-        return ", ".join(f"--{k} {differ[k][i]}" for k in keys)
+    def listing(keys):   # --flag saved -> this run's
+        return ", ".join(f"--{k} {differ[k][0]} -> {differ[k][1]}" for k in keys)
     hard = [k for k in fixed if k in differ]
     if hard:
-        raise UserError(f"{path} was written with {listing(hard, 0)} (this run: {listing(hard, 1)}); a run "
-                        f"continues only with the flags that shape its network, losses and optimiser")
+        raise UserError(f"{path.name} has other flags ({listing(hard)}); a run continues only with "
+                        f"the flags that shape its network, losses and optimiser")
     if differ and not args.resume_anyway:
-        raise UserError(f"{path} was written with {listing(differ, 0)} (this run: {listing(differ, 1)}): "
-                        f"not an exact resume; pass the same flags, or --resume_anyway to continue so")
+        raise UserError(f"{path.name} has other flags ({listing(differ)}): not an exact resume; "
+                        f"add --resume_anyway or pass the same flags")
     if differ:
-        warn(f"--resume_anyway: continuing {path.name} with {listing(differ, 1)} (it was written with "
-             f"{listing(differ, 0)})")
+        warn(f"--resume_anyway: continuing {path.name} with other flags ({listing(differ)})")
 
 
 def load_last(path, obj, stage, net, optimizer=None, scaler=None, load_net=True, args=None,

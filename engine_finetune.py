@@ -74,11 +74,13 @@ def get_args_parser(description, epochs=80, milestones=(20, 50)):
 
 
 def run_name(args, method):
-    """The authors' run suffix: 'sysu_agw_p4_n8_lr_0.1_seed_0' (+ '_adam', + '_trial_T')."""
+    """The authors' run suffix: 'sysu_agw_p4_n8_lr_0.1_seed_0' (+ '_adam', + '_one', + '_trial_T')."""
     name = (f"{args.dataset}_{method}_p{args.num_pos}_n{args.batch_size}_lr_{args.lr}"
             f"_seed_{args.seed}")
     if args.optim != "sgd":
         name += f"_{args.optim}"
+    if args.stream != "two":   # the authors' networks are two-stream; a one-stream run must not share files
+        name += f"_{args.stream}"
     return name + datasets.get(args.dataset).run_suffix(args)
 
 

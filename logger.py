@@ -263,13 +263,13 @@ class RunLog:
             f.write(str(os.getpid()))
             f.flush()
             self.locks.append(f)
+        cli.on_failure(self.release)   # a run that fails before its loop leaves no lock file
         earlier = [] if continuing else self.outputs(args.model_path)
         if earlier and not getattr(args, "overwrite", False):
             last = Path(args.model_path) / f"{self.run}_last.pth"
-            more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
-            cont = f"continue it with --resume {last.name}, " if last.is_file() else ""
-            raise UserError(f"a run named {self.run} has outputs here ({earlier[0]}{more}): {cont}replace "
-                            f"them with --overwrite, or give this run other flags or another --model_path")
+            what = f"continue it with --resume {last}" if last.is_file() else f"see {earlier[0]}"
+            raise UserError(f"a run of this name has outputs already: {what}, replace them ({len(earlier)}) with "
+                            f"--overwrite, or change --model_path/--log_path")
         for p in earlier:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         if earlier:
@@ -351,7 +351,11 @@ class RunLog:
     def close(self):
         if self.writer is not None:
             self.writer.close()
-        for f in self.locks:   # the lock file goes; its lock would end with the process anyway
+        self.release()
+
+    def release(self):
+        """Remove the run's lock files (the locks themselves end with the process anyway)."""
+        for f in self.locks:
             Path(f.name).unlink(missing_ok=True)
             f.close()
         self.locks = []

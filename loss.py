@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+import utils
+
 
 # ============================================================================ permutation recovery
 def log_sinkhorn(log_alpha, n_iters=20, temp=1.0):
@@ -190,8 +192,11 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
     pool_rgb = z_rgb if pool_rgb is None else pool_rgb
     pool_ir = z_ir if pool_ir is None else pool_ir
     if form == "mutual":
-        return 0.5 * (_mutual_nce(z_rgb, pool_rgb, pool_ir, temp, offset, pool)
-                      + _mutual_nce(z_ir, pool_ir, pool_rgb, temp, offset, pool))
+        # under DDP with gather: the mean over EVERY rank's matched queries, not a mean of
+        # per-rank means (ranks match different numbers of stripes)
+        average = utils.all_reduce_mean if gather is not None else None
+        return 0.5 * (_mutual_nce(z_rgb, pool_rgb, pool_ir, temp, offset, pool, average)
+                      + _mutual_nce(z_ir, pool_ir, pool_rgb, temp, offset, pool, average))
     loss = 0.0
     for z, own_pool, other_pool in ((z_rgb, pool_rgb, pool_ir), (z_ir, pool_ir, pool_rgb)):
         q = z.float().reshape(-1, D)
@@ -233,7 +238,7 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
     return loss / 2
 
 
-def _mutual_nce(z, own_pool, other_pool, temp, offset=0, pool="all"):
+def _mutual_nce(z, own_pool, other_pool, temp, offset=0, pool="all", average=None):
     """``form='mutual'`` for one query modality: z [B, K, D] (rows ``offset..`` of
     own_pool [B_all, K, D]), other_pool [M, K, D]. Each query stripe's hard nearest
     neighbour in the other modality is its positive when the match is mutual (cycle-
@@ -241,7 +246,9 @@ def _mutual_nce(z, own_pool, other_pool, temp, offset=0, pool="all"):
     (with ``--pcc_order original``: the same body part, "part-aware"), while the InfoNCE
     always contrasts against EVERY stripe of the other modality, so other parts are
     negatives. The matching is a constant, only the InfoNCE carries gradient. The mean runs
-    over the matched queries (no host sync); no mutual pair in the batch: 0."""
+    over the matched queries (no host sync); no mutual pair in the batch: 0. ``average``
+    (DDP): the cross-rank mean of a tensor, so that the count is every rank's; DDP's mean of
+    the ranks' gradients then equals one process's on the whole batch."""
     K, D = z.shape[1], z.shape[2]
     q, own, other = z.float().reshape(-1, D), own_pool.float().reshape(-1, D), other_pool.float().reshape(-1, D)
     sim = q @ other.t()
@@ -256,7 +263,10 @@ def _mutual_nce(z, own_pool, other_pool, temp, offset=0, pool="all"):
         fwd = match.argmax(1)                                    # q -> its nearest other-modality stripe
         keep = back.argmax(1)[fwd] == offset * K + torch.arange(q.shape[0], device=q.device)
     ce = F.cross_entropy(sim / temp, fwd, reduction="none")
-    return (ce * keep).sum() / keep.sum().clamp(min=1)
+    count = keep.sum().float()
+    if average is not None:
+        count = average(count)   # every rank's matches / world size
+    return (ce * keep).sum() / count.clamp(min=1e-6)
 
 
 # ============================================================================ ReID losses

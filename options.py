@@ -36,6 +36,8 @@ def model_parser():
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("backbone")
     g.add_argument("--arch", default="resnet50", help=" | ".join(ARCHS))
+    g.add_argument("--stream", default="two", help="two: modality-specific stems (conv1/bn1), the rest "
+                   "shared; one: every layer shared by both modalities")
     g.add_argument("--pretrained", default=None, help="local torchvision-format ImageNet ResNet "
                    "weights for the backbone (never downloaded)")
     return p
@@ -115,6 +117,7 @@ def check(args):
     bench = datasets.get(args.dataset)
     args.dataset = ",".join(n.strip() for n in args.dataset.split(","))   # "sysu " is sysu
     cli.choice_check("--arch", args.arch, ARCHS)
+    cli.choice_check("--stream", args.stream, ("two", "one"))
     for name in ("img_h", "img_w", "epochs", "save_epoch", "print_freq"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")

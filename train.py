@@ -58,7 +58,6 @@ def get_args_parser():
                    help="held-out test images per modality for the permutation accuracy printed after "
                         "every epoch (0: off)")
     g = p.add_argument_group("MMGL network")
-    g.add_argument("--stream", default="two", help="two: modality-specific stems; one: all shared")
     g.add_argument("--num_stripe", default=6, type=int, help="K horizontal stripes (K! permutations)")
     g.add_argument("--perm_feat", default="gap", help="what the permutation head sees: gap (the paper's "
                    "figure: the globally pooled feature) | stripes (the K stripe-pooled features, "
@@ -115,7 +114,6 @@ def get_args_parser():
 
 def check_args(args):
     options.check(args)
-    cli.choice_check("--stream", args.stream, ("two", "one"))
     cli.choice_check("--perm_feat", args.perm_feat, ("gap", "stripes"))
     cli.choice_check("--pcc_form", args.pcc_form, ("pair", "cycle", "mutual"))
     cli.choice_check("--pcc_head", args.pcc_head, ("linear", "mlp"))

@@ -164,6 +164,6 @@ def add_model_args(parser):
 def builder(args):
     """class_num -> AGWNet configured by ``args``."""
     def build(class_num):
-        return AGWNet(class_num, arch=args.arch, method=args.method, nl_width=args.nl_width,
-                         pretrained=args.pretrained or None)
+        return AGWNet(class_num, arch=args.arch, stream=args.stream, method=args.method, nl_width=args.nl_width,
+                      pretrained=args.pretrained or None)
     return build

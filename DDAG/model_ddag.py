@@ -220,8 +220,6 @@ def add_model_args(parser):
     a("--low-dim", default=512, type=int, help="graph attention: width of each head")
     a("--nheads", default=4, type=int, help="graph attention: heads")
     a("--drop", default=0.2, type=float, help="graph attention: dropout")
-    a("--stream", default="two", choices=("two", "one"),
-      help="two: modality-specific stems; one: one shared stem")
     return parser
 
 

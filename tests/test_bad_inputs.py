@@ -94,6 +94,44 @@ CASES = [
     ("several sets", "DDAG/test_ddag.py", ["--dataset", "sysu,llcm", "--resume", "{r18}"], "need identities"),
     ("unknown configuration", "tools/study.py", ["--out", "{tmp}/study", "--configs", "nope"],
      "unknown configuration 'nope'"),
+    # never lose a run: outputs of a run of the same name, a run writing them now, an empty --resume
+    ("the same run again (its outputs exist)", "train.py", ["--model_path", "{done}"], "has outputs already"),
+    ("the same run again (its outputs exist)", "AGW/train.py", ["--model_path", "{done}"], "has outputs already"),
+    ("a run of the same name writing now", "train.py", ["--model_path", "{locked}"], "is writing the outputs of"),
+    ("--resume given empty (an unset variable)", "train.py", ["--resume", ""], "--resume was given an empty value"),
+    ("--resume given empty (an unset variable)", "AGW/train.py", ["--resume", ""], "--resume was given an empty"),
+    ("--data_path given empty", "DDAG/train_ddag.py", ["--data_path", ""], "--data_path was given an empty"),
+    ("several sets, an empty --data_path entry", "train.py", ["--dataset", "folder,sysu", "--data_path", "{folder},"],
+     "has an empty entry"),
+    # a resume that is not the run it continues
+    ("--stream one resuming a two-stream _last.pth", "train.py", ["--resume", "{last}", "--stream", "one"],
+     "has other flags (--stream two -> one)"),
+    ("--arch resnet50 resuming a resnet18 _last.pth", "train.py", ["--resume", "{last}", "--arch", "resnet50"],
+     "(--arch resnet18 -> resnet50); a run continues only"),
+    ("--optim adam resuming an sgd _last.pth", "train.py", ["--resume", "{last}", "--optim", "adam"],
+     "(--optim sgd -> adam); a run continues only"),
+    ("--num_stripe 3 resuming a K=6 _last.pth", "train.py", ["--resume", "{last}", "--num_stripe", "3"],
+     "(--num_stripe 6 -> 3)"),
+    ("resuming with another --batch-size", "train.py", ["--resume", "{last}", "--batch-size", "8"],
+     "not an exact resume; add --resume_anyway"),
+    ("resuming on another dataset", "train.py", ["--resume", "{last}", "--dataset", "folder", "--data_path",
+     "{folder}", "--img_h", "48", "--img_w", "24"], "not an exact resume"),
+    ("--optim adam resuming an sgd _last.pth", "AGW/train.py", ["--resume", "{agwlast}", "--optim", "adam"],
+     "(--optim sgd -> adam); a run continues only"),
+    ("resuming with another --seed", "AGW/train.py", ["--resume", "{agwlast}", "--seed", "3"],
+     "(--seed 0 -> 3): not an exact resume"),
+    ("--batch-size larger than the identities", "AGW/train.py", ["--batch-size", "40"],
+     "but only 28 identities have both RGB and IR images"),
+    ("--batch-size larger than the images", "train.py", ["--batch-size", "5000"], "fewer than one batch"),
+    # malformed label arrays, refused where they are read
+    ("a 0-d label array", "train.py", ["--data_path", "{lab0d}"], "expected a 1-D array of integers, got shape ()"),
+    ("a 2-D label array", "AGW/train.py", ["--data_path", "{lab2d}"], "expected a 1-D array of integers"),
+    ("NaN labels", "train.py", ["--data_path", "{labnan}"], "are not whole numbers (e.g. nan)"),
+    ("fractional labels", "DDAG/train_ddag.py", ["--data_path", "{labfrac}"], "are not whole numbers (e.g. 1.5)"),
+    ("negative labels", "AGW/train.py", ["--data_path", "{labneg}"], "labels are negative (e.g. -1)"),
+    ("text labels", "DDAG/train_ddag.py", ["--data_path", "{labtext}"], "expected integers, got <U"),
+    ("--report with nothing run", "tools/study.py", ["--out", "{tmp}/nothing", "--report"], "no pre-training run"),
+    ("--jobs 0", "tools/study.py", ["--out", "{tmp}/study0", "--jobs", "0"], "--jobs must be >= 1"),
 ]
 # scripts that take the dataset and output flags
 _WITH_DATA = ("train.py", "AGW/train.py", "AGW/test.py", "DDAG/train_ddag.py", "DDAG/test_ddag.py")
@@ -129,8 +167,79 @@ def make_files(data, raw, tmp):
     preprocess_folder(folder, img_h=48, img_w=24, verbose=False)
     (onergb / "rgb").mkdir(parents=True)
     (folder / "rgb" / "day").rename(onergb / "rgb" / "day")
-    return {"data": data, "raw": raw, "tmp": tmp, "text": text, "cut": cut, "plain": plain,
-            "alien": alien, "blocker": blocker, "r18": r18, "r50": r50, "folder": folder, "onergb": onergb}
+    files = {"data": data, "raw": raw, "tmp": tmp, "text": text, "cut": cut, "plain": plain,
+             "alien": alien, "blocker": blocker, "r18": r18, "r50": r50, "folder": folder, "onergb": onergb}
+    files.update(bad_label_sets(data, tmp))
+    files.update(earlier_runs(files))
+    return files
+
+
+def script(path):
+    """A script of the repository as a module, by its file (train.py and AGW/train.py share a name)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"script_{path.replace('/', '_')[:-3]}", ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    folder = str((ROOT / path).parent)
+    sys.path.insert(0, folder)   # its own folder, as when it runs as a script; only while it loads
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
+def bad_label_sets(data, tmp):
+    """Copies of the preprocessed set (images linked) whose RGB label array is malformed."""
+    import numpy as np
+    n = len(np.load(data / "train_rgb_resized_label.npy"))
+    bad = {"lab0d": np.array(3), "lab2d": np.zeros((2, n), np.int64), "labnan": np.full(n, np.nan),
+           "labfrac": np.full(n, 1.5), "labneg": np.concatenate([[-1], np.arange(n - 1) % 20]),
+           "labtext": np.array(["a"] * n)}
+    out = {}
+    for key, labels in bad.items():
+        d = tmp / key / "SYSU-MM01"
+        d.mkdir(parents=True)
+        for f in data.iterdir():
+            (d / f.name).symlink_to(f)
+        (d / "train_rgb_resized_label.npy").unlink()
+        np.save(d / "train_rgb_resized_label.npy", labels)
+        out[key] = d
+    return out
+
+
+def earlier_runs(files):
+    """A pre-training and an AGW ``<run>_last.pth`` as the base commands would write them
+    (``{last}``, ``{agwlast}``, in the model folder ``{done}``), and a model folder whose
+    run lock another process holds (``{locked}``: this one, for the module's lifetime)."""
+    import fcntl
+    import checkpoint
+    import cli
+    import engine_finetune
+    from model import MMGLNet
+    train, agw_train = script("train.py"), script("AGW/train.py")
+    done, locked = files["tmp"] / "done", files["tmp"] / "locked"
+    done.mkdir()
+    locked.mkdir()
+    args = train.check_args(train.get_args_parser().parse_args(command("train.py", [], files)))
+    cli._PENDING_WARNINGS.clear()   # the base command's warm-up note: not this process's to print
+    args.data_path = str(Path(args.data_path).resolve())
+    name = train.run_name(args)
+    net = MMGLNet(args.arch, args.stream, num_stripe=args.num_stripe)
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9)
+    last = done / f"{name}_last.pth"
+    checkpoint.save_last(last, "pretrain", net, opt, torch.amp.GradScaler("cpu", enabled=False), 0, args,
+                         state={"scheduler": {}, "global_step": 1, "pcc_from": None})
+    fargs = engine_finetune.prepare_args(agw_train.get_parser().parse_args(command("AGW/train.py", [], files)),
+                                         ROOT / "AGW")
+    agw = agw_train.builder(fargs)(28)
+    agwlast = done / f"{engine_finetune.run_name(fargs, fargs.method)}_last.pth"
+    checkpoint.save_last(agwlast, "finetune", agw, engine_finetune.build_optimizer(agw, fargs, agw.new_modules()),
+                         torch.amp.GradScaler("cpu", enabled=False), 0, fargs, state={"global_step": 1})
+    lock = open(locked / f".{name}.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write("12345")
+    lock.flush()
+    return {"last": last, "agwlast": agwlast, "done": done, "locked": locked, "_lock": lock}
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +265,14 @@ def test_bad_input_is_one_error_line(what, script, args, needle, files):
     assert not list((files["tmp"] / "log").rglob("*.txt"))
 
 
+def test_a_failed_study_step_says_why(tmp_path):
+    """A run the study starts fails: its one-line reason reaches the terminal, not only its log."""
+    res = run_script(ROOT / "tools" / "study.py", "--out", tmp_path / "s", "--num_ids", "2", check=False)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(err) == 1, res.stderr
+    assert "make_synthetic.py failed (exit 2): --num_ids must be at least 5" in err[0] and "data.log" in err[0]
+
+
 def test_reliability_table_lists_every_case():
     """docs/RELIABILITY.md's table is this list, printed by running this file as a script:
     one row per case, in order, each with its message (the needle), so it cannot drift."""
@@ -174,8 +291,8 @@ if __name__ == "__main__":   # the docs/RELIABILITY.md table from the real messa
         make_sysu(raw, num_ids=6, seed=1, imgs_per_cam=(1, 1))
     f = make_files(data, raw, out / "bad")
     print("| # | input | message (stderr) | exit |\n|---|---|---|---|")
-    for i, (what, script, args, _) in enumerate(CASES, 1):
-        cwd = ROOT / script.split("/")[0] if "/" in script and not script.startswith("tools") else ROOT
-        r = run_script(ROOT / script, *command(script, args, f), cwd=cwd, check=False)
+    for i, (what, name, args, _) in enumerate(CASES, 1):
+        cwd = ROOT / name.split("/")[0] if "/" in name and not name.startswith("tools") else ROOT
+        r = run_script(ROOT / name, *command(name, args, f), cwd=cwd, check=False)
         msg = r.stderr.strip().splitlines()[-1].replace(str(out), "…").replace(str(data), "DATA").replace("|", "\\|")
-        print(f"| {i} | `{script}`: {what} | `{msg}` | {r.returncode} |")
+        print(f"| {i} | `{name}`: {what} | `{msg}` | {r.returncode} |")

@@ -14,9 +14,8 @@ as DDP's average scales it).
 Positives must be found across ranks (rank r's rows are rows r*b.. of the gathered pool:
 the ``offset`` in mmgl_losses), so a wrong rank offset fails here.
 
-Known gap (xfail, strict): under the default mutual reading the ranks' losses are means over
-their OWN matched queries, so when the ranks find different numbers of mutual matches the
-DDP average is not the one-process mean (test_mutual_pcc_with_unequal_matches_...).
+Under the default mutual reading the ranks find different numbers of mutual matches; the
+mean must still run over every rank's matches (test_mutual_pcc_with_unequal_matches_...).
 """
 import os
 import socket
@@ -132,11 +131,6 @@ def test_pcc_with_gather_equals_one_process(ddp, reading):
     compare(ddp, reading)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: with --pcc_form mutual (the default) each rank "
-                   "averages its loss over ITS matched queries and DDP averages the ranks' means, which "
-                   "is not the one-process mean over all matched queries when the ranks' match counts "
-                   "differ (loss.py _mutual_nce: (ce * keep).sum() / keep.sum() per rank); measured 1.3% "
-                   "off in the loss here")
 def test_mutual_pcc_with_unequal_matches_per_rank_equals_one_process(ddp):
     compare(ddp, "mutual_part_random")
 

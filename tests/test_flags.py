@@ -488,9 +488,6 @@ def test_ddag_stream_one_builds_one_shared_stem():
     assert not shares_one_stem(ddag().builder(parse(["--arch", "resnet18"]))(5))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: AGW/train.py has no --stream flag (its parser refuses "
-                   "--stream one; model_agw.builder never passes a stream to AGWNet), although AGWNet "
-                   "takes stream='one' and engine_finetune.FIXED_FLAGS lists 'stream'")
 def test_agw_stream_one_builds_one_shared_stem():
     parse = agw().get_parser().parse_args
     assert shares_one_stem(agw().builder(parse(["--arch", "resnet18", "--stream", "one"]))(5))
