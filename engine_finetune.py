@@ -24,6 +24,7 @@ import datasets
 import eval_metrics
 import features
 import logger
+import model
 import options
 import utils
 import visrank
@@ -310,10 +311,10 @@ def _save_rank_lists(ts, qf, gf, name, args, tag, writer, step):
 def test_main(args, net, feature_names, tool_dir, loaded=None):
     """What the method's test script runs: load --resume (required) into ``net`` (a
     network, or a builder ``class_num -> network`` that gets the checkpoint's identity
-    count), test, print. ``loaded``: checkpoint.read_for_test(args) if the script already read
+    count), test, print. ``loaded``: read_for_test(args) if the script already read
     it. Returns the metrics dict of :func:`evaluate`."""
     prepare_args(args, tool_dir)
-    path, obj = loaded or checkpoint.read_for_test(args)
+    path, obj = loaded or read_for_test(args)
     if args.save_features:   # a wrong folder fails now, not after the feature extraction
         cli.check_writable(args.save_features)
     device = utils.select_device(args.gpu)
@@ -325,7 +326,7 @@ def test_main(args, net, feature_names, tool_dir, loaded=None):
     if pretrained:
         notes.append("note: testing a pre-training checkpoint (backbone only; the heads keep their "
                      "initial values)")
-    checkpoint.load_into(net, path, obj, log=notes.append)
+    load_into(net, path, obj, log=notes.append)
     if not pretrained and obj.get("epoch") is not None:
         notes.append(f"==> checkpoint of epoch {obj['epoch']}")
     testset = TestSet(args)
@@ -347,6 +348,68 @@ def test_main(args, net, feature_names, tool_dir, loaded=None):
             writer.close()
 
 
+# ============================================================================ --resume
+def read_resume(args, build=None):
+    """(path, loaded object) of --resume; UserError if it is missing or unreadable or, given
+    ``build`` (class_num -> network), if it does not fit the network: it is then loaded
+    into a throwaway copy (the identity count read from the file), so that a wrong file
+    fails before the run header and before any data is read."""
+    path = checkpoint.find(args.resume, args.model_path)
+    obj = checkpoint.load(path, trust=args.trust_checkpoint)
+    if build is not None:
+        load_into(build(checkpoint.num_classes(obj) or 1), path, obj, log=lambda *_: None)
+    return path, obj
+
+
+def read_for_test(args):
+    """read_resume for the test scripts, where --resume is required."""
+    if not args.resume:
+        raise UserError("--resume CKPT is required: the checkpoint to test (a path, or a name "
+                        "under --model_path)")
+    return read_resume(args)
+
+
+def load_into(net, path, obj, log=print):
+    """The network of any --resume file into ``net``: a pre-training one into its backbone
+    (heads keep their initial values), a fine-tuned one strictly."""
+    if checkpoint.kind(obj)[0] == "pretrain":
+        model.load_backbone(net, checkpoint.network_state(obj, str(path)), log=log, source=str(path))
+    else:
+        model.load_finetuned(net, checkpoint.network_state(obj, str(path)), str(path), log=log)
+
+
+def load_resume(net, args, optimizer=None, scaler=None, state=None, loaded=None):
+    """Apply ``--resume`` to ``net`` (and, for a '<run>_last.pth', to optimizer, AMP scaler,
+    RNG and the method's ``state`` dict, which gets its saved values, global_step among
+    them). ``loaded``: read_resume(args) if already done. Returns (start_epoch, best)."""
+    path, obj = loaded or read_resume(args)
+    stage, resumable = checkpoint.kind(obj)
+    if stage == "pretrain":
+        # MMGL (or any backbone) checkpoint: heads dropped, counts printed, UserError if
+        # nothing loads; fine-tuning starts from epoch 0.
+        print(f"==> initialising the backbone from {path}")
+        model.load_backbone(net, checkpoint.network_state(obj, str(path)), source=str(path))
+        return 0, None
+    model.load_finetuned(net, checkpoint.network_state(obj, str(path)), str(path))
+    epoch = int(obj.get("epoch", -1))
+    if not resumable:
+        print(f"==> loaded fine-tuning checkpoint {path} (epoch {epoch})")
+        best = None
+        cmc = obj.get("cmc")
+        if cmc is not None:
+            best = {"epoch": epoch, "rank1": float(np.asarray(cmc).reshape(-1)[0]),
+                    "feature": obj.get("feature")}
+    else:   # continue exactly where the run stopped
+        last = checkpoint.load_last(path, obj, "finetune", net, optimizer, scaler, load_net=False)
+        if state is not None:
+            state.update(last["state"])
+        best = last.get("best")
+        print(f"==> resuming {path}: epoch {epoch} done, continuing at epoch {epoch + 1}")
+    if epoch + 1 >= args.epochs:
+        print(f"checkpoint is at epoch {epoch}; --epochs {args.epochs} leaves nothing to train")
+    return epoch + 1, best
+
+
 # ============================================================================ one setup for both methods
 # flags a fine-tuning <run>_last.pth continues only with: they shape the network or the
 # optimiser's state (checkpoint.check_continuation compares the others too)
@@ -365,7 +428,7 @@ def setup(args, build, method, tool_dir, state=None):
     device, data, testset, net, train_net, optimizer, scaler, start_epoch, best, state,
     best_path, last_path."""
     prepare_args(args, tool_dir)
-    resume = checkpoint.read_resume(args, build) if args.resume else None
+    resume = read_resume(args, build) if args.resume else None
     run = run_name(args, method)
     r = SimpleNamespace(run=run, state=dict(state or {}), best_path=Path(args.model_path) / f"{run}_best.t",
                         last_path=Path(args.model_path) / f"{run}_last.pth")
@@ -386,7 +449,7 @@ def setup(args, build, method, tool_dir, state=None):
         _, r.scaler = utils.amp_setup(args.amp, r.device)
         r.start_epoch, r.best = 0, None
         if resume:
-            r.start_epoch, r.best = checkpoint.load_resume(r.net, args, r.optimizer, r.scaler, r.state, loaded=resume)
+            r.start_epoch, r.best = load_resume(r.net, args, r.optimizer, r.scaler, r.state, loaded=resume)
         elif not args.pretrained:
             print("note: no --resume and no --pretrained: the backbone starts from random weights")
         start_log(r.log, r.start_epoch, r.state, r.data, args)

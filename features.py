@@ -11,7 +11,7 @@ One ``.npz`` per evaluated checkpoint (``np.savez``; plain arrays only, so
 ``query_ids``, ``gallery_ids``    int64 [Nq], [Ng]
 ``query_cams``, ``gallery_cams``  int64; RegDB (no cameras): the modality code, 1 RGB 2 IR
 ``query_modality``, ...           str: 'rgb' or 'ir' per image (``gallery_modality`` too; files
-                                  written before 2026-12 say 'visible' / 'infrared' and read as these)
+                                  of older versions say 'visible' / 'infrared' and read as these)
 ``query_paths``, ``gallery_paths``  str
 ``trial_index``                   int64 [T, G]: each trial's gallery as indices into the gallery
                                   arrays (RegDB: one row, all gallery items)

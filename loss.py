@@ -139,7 +139,7 @@ def _info_nce_symmetric(a, b, temp, gather=None, offset=0, groups=0):
     return 0.5 * (ce(a, gather(b), labels) + ce(b, gather(a), labels))
 
 
-def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, renorm=True,
+def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0,
              gather=None, pool="all", form="pair", detach_pool=False):
     """Part-aware cycle-contrastive loss (MMGL's local granularity, paper §III-C).
 
@@ -175,7 +175,7 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
 
     Both forms average over the two modalities. OUR READINGS (the paper leaves them open):
     the same t serves the soft-NN and the InfoNCE; q_x and q_s are L2-normalised again
-    before the InfoNCE (``renorm``), because a softmax mixture of unit vectors is shorter
+    before the InfoNCE, because a softmax mixture of unit vectors is shorter
     than 1 and InfoNCE at t=0.07 assumes cosine similarities.
 
     Distributed: ``pool_rgb``/``pool_ir`` are the all-rank gathered embeddings
@@ -220,7 +220,7 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
         else:
             q_x = _soft_nn(q, p_other, temp)
         if form == "cycle":
-            q_x = F.normalize(q_x, dim=-1) if renorm else q_x
+            q_x = F.normalize(q_x, dim=-1)
             logits = q_x @ p_own.t() / temp
             if other_part is not None:
                 logits = logits.masked_fill(other_part, float("-inf"))
@@ -231,8 +231,7 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0, reno
         if other_part is not None:
             exclude = exclude | other_part
         q_s = _soft_nn(q, p_own, temp, exclude=exclude)
-        if renorm:
-            q_x, q_s = F.normalize(q_x, dim=-1), F.normalize(q_s, dim=-1)
+        q_x, q_s = F.normalize(q_x, dim=-1), F.normalize(q_s, dim=-1)
         loss = loss + _info_nce_symmetric(q_x, q_s, temp, gather, offset * K,
                                           groups=K if pool == "part" else 0)
     return loss / 2

@@ -1,6 +1,7 @@
 """Networks: an in-repo ResNet (torchvision key names, no torchvision import), the
 two-stream backbone shared by MMGL pre-training, AGW and DDAG, the MMGL pre-training
-network (loading checkpoints into them: checkpoint.py).
+network, and the key mapping that loads a checkpoint's state_dict into them (our files,
+the authors', torchvision's ImageNet ResNets; checkpoint.py reads the files).
 
 Module names follow the authors' AGW code (``visible_module.visible.*``,
 ``thermal_module.thermal.*``, ``base_resnet.base.*``) so that an MMGL checkpoint drops
@@ -8,16 +9,20 @@ straight into the fine-tuning networks (ours and theirs), and theirs into ours.
 
 One deliberate difference from the authors' networks: their stem modules each hold a
 whole ResNet-50 of which only conv1/bn1 run (and ``base_resnet.base`` holds an unused
-conv1/bn1/fc). Ours hold only what runs; ``checkpoint.load_backbone`` skips the unused tensors
+conv1/bn1/fc). Ours hold only what runs; ``load_backbone`` skips the unused tensors
 of their checkpoints with a one-line report.
 """
 import copy
+import re
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
+import utils
+from cli import UserError
 
 
 # ============================================================================ ResNet
@@ -142,14 +147,6 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet50(last_stride=1, **kw):
-    return ResNet("resnet50", last_stride, **kw)
-
-
-def resnet18(last_stride=1, **kw):
-    return ResNet("resnet18", last_stride, **kw)
-
-
 # ============================================================================ two-stream backbone
 class Stem(nn.Module):
     """conv1, bn1, relu, maxpool: the modality-specific part of the two-stream network."""
@@ -202,7 +199,7 @@ class TwoStreamBackbone(nn.Module):
 
     BACKBONE_PREFIXES = ("visible_module.", "thermal_module.", "base_resnet.")
 
-    def __init__(self, arch="resnet50", stream="two", last_stride=1, pretrained=None):
+    def __init__(self, arch="resnet50", stream="two", last_stride=1):
         super().__init__()
         cli.choice_check("--arch", arch, tuple(ARCHS))
         cli.choice_check("--stream", stream, ("two", "one"))
@@ -213,9 +210,6 @@ class TwoStreamBackbone(nn.Module):
         layers, self.out_dim = _build_layers(arch, last_stride)
         self.base_resnet = Named("base", Body(*layers))
         _init_weights(self)
-        if pretrained:
-            import checkpoint   # here, not at the top: checkpoint imports this module
-            checkpoint.load_imagenet(self, pretrained)
 
     def stem(self, x1, x2=None, modal=0):
         """modal 0: cat(visible(x1), thermal(x2)) on the batch dim (RGB first);
@@ -274,9 +268,9 @@ class MMGLNet(TwoStreamBackbone):
     HEAD_PREFIXES = ("fc1.", "fc2.", "local_conv_list", "perm_bn.", "pcc_mlp.", "local_layer4.")
 
     def __init__(self, arch="resnet50", stream="two", num_stripe=6, proj_dim=256,
-                 pretrained=None, hidden_dim=1024, part=True, last_stride=1, perm_feat="gap",
+                 hidden_dim=1024, part=True, last_stride=1, perm_feat="gap",
                  perm_bn=False, pcc_head="linear", local_branch="shared", mlp_dim=128):
-        super().__init__(arch, stream, last_stride, pretrained)
+        super().__init__(arch, stream, last_stride)
         cli.check_stripes(num_stripe)
         cli.choice_check("--perm_feat", perm_feat, ("gap", "stripes"))
         cli.choice_check("--pcc_head", pcc_head, ("linear", "mlp"))
@@ -347,3 +341,187 @@ class MMGLNet(TwoStreamBackbone):
             local = fmap if self.local_layer4 is None else self.local_layer4(x)
             out["stripes"] = self.stripe_embed(local, perms)
         return out
+
+
+# ============================================================================ checkpoints -> networks (key mapping)
+# Key names: ours follow the authors' AGW network (visible_module.visible.*,
+# thermal_module.thermal.*, base_resnet.base.*), so their files and ours load both ways;
+# torchvision's ImageNet ResNet keys map onto both stems and the body (load_imagenet).
+def _strip_module(sd):
+    """Drop the 'module.' prefix DataParallel/DDP checkpoints carry."""
+    return OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in sd.items())
+
+
+_BLOCK_RE = re.compile(r"(?:^|\.)layer([1-4])\.(\d+)\.conv(\d)\.weight$")
+
+
+def guess_arch(sd):
+    """Name the ResNet a state_dict looks like ('resnet50', ...), or None."""
+    blocks, block = {}, "basic"
+    for k in sd:
+        m = _BLOCK_RE.search(k)
+        if m:
+            layer, idx, conv = int(m.group(1)), int(m.group(2)), int(m.group(3))
+            blocks[layer] = max(blocks.get(layer, 0), idx + 1)
+            if conv == 3:
+                block = "bottleneck"
+    if not blocks:
+        return None
+    counts = tuple(blocks.get(i, 0) for i in range(1, 5))
+    return KNOWN_LAYOUTS.get((block, counts), f"a {block} ResNet with blocks {counts}")
+
+
+def load_imagenet(net, src, source, log=print):
+    """Load torchvision-format ImageNet ResNet weights (the state_dict ``src``, read from
+    ``source``: checkpoint.load_imagenet reads ``--pretrained PATH``) into a :class:`ResNet`
+    or a :class:`TwoStreamBackbone` (conv1/bn1 -> both stems, layerX ->
+    base_resnet.base.layerX, fc dropped). Returns the number of tensors loaded."""
+    src = _strip_module(src)
+    net = utils.unwrap(net)
+    own = net.state_dict()
+    if isinstance(net, TwoStreamBackbone):
+        strip = re.compile(r"^(visible_module\.visible|thermal_module\.thermal|base_resnet\.base)\.")
+        wanted = {k: strip.sub("", k) for k in net.backbone_keys()}
+    elif isinstance(net, ResNet):
+        wanted = {k: k for k in own if not k.startswith("fc.")}
+    else:
+        raise TypeError(f"load_imagenet expects a ResNet or TwoStreamBackbone, got {type(net).__name__}")
+    to_load, missing, mismatched = {}, [], []
+    for dst, key in wanted.items():
+        if key not in src:
+            # Older torchvision files predate BN's num_batches_tracked buffer.
+            if not key.endswith("num_batches_tracked"):
+                missing.append(key)
+        elif src[key].shape != own[dst].shape:
+            mismatched.append(key)
+        else:
+            to_load[dst] = src[key]
+    if isinstance(net, ResNet) and all(k in src and src[k].shape == own[k].shape
+                                       for k in ("fc.weight", "fc.bias")):
+        to_load.update({k: src[k] for k in ("fc.weight", "fc.bias")})
+    if missing or mismatched:
+        looks = guess_arch(src) or "no ResNet"
+        raise UserError(f"--pretrained {source} does not hold {net.arch} ImageNet weights in "
+                        f"torchvision's key format (it looks like {looks}; {len(missing)} "
+                        f"tensors missing, {len(mismatched)} of a different shape)")
+    net.load_state_dict(to_load, strict=False)
+    n_src = len({k: None for k in wanted.values() if k in src})
+    log(f"loaded {n_src} ImageNet tensors ({net.arch}) from {source}")
+    return n_src
+
+
+# The authors' stems each hold a whole ResNet and their base a whole ResNet too; these
+# tensors never run. Anything else unknown is reported as 'unexpected'.
+_UNUSED_RE = re.compile(r"^(?:(?:visible_module\.visible|thermal_module\.thermal)\."
+                        r"(?:layer\d|fc|avgpool)\.|base_resnet\.base\.(?:conv1|bn1|fc|avgpool)\.)")
+
+
+def _fmt_keys(keys, n=3):
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def load_backbone(net, sd, log=print, source="checkpoint"):
+    """Initialise ``net`` (a TwoStreamBackbone subclass: AGW/DDAG) from the state_dict ``sd``
+    (checkpoint.network_state of a file): an MMGL pre-training checkpoint (ours or the
+    authors') or the authors' fine-tuning networks.
+
+    'module.' prefixes are stripped, pre-training heads (fc1., fc2., local_conv_list)
+    dropped, the authors' never-run stem/base ResNet tensors skipped, and every tensor
+    whose name and shape match ``net`` loaded. Returns a report dict of key lists:
+    loaded, skipped_unused, dropped_head, mismatched, missing_backbone, unexpected.
+    UserError when no backbone tensor loads (a wrong file must never mean a silent
+    from-scratch run)."""
+    net = utils.unwrap(net)
+    sd = _strip_module(sd)
+    own = net.state_dict()
+    report = {k: [] for k in ("loaded", "skipped_unused", "dropped_head", "mismatched",
+                              "missing_backbone", "unexpected")}
+    to_load = OrderedDict()
+    for k, v in sd.items():
+        if k.startswith(MMGLNet.HEAD_PREFIXES):
+            report["dropped_head"].append(k)
+        elif k in own:
+            if own[k].shape == v.shape:
+                to_load[k] = v
+            else:
+                report["mismatched"].append(k)
+        elif _UNUSED_RE.match(k):
+            report["skipped_unused"].append(k)
+        else:
+            report["unexpected"].append(k)
+
+    # Same key names but another depth/width (e.g. a resnet50 file into --arch resnet18)
+    # would load a few coincidentally equal-shaped BN vectors: refuse it outright.
+    looks = guess_arch({k: v for k, v in sd.items() if k.startswith(net.BACKBONE_PREFIXES)})
+    if looks in KNOWN_LAYOUTS.values() and looks != net.arch:
+        raise UserError(f"{source} holds a {looks} backbone but the network is {net.arch} "
+                        f"(--arch {looks}?)")
+
+    backbone = net.backbone_keys()
+    if getattr(net, "stream", "two") == "one":
+        # One shared stem: if the checkpoint has two different stems, keep the visible
+        # one deterministically (load order would otherwise let thermal win silently).
+        differ = False
+        for k in [k for k in to_load if k.startswith("thermal_module.thermal.")]:
+            twin = "visible_module.visible." + k[len("thermal_module.thermal."):]
+            if twin in to_load:
+                differ |= not torch.equal(to_load[twin], to_load[k])
+                del to_load[k]
+        if differ:
+            log("warning: the network has one shared stem but the checkpoint's visible and "
+                "thermal stems differ; the visible stem was loaded")
+    report["loaded"] = list(to_load)
+    # A tensor counts as loaded if its storage was written: with one shared stem the
+    # visible and thermal keys are the same tensor.
+    written = {own[k].data_ptr() for k in to_load}
+    report["missing_backbone"] = [k for k in backbone if own[k].data_ptr() not in written]
+    n_ok = len(backbone) - len(report["missing_backbone"])
+    if n_ok == 0:
+        looks = guess_arch(sd)
+        hint = f" (it looks like {looks})" if looks else f" (its keys: {_fmt_keys(sd)})"
+        raise UserError(f"{source} matches no backbone key of the {net.arch} network{hint}")
+    net.load_state_dict(to_load, strict=False)
+
+    n_other = sum(not k.startswith(net.BACKBONE_PREFIXES) for k in to_load)
+    log(f"loaded {n_ok}/{len(backbone)} backbone tensors from {source} "
+        f"(dropped {len(report['dropped_head'])} pre-training head tensors, "
+        f"skipped {len(report['skipped_unused'])} unused)"
+        + (f", plus {n_other} other matching tensors" if n_other else ""))
+    if report["mismatched"]:
+        log(f"warning: {len(report['mismatched'])} tensors have a different shape and were not "
+            "loaded: " + _fmt_keys(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                                    for k in report["mismatched"]))
+    if report["missing_backbone"]:
+        log(f"warning: {len(report['missing_backbone'])} backbone tensors are not in {source} "
+            "and keep their initial values: " + _fmt_keys(report["missing_backbone"]))
+    if report["unexpected"]:
+        log(f"note: {len(report['unexpected'])} tensors of {source} have no counterpart in the "
+            "network and were ignored: " + _fmt_keys(report["unexpected"]))
+    return report
+
+
+def load_finetuned(net, state_dict, source, hint="--method/--arch/--dataset", log=print):
+    """Load a fine-tuned network's state_dict strictly, except for the tensors the authors'
+    networks carry but never run (their stems' whole ResNets), which are skipped with a
+    note. Any other missing, unexpected or mis-shaped tensor is a UserError naming a few."""
+    net = utils.unwrap(net)
+    report = load_backbone(net, state_dict, log=lambda *_: None, source=source)
+    own = net.state_dict()
+    written = {own[k].data_ptr() for k in report["loaded"]}
+    missing = [k for k, v in own.items()
+               if v.data_ptr() not in written and not k.endswith("num_batches_tracked")]
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", report["unexpected"]),
+                       ("pre-training head", report["dropped_head"]),
+                       ("of a different shape", report["mismatched"])):
+        if keys:
+            more = " ..." if len(keys) > 3 else ""
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{more})")
+    if problems:
+        raise UserError(f"{source} does not fit this network: " + "; ".join(problems)
+                        + f". Was it trained with other {hint}?")
+    skipped = len(report["skipped_unused"])
+    log(f"loaded all {len(report['loaded'])} tensors of {source}"
+        + (f" (skipped {skipped} never-used stem/base tensors of the authors' network)"
+           if skipped else ""))

@@ -78,7 +78,7 @@ def get_args_parser():
                    help="PCC loss on the stripe features (--no-pcc for the ablation)")
     g.add_argument("--cl_weight", default=0.5, type=float)
     g.add_argument("--cl_temp", default=0.07, type=float)
-    # The default reading (December 2026; docs/PRETRAIN.md "The paper vs our reading"):
+    # The default reading (docs/PRETRAIN.md "The paper vs our reading"):
     # "cycle-consistent RGB-IR patches" of the same body part are the positives (mutual,
     # part, original), and PCC joins once the permutation features have formed. Our first
     # reading is --pcc_form pair --pcc_pool all --pcc_order shuffled --pcc_start_acc 0.
@@ -430,9 +430,11 @@ def main(args):
 
     # ---- model: AGW-compatible backbone + permutation head + stripe projections
     # the stripe branch exists only when PCC trains it (an unused branch would break DDP)
-    net = MMGLNet(args.arch, args.stream, num_stripe=args.num_stripe, part=args.pcc,
-                  pretrained=args.pretrained or None, perm_feat=args.perm_feat,
-                  perm_bn=args.perm_bn, pcc_head=args.pcc_head, local_branch=args.local_branch).to(device)
+    net = MMGLNet(args.arch, args.stream, num_stripe=args.num_stripe, part=args.pcc, perm_feat=args.perm_feat,
+                  perm_bn=args.perm_bn, pcc_head=args.pcc_head, local_branch=args.local_branch)
+    if args.pretrained:   # not the paper's (it pre-trains from scratch): ImageNet weights as a start
+        checkpoint.load_imagenet(net, args.pretrained)
+    net = net.to(device)
     if args.channels_last:  # NHWC: tensor-core kernels on a GPU; on the CPU as fast or faster too
         net = net.to(memory_format=torch.channels_last)
     net = utils.wrap_ddp(net, device, args.sync_bn)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
 from model import TwoStreamBackbone  # noqa: E402
 from cli import choice_check  # noqa: E402
 
@@ -88,15 +89,14 @@ class AGWNet(TwoStreamBackbone):
 
     class_num: training identities; arch: 'resnet50' | 'resnet18'; stream: 'two' (AGW)
     or 'one'; method: 'agw' | 'base'; nl_width: 'authors' (1 channel) | 'half' (C/2);
-    pretrained: optional torchvision ImageNet weights file for the backbone.
     For resnet18 (2 blocks per layer) the blocks go after the last min(n, 2) blocks.
     """
 
     feature_names = FEATURE_NAMES
 
     def __init__(self, class_num, arch="resnet50", stream="two", method="agw",
-                 nl_width="authors", pretrained=None):
-        super().__init__(arch=arch, stream=stream, last_stride=1, pretrained=pretrained)
+                 nl_width="authors"):
+        super().__init__(arch=arch, stream=stream, last_stride=1)
         choice_check("--method", method, METHODS)
         choice_check("--nl_width", nl_width, NL_WIDTHS)
         self.method, self.nl_width = method, nl_width
@@ -162,8 +162,10 @@ def add_model_args(parser):
 
 
 def builder(args):
-    """class_num -> AGWNet configured by ``args``."""
+    """class_num -> AGWNet configured by ``args`` (with --pretrained: its ImageNet weights)."""
     def build(class_num):
-        return AGWNet(class_num, arch=args.arch, stream=args.stream, method=args.method, nl_width=args.nl_width,
-                      pretrained=args.pretrained or None)
+        net = AGWNet(class_num, arch=args.arch, stream=args.stream, method=args.method, nl_width=args.nl_width)
+        if args.pretrained:
+            checkpoint.load_imagenet(net, args.pretrained)
+        return net
     return build

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
 from model import TwoStreamBackbone  # noqa: E402
 from cli import UserError  # noqa: E402
 
@@ -145,9 +146,9 @@ class DDAGNet(TwoStreamBackbone):   # the authors call it embed_net
     of FC is passed off as an attention feature)."""
 
     def __init__(self, low_dim, class_num, drop=0.2, part=3, alpha=0.2, nheads=4,
-                 arch="resnet50", stream="two", wpa=True, graph=True, pretrained=None,
+                 arch="resnet50", stream="two", wpa=True, graph=True,
                  wpa_proj=False, authors_extras=False):
-        super().__init__(arch, stream, last_stride=1, pretrained=pretrained)
+        super().__init__(arch, stream, last_stride=1)
         pool_dim = self.out_dim
         self.dropout, self.part, self.use_wpa, self.use_graph = drop, part, wpa, graph
         self.bottleneck = nn.BatchNorm1d(pool_dim)
@@ -232,17 +233,20 @@ def check_model_args(args):
         raise UserError(f"--drop must be in [0, 1), got {args.drop}")
 
 
-def builder(args, **layout):
-    """class_num -> DDAGNet configured by ``args``; ``layout`` overrides flags (the test
-    script takes wpa/graph/authors_extras from the checkpoint)."""
+def builder(args, imagenet=True, **layout):
+    """class_num -> DDAGNet configured by ``args`` (with --pretrained and ``imagenet``: its
+    ImageNet weights); ``layout`` overrides flags (the test script takes
+    wpa/graph/authors_extras from the checkpoint)."""
     check_model_args(args)
     kw = dict(low_dim=args.low_dim, drop=args.drop, part=args.part, nheads=args.nheads,
-              arch=args.arch, stream=args.stream, wpa=args.wpa, graph=args.graph,
-              wpa_proj=args.wpa_proj, pretrained=getattr(args, "pretrained", "") or None)
+              arch=args.arch, stream=args.stream, wpa=args.wpa, graph=args.graph, wpa_proj=args.wpa_proj)
     kw.update(layout)
 
     def build(class_num):
-        return DDAGNet(class_num=class_num, **kw)
+        net = DDAGNet(class_num=class_num, **kw)
+        if imagenet and args.pretrained:
+            checkpoint.load_imagenet(net, args.pretrained)
+        return net
     return build
 
 

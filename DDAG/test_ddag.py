@@ -25,11 +25,11 @@ from model_ddag import add_model_args, builder, network_layout  # noqa: E402
 
 def run(args):
     engine_finetune.prepare_args(args, TOOL_DIR)
-    loaded = checkpoint.read_for_test(args)   # read once: the layout, then the weights
+    loaded = engine_finetune.read_for_test(args)   # read once: the layout, then the weights
     layout = network_layout(checkpoint.network_state(loaded[1], args.resume), args)
     names = ("FC", "FC_att") if layout.get("wpa", args.wpa) else ("FC",)
     # no --pretrained ImageNet load: every tensor comes from the checkpoint
-    return engine_finetune.test_main(args, builder(args, pretrained=None, **layout), names, TOOL_DIR,
+    return engine_finetune.test_main(args, builder(args, imagenet=False, **layout), names, TOOL_DIR,
                                      loaded=loaded)
 
 

@@ -2,7 +2,7 @@
 
     python bench/bench_rerank.py [--ref_query 400 --ref_gallery 800] [--query 3803 --gallery 6197]
 
-1. Side by side on the same input, at a size where the reference (tests/test_rerank.py:
+1. Side by side on the same input, at a size where the reference (eval_reference.py:
    plain Python loops and sets, written literally from the paper's equations) takes ~10-20 s:
    times, their ratio and the largest difference of the two outputs.
 2. Ours alone at SYSU-MM01 multi-shot size, n = Nq + Ng = 10,000 items (3,803 IR queries as
@@ -24,11 +24,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import cli  # noqa: E402
 import rerank  # noqa: E402
-from test_rerank import reference_rerank  # noqa: E402
+from eval_reference import reference_rerank  # noqa: E402
 
 NUM_IDS = 96
 FEAT_DIM = 256
@@ -70,7 +69,7 @@ def main():
     rng = np.random.default_rng(args.seed)
 
     print(f"re-ranking benchmark: k1=20 k2=6 lambda=0.3, {NUM_IDS} ids, {FEAT_DIM}-d features; "
-          "reference = per-probe loops and sets (tests/test_rerank.py)")
+          "reference = per-probe loops and sets (eval_reference.py)")
     d = rerank.distance_blocks(*features(rng, args.ref_query, args.ref_gallery))
     t = time.perf_counter()
     ref = reference_rerank(*d)

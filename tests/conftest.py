@@ -26,7 +26,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
-import checkpoint  # noqa: E402
+import engine_finetune  # noqa: E402
 import model  # noqa: E402
 
 # Small CPU settings for end-to-end runs: ResNet-18 at 96x48, no loader workers.
@@ -141,7 +141,7 @@ def check_mmgl_initialises_backbone(net, parse_args, stream, tmp_path, capsys, s
     heads = {k for k in src if k.startswith(model.MMGLNet.HEAD_PREFIXES)}
     assert heads
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    assert checkpoint.load_resume(net, parse_args(str(path))) == (0, None)
+    assert engine_finetune.load_resume(net, parse_args(str(path))) == (0, None)
     n = len(net.backbone_keys())
     printed = capsys.readouterr().out
     assert f"loaded {n}/{n} backbone tensors" in printed
@@ -149,6 +149,6 @@ def check_mmgl_initialises_backbone(net, parse_args, stream, tmp_path, capsys, s
     own, backbone = net.state_dict(), set(net.backbone_keys())
     for k in own:
         assert torch.equal(own[k], src[k] if k in backbone else before[k]), k
-    report = checkpoint.load_backbone(net, src, log=lambda *_: None)
+    report = model.load_backbone(net, src, log=lambda *_: None)
     assert set(report["dropped_head"]) == heads
     assert report["missing_backbone"] == report["mismatched"] == report["unexpected"] == []

@@ -119,7 +119,7 @@ def test_authors_checkpoint_with_unused_stem_tensors_loads(tmp_path, capsys):
                 "mINP": np.float64(0.2)}, path)
     net = AGWNet(5, arch="resnet18")
     args = engine_finetune.get_args_parser("t").parse_args(["--resume", str(path)])
-    start, best = checkpoint.load_resume(net, args)
+    start, best = engine_finetune.load_resume(net, args)
     assert start == 61 and best["rank1"] == 0.5
     assert "skipped 4 never-used" in capsys.readouterr().out
     for k, v in src.state_dict().items():
@@ -190,8 +190,8 @@ def test_finetune_checkpoint_with_other_method_is_refused(tmp_path):
     base = AGWNet(5, arch="resnet18", method="base")
     args = engine_finetune.get_args_parser("t").parse_args(["--resume", str(path)])
     with pytest.raises(engine_finetune.UserError, match=r"unexpected \(NL_2\.0\..*--method"):
-        checkpoint.load_resume(base, args)
-    start, best = checkpoint.load_resume(AGWNet(5, arch="resnet18"), args)
+        engine_finetune.load_resume(base, args)
+    start, best = engine_finetune.load_resume(AGWNet(5, arch="resnet18"), args)
     assert start == 5 and best["rank1"] == 0.0
 
 

@@ -86,7 +86,7 @@ def test_old_fine_tuning_last_file_resumes(tmp_path):
     other = AGWNet(5, arch="resnet18")
     opt2 = engine_finetune.build_optimizer(other, args, net.new_modules())
     state = {"wG": 0.0}
-    assert checkpoint.load_resume(other, args, opt2, None, state) == (4, best)
+    assert engine_finetune.load_resume(other, args, opt2, None, state) == (4, best)
     assert state == {"wG": 0.25}
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
     with pytest.raises(UserError, match="not a resumable pre-training checkpoint"):

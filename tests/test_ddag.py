@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "DDAG"))
 
-import checkpoint  # noqa: E402
 import engine_finetune  # noqa: E402
 import model  # noqa: E402
 import train_ddag  # noqa: E402
@@ -400,6 +399,6 @@ def test_resume_restores_graph_weight(regdb_run, capsys):
     net = train_ddag.builder(args)(int(last["net"]["classifier.weight"].shape[0]))
     optimizer = engine_finetune.build_optimizer(net, args, net.new_modules())
     state = {"wG": 0.0}
-    start, best = checkpoint.load_resume(net, args, optimizer, None, state)
+    start, best = engine_finetune.load_resume(net, args, optimizer, None, state)
     assert start == 1 and best["feature"] == "FC_att"
     assert state["wG"] == last["state"]["wG"]

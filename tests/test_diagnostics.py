@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 import diagnostics  # noqa: E402
 from loss import pcc_loss  # noqa: E402
-from checkpoint import load_backbone  # noqa: E402
+from model import load_backbone  # noqa: E402
 from model import MMGLNet, TwoStreamBackbone  # noqa: E402
 
 

@@ -252,7 +252,7 @@ def test_one_stream_network_loads_the_visible_stem():
 
     net = model.TwoStreamBackbone("resnet18", "one")
     logs = []
-    report = checkpoint.load_backbone(net, sd, log=logs.append)
+    report = model.load_backbone(net, sd, log=logs.append)
     assert not report["missing_backbone"]
     own = net.state_dict()
     for k in stem_keys:
@@ -273,5 +273,5 @@ def test_one_stream_network_loads_the_visible_stem():
     same = dict(sd)
     same.update({f"thermal_module.thermal.{k}": sd[f"visible_module.visible.{k}"] for k in stem_keys})
     logs.clear()
-    checkpoint.load_backbone(model.TwoStreamBackbone("resnet18", "one"), same, log=logs.append)
+    model.load_backbone(model.TwoStreamBackbone("resnet18", "one"), same, log=logs.append)
     assert not [x for x in logs if x.startswith("warning:")], logs

@@ -352,7 +352,7 @@ def test_load_backbone_from_mmgl_checkpoint(tmp_path):
     from checkpoint import load as load_checkpoint
     dst = model.TwoStreamBackbone("resnet18", "two")
     logs = []
-    rep = checkpoint.load_backbone(dst, load_checkpoint(path), log=logs.append, source=str(path))
+    rep = model.load_backbone(dst, checkpoint.network_state(load_checkpoint(path)), log=logs.append, source=str(path))
     n_bb = len(dst.backbone_keys())
     assert len(rep["loaded"]) == n_bb and not rep["missing_backbone"] and not rep["mismatched"]
     assert sorted(rep["dropped_head"]) == sorted(k for k in src.state_dict() if k.startswith(HEADS))
@@ -363,39 +363,39 @@ def test_load_backbone_from_mmgl_checkpoint(tmp_path):
     # one-stream checkpoint into a two-stream (AGW-like) network: both stems get it
     one = model.MMGLNet("resnet18", "one", proj_dim=8)
     dst2 = model.TwoStreamBackbone("resnet18", "two")
-    checkpoint.load_backbone(dst2, {"module." + k: v for k, v in one.state_dict().items()}, log=logs.append)
+    model.load_backbone(dst2, {"module." + k: v for k, v in one.state_dict().items()}, log=logs.append)
     assert torch.equal(dst2.thermal_module.thermal.conv1.weight, one.visible_module.visible.conv1.weight)
     assert torch.equal(dst2.visible_module.visible.conv1.weight, one.visible_module.visible.conv1.weight)
     # a checkpoint with only one stem prefix still fully initialises a one-stream network
     only_vis = {k: v for k, v in ref.items() if not k.startswith("thermal_module.")}
-    rep = checkpoint.load_backbone(model.TwoStreamBackbone("resnet18", "one"), only_vis, log=logs.append)
+    rep = model.load_backbone(model.TwoStreamBackbone("resnet18", "one"), only_vis, log=logs.append)
     assert not rep["missing_backbone"]
 
 
 def test_load_backbone_rejects_nothing_matching():
     with pytest.raises(UserError, match="matches no backbone key of the resnet18 network"):
-        checkpoint.load_backbone(model.TwoStreamBackbone("resnet18"), {"foo.weight": torch.zeros(3)},
+        model.load_backbone(model.TwoStreamBackbone("resnet18"), {"foo.weight": torch.zeros(3)},
                             log=lambda s: None)
     # a resnet50 checkpoint into a resnet18 network: names match, shapes do not
-    r50 = {k: v for k, v in model.resnet50().state_dict().items()}
+    r50 = {k: v for k, v in model.ResNet("resnet50").state_dict().items()}
     authors_like = {"base_resnet.base." + k: v for k, v in r50.items() if k.startswith("layer")}
     with pytest.raises(UserError, match="holds a resnet50 backbone but the network is resnet18"):
-        checkpoint.load_backbone(model.TwoStreamBackbone("resnet18"), authors_like, log=lambda s: None)
+        model.load_backbone(model.TwoStreamBackbone("resnet18"), checkpoint.network_state(authors_like), log=lambda s: None)
     with pytest.raises(UserError, match="not a state_dict"):
-        checkpoint.load_backbone(model.TwoStreamBackbone("resnet18"), {"epoch": 3}, log=lambda s: None)
+        model.load_backbone(model.TwoStreamBackbone("resnet18"), checkpoint.network_state({"epoch": 3}), log=lambda s: None)
 
 
 def test_load_backbone_authors_style_checkpoint():
     """The authors' stems are whole ResNets and their base has conv1/bn1/fc too."""
     torch.manual_seed(1)
-    full = model.resnet18().state_dict()
+    full = model.ResNet("resnet18").state_dict()
     sd = {}
     for prefix in ("visible_module.visible.", "thermal_module.thermal.", "base_resnet.base."):
         sd.update({"module." + prefix + k: v.clone() for k, v in full.items()})
     sd["module.fc1.weight"] = torch.zeros(3)              # pre-training head
     net = model.TwoStreamBackbone("resnet18", "two")
     logs = []
-    rep = checkpoint.load_backbone(net, sd, log=logs.append, source="authors.t")
+    rep = model.load_backbone(net, checkpoint.network_state(sd), log=logs.append, source="authors.t")
     n_bb = len(net.backbone_keys())
     n_unused = len(sd) - 1 - n_bb
     assert len(rep["skipped_unused"]) == n_unused and not rep["unexpected"]
@@ -406,7 +406,7 @@ def test_load_backbone_authors_style_checkpoint():
 
 def test_load_imagenet(tmp_path):
     torch.manual_seed(2)
-    ref = model.resnet18().state_dict()                 # torchvision key format
+    ref = model.ResNet("resnet18").state_dict()                 # torchvision key format
     path = tmp_path / "resnet18-imagenet.pth"
     torch.save(ref, path)
     net = model.TwoStreamBackbone("resnet18", "two")
@@ -424,13 +424,13 @@ def test_load_imagenet(tmp_path):
     net2 = model.MMGLNet("resnet18", "one", proj_dim=8, pretrained=str(tmp_path / "old.pth"))
     assert torch.equal(net2.thermal_module.thermal.bn1.running_mean, ref["bn1.running_mean"])
     # plain ResNet target
-    r = model.resnet18()
+    r = model.ResNet("resnet18")
     checkpoint.load_imagenet(r, path, log=logs.append)
     assert torch.equal(r.fc.weight, ref["fc.weight"])
 
 
 def test_load_imagenet_errors(tmp_path):
-    torch.save(model.resnet50().state_dict(), tmp_path / "r50.pth")
+    torch.save(model.ResNet("resnet50").state_dict(), tmp_path / "r50.pth")
     with pytest.raises(UserError, match="resnet18.*looks like resnet50"):
         checkpoint.load_imagenet(model.TwoStreamBackbone("resnet18"), tmp_path / "r50.pth")
     with pytest.raises(UserError, match="not found"):

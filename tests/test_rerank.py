@@ -1,72 +1,13 @@
 """rerank.py against a slow reference written literally from the paper (plain loops and
 sets, one probe at a time): same numbers on small cases, edge cases, no failure on tiny
-galleries. ``reference_rerank`` is also what bench/bench_rerank.py times."""
-import math
-
+galleries. The reference (``eval_reference.reference_rerank``) is also what
+bench/bench_rerank.py times."""
 import numpy as np
 import pytest
 
 import eval_metrics
+from eval_reference import reference_rerank
 from rerank import distance_blocks, re_ranking, rerank_features
-
-
-def reference_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3):
-    """Zhong et al., CVPR 2017, Eqs. 1-12, with rerank.py's stated conventions: neighbours
-    in the joint query+gallery set, N(i, k) = first k+1 of i's stable ranking (i itself
-    first), k1 // 2 for the expansion sets, QE over the first k2 of the ranking."""
-    nq, ng = len(q_g), len(g_g)
-    n = nq + ng
-    d = [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(n):
-            if i < nq and j < nq:
-                d[i][j] = float(q_q[i][j])
-            elif i < nq:
-                d[i][j] = float(q_g[i][j - nq])
-            elif j < nq:
-                d[i][j] = float(q_g[j][i - nq])
-            else:
-                d[i][j] = float(g_g[i - nq][j - nq])
-    ranking = [sorted(range(n), key=lambda j, i=i: (d[i][j], j)) for i in range(n)]
-
-    def neighbours(i, k):                      # N(i, k)
-        return set(ranking[i][:min(k + 1, n)])
-
-    memo = {}
-
-    def reciprocal(i, k):                      # R(i, k), Eq. 3
-        if (i, k) not in memo:
-            memo[i, k] = {j for j in neighbours(i, k) if i in neighbours(j, k)}
-        return memo[i, k]
-
-    v = []
-    for p in range(n):
-        r_p = reciprocal(p, k1)
-        r_star = set(r_p)
-        for q in r_p:                          # Eq. 4 (the 2/3 rule in integers: no rounding)
-            r_q = reciprocal(q, k1 // 2)
-            if 3 * len(r_p & r_q) > 2 * len(r_q):
-                r_star |= r_q
-        v.append({j: math.exp(-d[p][j]) for j in r_star})     # Eq. 7
-    kk = min(k2, n)
-    v_qe = []
-    for p in range(n):                         # Eq. 11
-        acc = {}
-        for i in ranking[p][:kk]:
-            for j, w in v[i].items():
-                acc[j] = acc.get(j, 0.0) + w / kk
-        v_qe.append(acc)
-    out = np.zeros((nq, ng))
-    for p in range(nq):
-        for g in range(ng):
-            a, b = v_qe[p], v_qe[nq + g]
-            num = den = 0.0
-            for j in set(a) | set(b):          # Eq. 10
-                num += min(a.get(j, 0.0), b.get(j, 0.0))
-                den += max(a.get(j, 0.0), b.get(j, 0.0))
-            jac = 1 - num / den if den > 0 else 1.0
-            out[p][g] = (1 - lambda_value) * jac + lambda_value * d[p][nq + g]   # Eq. 12
-    return out
 
 
 def clustered(nq, ng, num_ids=5, dim=8, noise=0.5, seed=0):

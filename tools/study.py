@@ -37,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
 import logger  # noqa: E402
+import model  # noqa: E402
 from cli import REPO_ROOT, ArgumentParser, UserError, cli  # noqa: E402
 from loss import TripletLoss, TripletLoss_WRT, pdist  # noqa: E402
 from data_loader import DeviceAugment, IdentitySampler, PreprocessedData, make_loader  # noqa: E402
@@ -299,7 +300,8 @@ def feature_scale(ckpts, data, batches=4, arch="resnet18"):
         torch.manual_seed(0)
         net = agw.AGWNet(train.num_classes, arch=arch)
         if init != "random":
-            checkpoint.load_backbone(net, checkpoint.load(ckpts[init]), log=lambda *_: None, source=str(ckpts[init]))
+            model.load_backbone(net, checkpoint.network_state(checkpoint.load(ckpts[init])), log=lambda *_: None,
+                                source=str(ckpts[init]))
         net.train()
         rows = []
         loader = make_loader(train, IdentitySampler(train.rgb_label, train.ir_label, 4, 8, seed=0))
