@@ -54,3 +54,16 @@ def grad_cosine(loss_a, loss_b, params):
     na, nb = flat[0].norm(), flat[1].norm()
     cos = (flat[0] @ flat[1]) / (na * nb) if na > 0 and nb > 0 else torch.zeros(())
     return float(cos), float(na), float(nb)
+
+
+def loss_gradients(net, losses):
+    """Where the two losses fight (diagnostics.grad_cosine): the cosine between the
+    permutation loss's and the (unweighted) PCC loss's gradients, and both norms, on the
+    shared last stage (layer4) and the one before it (layer3), on this step's batch."""
+    body = net.base_resnet.base
+    stats = {}
+    for name in ("layer4", "layer3"):
+        cos, n_perm, n_pcc = grad_cosine(losses["perm_rgb"] + losses["perm_ir"], losses["pcc"],
+                                                     getattr(body, name).parameters())
+        stats.update({f"grad_cos_{name}": cos, f"grad_norm_perm_{name}": n_perm, f"grad_norm_pcc_{name}": n_pcc})
+    return stats

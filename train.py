@@ -38,78 +38,107 @@ from loss import gumbel_sinkhorn, log_sinkhorn, pcc_loss, perm_accuracy, perm_ma
 from model import MMGLNet
 
 
-def get_args_parser():
-    # the data, backbone, optimisation, device and output flags every stage shares
-    p = cli.ArgumentParser("train.py", description="MMGL self-supervised pre-training",
-                             parents=options.parents())
-    p.set_defaults(epochs=100, save_epoch=10)
-    g = p.add_argument_group("pre-training data")
-    g.add_argument("--train_ratio", default=1.0, type=float,
-                   help="pre-train on this seeded random fraction of the images (data-efficiency study)")
-    g.add_argument("--dummy", action="store_true", help="random images instead of a dataset (smoke runs, benchmarks)")
+def paper_parser():
+    """The flags the paper (and the authors' command line and run names) give."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("MMGL, the paper's settings (the authors' command: --dataset sysu --stream two "
+                             "--lr 0.1 --pcc --part --gpu 0)")
+    g.add_argument("--pcc", default=True, action=argparse.BooleanOptionalAction,
+                   help="the local granularity: the PCC loss on the stripe features; on by default (the "
+                        "authors' command passes it anyway), --no-pcc for the ablation")
+    g.add_argument("--part", default=True, action=argparse.BooleanOptionalAction,
+                   help="the stripe (part) feature branch PCC trains; on by default, --no-part drops it "
+                        "and PCC with it")
+    g.add_argument("--num_stripe", default=6, type=int, help="K horizontal stripes (K! permutations)")
+    g.add_argument("--cl_weight", default=0.5, type=float, help="PCC's weight in the loss (run name: cw)")
+    g.add_argument("--cl_temp", default=0.07, type=float, help="PCC's temperature (run name: ct)")
+    g.add_argument("--sinkhorn_iters", default=20, type=int, help="Sinkhorn iterations (run name: so)")
+    g.add_argument("--gumbel_samples", default=10, type=int, help="Gumbel-Sinkhorn samples per image (run "
+                   "name: spm)")
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", default=32, type=int,
                    help="images PER MODALITY per step (per GPU under torchrun)")
+    g.add_argument("--optim", default="sgd", help="sgd (the authors': momentum 0.9, weight decay "
+                   "5e-4) | adam (ours, weight decay 5e-4; give it a small --lr such as 1e-3)")
+    return p
+
+
+# Readings of what the paper leaves open, each a whole set of flags (--pcc_reading NAME sets
+# them; a flag given on the command line wins). 'default': "cycle-consistent RGB-IR patches"
+# of the same body part are the positives (mutual, part, original), and PCC joins once the
+# permutation features have formed; 'first': our first reading, the figure's soft
+# neighbours q_ir / q_rgb as the positive pair (docs/PRETRAIN.md, "The paper vs our reading").
+PCC_READINGS = {
+    "default": {"pcc_form": "mutual", "pcc_pool": "part", "pcc_order": "original", "pcc_start_acc": 2.0},
+    "first": {"pcc_form": "pair", "pcc_pool": "all", "pcc_order": "shuffled", "pcc_start_acc": 0.0},
+}
+
+
+def get_args_parser(reading="default"):
+    # the paper's flags first, then the data, backbone, optimisation, device and output flags
+    # every stage shares, then our readings of what the paper leaves open and the ablations
+    p = cli.ArgumentParser("train.py", description="MMGL self-supervised pre-training",
+                           usage="python train.py [flags]   (the authors': --dataset sysu --stream two --lr 0.1 "
+                                 "--pcc --part --gpu 0)", parents=[paper_parser(), *options.parents()])
+    p.set_defaults(epochs=100, save_epoch=10)
+    g = p.add_argument_group("pre-training data")
     g.add_argument("--iters_per_epoch", default=0, type=int, help="steps per epoch (0: one pass over the larger "
                    "modality; more than a pass cycles through fresh random orders, so a small set can be "
                    "trained for the same steps as a big one)")
-    g.add_argument("--optim", default="sgd", help="sgd (the authors': momentum 0.9, weight decay "
-                   "5e-4) | adam (weight decay 5e-4; give it a small --lr such as 1e-3)")
     g.add_argument("--val_images", default=300, type=int,
                    help="held-out test images per modality for the permutation accuracy printed after "
                         "every epoch (0: off)")
-    g = p.add_argument_group("MMGL network")
-    g.add_argument("--num_stripe", default=6, type=int, help="K horizontal stripes (K! permutations)")
+    r = PCC_READINGS[reading]
+    g = p.add_argument_group("our reading of what the paper leaves open")
+    g.add_argument("--pcc_reading", default=reading, help="a whole PCC reading at once: " + "; ".join(
+        f"{name}: " + " ".join(f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}" for k, v in flags.items())
+        for name, flags in PCC_READINGS.items()) + " (single flags given with it win)")
+    g.add_argument("--pcc_form", default=r["pcc_form"], help="mutual: a real RGB stripe and IR stripe that are "
+                   "each other's nearest neighbour (within --pcc_pool) are the positive pair, contrasted "
+                   "against every stripe of the other modality | pair (the figure): the cross-modal and the "
+                   "intra-modal soft nearest neighbours of a stripe are the positive pair | cycle: the "
+                   "cross-modal neighbour, matched back into the stripe's own modality, must find the stripe")
+    g.add_argument("--pcc_pool", default=r["pcc_pool"], help="where neighbours are searched: part: only stripes "
+                   "with the same index k (see --pcc_order; pair/cycle also draw their negatives there) "
+                   "| all: every stripe")
+    g.add_argument("--pcc_order", default=r["pcc_order"], help="stripe index k is the body part, i.e. the "
+                   "stripes put back in order before local_conv_list[k] (original) or the shuffled row (shuffled)")
+    g.add_argument("--pcc_start_acc", default=r["pcc_start_acc"], type=float, help="PCC's weight is 0 until the "
+                   "held-out stripe accuracy has reached this multiple of chance (1/K) after an epoch, i.e. "
+                   "until the permutation features have formed; 0: PCC from the first epoch")
+    g.add_argument("--sinkhorn_temp", default=1.0, type=float, help="Sinkhorn temperature")
+    g.add_argument("--gumbel_noise", default=1.0, type=float, help="scale of the Gumbel noise")
+    g.add_argument("--perm_reduction", default="mean", help="the permutation MSE over the entries (mean) or "
+                   "summed over each K x K matrix (matrix: the squared Frobenius distance, K*K times larger)")
+    g = p.add_argument_group("ablations and diagnostics (not the paper's method)")
     g.add_argument("--perm_feat", default="gap", help="what the permutation head sees: gap (the paper's "
                    "figure: the globally pooled feature) | stripes (the K stripe-pooled features, "
                    "concatenated: a diagnostic/ablation)")
-    g = p.add_argument_group("global granularity: permutation recovery")
     g.add_argument("--perm_bn", action="store_true", help="BatchNorm1d on the pooled feature before fc1 "
-                   "(our reading, off by default: the paper's figure shows none)")
-    g.add_argument("--sinkhorn_iters", default=20, type=int)
-    g.add_argument("--sinkhorn_temp", default=1.0, type=float)
-    g.add_argument("--gumbel_samples", default=10, type=int)
-    g.add_argument("--gumbel_noise", default=1.0, type=float)
-    g.add_argument("--perm_reduction", default="mean", help="MSE over the entries (mean) or summed over "
-                   "each K x K matrix (matrix: the squared Frobenius distance, K*K times larger)")
-    g = p.add_argument_group("local granularity: part-aware cycle-contrastive (PCC)")
-    g.add_argument("--part", default=True, action=argparse.BooleanOptionalAction,
-                   help="stripe (part) feature branch; --no-part drops it and PCC with it")
-    g.add_argument("--pcc", default=True, action=argparse.BooleanOptionalAction,
-                   help="PCC loss on the stripe features (--no-pcc for the ablation)")
-    g.add_argument("--cl_weight", default=0.5, type=float)
-    g.add_argument("--cl_temp", default=0.07, type=float)
-    # The default reading (docs/PRETRAIN.md "The paper vs our reading"):
-    # "cycle-consistent RGB-IR patches" of the same body part are the positives (mutual,
-    # part, original), and PCC joins once the permutation features have formed. Our first
-    # reading is --pcc_form pair --pcc_pool all --pcc_order shuffled --pcc_start_acc 0.
-    g.add_argument("--pcc_form", default="mutual", help="mutual: a real RGB stripe and IR stripe that are "
-                   "each other's nearest neighbour (within --pcc_pool) are the positive pair, contrasted "
-                   "against every stripe of the other modality | pair: the cross-modal and the intra-modal "
-                   "soft nearest neighbours of a stripe are the positive pair | cycle: the cross-modal "
-                   "neighbour, matched back into the stripe's own modality, must find the stripe itself")
-    g.add_argument("--pcc_pool", default="part", help="where neighbours are searched: part: only stripes "
-                   "with the same index k (see --pcc_order; pair/cycle also draw their negatives there) "
-                   "| all: every stripe")
-    g.add_argument("--pcc_order", default="original", help="stripe index k is the body part, i.e. the "
-                   "stripes put back in order before local_conv_list[k] (original) or the shuffled row (shuffled)")
+                   "(the paper's figure shows none)")
     g.add_argument("--pcc_detach_pool", action="store_true", help="neighbour pools as constants (no "
                    "gradient through the neighbours, as NNCLR's support set)")
     g.add_argument("--pcc_head", default="linear", help="linear: PCC on the 1x1 stripe projections | mlp: "
                    "through a nonlinear projection head (BN, ReLU, Linear to 128)")
     g.add_argument("--local_branch", default="shared", help="shared: PCC's stripes come from the shared "
                    "last stage | separate: from the stripe branch's own copy of the last ResNet stage")
-    g.add_argument("--pcc_start_acc", default=2.0, type=float, help="PCC's weight is 0 until the held-out "
-                   "stripe accuracy has reached this multiple of chance (1/K) after an epoch, i.e. until the "
-                   "permutation features have formed; 0: PCC from the first epoch")
     g.add_argument("--pcc_start_epoch", default=0, type=int, help="PCC's weight is 0 before this epoch "
                    "(with --pcc_start_acc 0)")
     g.add_argument("--pcc_ramp_epochs", default=0, type=int, help="PCC's weight rises linearly from 0 to "
                    "--cl_weight over this many epochs once it is on")
-    g = p.add_argument_group("diagnostics")
+    g.add_argument("--train_ratio", default=1.0, type=float,
+                   help="pre-train on this seeded random fraction of the images (data-efficiency study)")
+    g.add_argument("--dummy", action="store_true", help="random images instead of a dataset (smoke runs, benchmarks)")
     g.add_argument("--diag", default=True, action=argparse.BooleanOptionalAction,
                    help="after every epoch: linear probes of the original stripe index on the held-out "
                         "images and the cosine between the two losses' gradients (diagnostics.py)")
     return p
+
+
+def parse_args(argv=None):
+    """The command line, with --pcc_reading's flags as the defaults of the flags it sets."""
+    known, _ = get_args_parser().parse_known_args(argv)
+    cli.choice_check("--pcc_reading", known.pcc_reading, tuple(PCC_READINGS))
+    return get_args_parser(known.pcc_reading).parse_args(argv)
 
 
 def check_args(args):
@@ -293,7 +322,7 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
             out = net(x_rgb, x_ir, perms=perms.repeat(2, 1) if args.pcc_order == "original" else None)
         losses = mmgl_losses(out, perms, args, weight)
         if args.diag and args.pcc and step == len(loader) - 1 and not utils.is_distributed():
-            grad_stats = loss_gradients(utils.unwrap(net), losses)
+            grad_stats = diagnostics.loss_gradients(utils.unwrap(net), losses)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
         scaler.step(optimizer)
@@ -306,19 +335,6 @@ def train_one_epoch(net, loader, optimizer, scaler, aug, epoch, args, device, lo
     _, means, _ = meter.read()
     return {"lr": lr, **means, **{f"step0_{k}": v for k, v in meter.first.items()}, "img_per_s": meter.img_per_s,
             **grad_stats}
-
-
-def loss_gradients(net, losses):
-    """Where the two losses fight (diagnostics.grad_cosine): the cosine between the
-    permutation loss's and the (unweighted) PCC loss's gradients, and both norms, on the
-    shared last stage (layer4) and the one before it (layer3), on this step's batch."""
-    body = net.base_resnet.base
-    stats = {}
-    for name in ("layer4", "layer3"):
-        cos, n_perm, n_pcc = diagnostics.grad_cosine(losses["perm_rgb"] + losses["perm_ir"], losses["pcc"],
-                                                     getattr(body, name).parameters())
-        stats.update({f"grad_cos_{name}": cos, f"grad_norm_perm_{name}": n_perm, f"grad_norm_pcc_{name}": n_pcc})
-    return stats
 
 
 @torch.no_grad()
@@ -510,4 +526,4 @@ def epoch_summary(val, stats, heldout):
 
 
 if __name__ == "__main__":
-    cli.cli(lambda: main(get_args_parser().parse_args()))
+    cli.cli(lambda: main(parse_args()))

@@ -51,10 +51,11 @@ def test_bench_train_rates_divide_by_the_steps_each_side_ran(monkeypatch):
         ["--img_h", "48", "--img_w", "24", "--batch-size", str(batch), "--num_pos", "2",
          "--steps", str(steps), "--warmup", str(warmup), "--repeat", str(repeat), "--workers", "0",
          "--parts", "mmgl,agw"]))
+    import diagnostics
     extra_work = []
-    for name in ("perm_accuracy", "loss_gradients"):
-        real = getattr(train, name)
-        monkeypatch.setattr(train, name, lambda *a, _real=real, _name=name, **k:
+    for module, name in ((train, "perm_accuracy"), (diagnostics, "loss_gradients")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k:
                             extra_work.append(_name) or _real(*a, **k))
     optimizer_steps = [0]
     hook = register_optimizer_step_post_hook(

@@ -23,7 +23,6 @@ from cli import UserError  # noqa: E402
 TINY = ["--arch", "resnet18", "--img_h", "96", "--img_w", "48", "--gpu", "cpu", "--workers", "0",
         "--batch-size", "8", "--print_freq", "2", "--warmup_epochs", "1", "--iters_per_epoch", "2",
         "--val_images", "0"]
-PRE_NAME = "sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18"
 
 
 def test_meter_last_epoch_mean_and_mean_since_the_last_read():
@@ -51,14 +50,16 @@ def test_old_and_new_pretraining_last_files_resume(sysu_small, tmp_path):
     common = ["--data_path", sysu_small, *TINY, "--model_path", tmp_path / "sm", "--log_path",
               tmp_path / "log", "--vis_log_path", tmp_path / "vis"]
     run_script(ROOT / "train.py", *common, "--epochs", "1")
-    last = tmp_path / "sm" / f"{PRE_NAME}_last.pth"
+    (last,) = (tmp_path / "sm").glob("*_last.pth")
     new = checkpoint.load(last)
     assert new["stage"] == "pretrain" and {"net", "optimizer", "scaler", "epoch", "rng", "args",
                                            "state", "best"} <= set(new)
     assert set(new["state"]) == {"scheduler", "global_step", "pcc_from"} and new["state"]["global_step"] == 2
     old = tmp_path / "old_last.pth"
     torch.save(_old_pretrain_schema(new), old)
-    out = run_script(ROOT / "train.py", *common, "--epochs", "2", "--resume", old).stdout
+    # a copy of the run's state, with more epochs: both need saying (--overwrite, --resume_anyway)
+    out = run_script(ROOT / "train.py", *common, "--epochs", "2", "--resume", old, "--overwrite",
+                     "--resume_anyway").stdout
     assert "continuing at epoch 1" in out
     assert checkpoint.load(last)["state"]["global_step"] == 4   # the old file's step count went on
     # either kind initialises a fine-tuning backbone

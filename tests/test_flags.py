@@ -186,6 +186,7 @@ def spies(monkeypatch):
 
     def wrap_ddp(net, device, sync_bn=False):
         seen["sync_bn"].append(sync_bn)
+        seen.setdefault("wrapped_state", []).append({k: v.clone() for k, v in net.state_dict().items()})
         return real_wrap(net, device, sync_bn)
 
     monkeypatch.setattr(torch, "compile", fake_compile)
@@ -279,7 +280,7 @@ def test_cl_temp_changes_the_pcc_loss():
 def test_pretrain_run_perm_bn_pretrained_compile_sync_bn_amp(tiny_sysu, imagenet_r18, tmp_path, spies,
                                                             monkeypatch, capsys):
     """train.main in-process, 2 steps: --perm_bn builds the BatchNorm1d (and the checkpoint
-    has it), --pretrained's tensors are in the network as it is built, --compile's module is
+    has it), --pretrained's tensors are in the network before it trains, --compile's module is
     the one that trains, under bf16 autocast (--amp), and --sync_bn reaches utils.wrap_ddp."""
     path, src = imagenet_r18
     built = []
@@ -299,9 +300,9 @@ def test_pretrain_run_perm_bn_pretrained_compile_sync_bn_amp(tiny_sysu, imagenet
     printed = capsys.readouterr().out
     assert "| bf16 autocast |" in printed
     assert f"loaded {n_imagenet(src)} ImageNet tensors (resnet18)" in printed
-    (net, state0), = built
+    (net, _), = built
     assert isinstance(net.perm_bn, nn.BatchNorm1d)
-    assert_holds_imagenet(state0, src)
+    assert_holds_imagenet(spies["wrapped_state"][0], src)   # as it went into training
     (compiled,) = spies["compiled"]
     assert utils.unwrap(compiled) is net
     assert compiled.calls == 2 and compiled.autocast == {torch.bfloat16}

@@ -418,10 +418,11 @@ def test_load_imagenet(tmp_path):
         src = k.replace("visible_module.visible.", "").replace("thermal_module.thermal.", "") \
                .replace("base_resnet.base.", "")
         assert torch.equal(v, ref[src]), k
-    # constructor path, and an old-style file without num_batches_tracked
+    # a one-stream network, and an old-style file without num_batches_tracked
     old = {k: v for k, v in ref.items() if not k.endswith("num_batches_tracked")}
     torch.save(old, tmp_path / "old.pth")
-    net2 = model.MMGLNet("resnet18", "one", proj_dim=8, pretrained=str(tmp_path / "old.pth"))
+    net2 = model.MMGLNet("resnet18", "one", proj_dim=8)
+    checkpoint.load_imagenet(net2, tmp_path / "old.pth", log=logs.append)
     assert torch.equal(net2.thermal_module.thermal.bn1.running_mean, ref["bn1.running_mean"])
     # plain ResNet target
     r = model.ResNet("resnet18")

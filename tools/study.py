@@ -46,7 +46,7 @@ from data_loader import DeviceAugment, IdentitySampler, PreprocessedData, make_l
 # Every PCC reading spelled out, so a configuration means the same run whatever the
 # defaults: FIRST is our first reading (the default until December 2026), PART_MUTUAL the
 # positives of the current default, NOW it from the first epoch (no switch-on).
-FIRST = ["--pcc_form", "pair", "--pcc_pool", "all", "--pcc_order", "shuffled", "--pcc_start_acc", "0"]
+FIRST = ["--pcc_reading", "first"]   # train.PCC_READINGS: pair, all, shuffled, on from the first epoch
 PART_MUTUAL = ["--pcc_form", "mutual", "--pcc_pool", "part", "--pcc_order", "original"]
 NOW = ["--pcc_start_acc", "0"]
 S = ["--perm_feat", "stripes"]
