@@ -213,14 +213,16 @@ OPERATIONAL_FLAGS = ("gpu", "workers", "print_freq", "save_epoch", "model_path",
                      "test_only")
 
 
-def check_continuation(path, obj, args, fixed=()):
+def check_continuation(path, obj, args, fixed=(), free=()):
     """Before a run continues the ``<run>_last.pth`` ``obj`` (read from ``path``): a UserError
     if a flag in ``fixed`` (those that shape the network, the losses' reading, the optimiser's
     state) differs from the file's, or if any other result-changing flag does (data, image
     size, batch, schedule, seed, ...) unless --resume_anyway, which prints the differences
-    with the run header instead. Files that did not record a flag are not checked on it."""
+    with the run header instead. ``free``: the stage's flags that change nothing computed so
+    far either (fine-tuning's --epochs: its schedule does not depend on it). Files that did
+    not record a flag are not checked on it."""
     saved, now = read_last(obj).get("args") or {}, _plain(vars(args))
-    differ = {k: (saved[k], now[k]) for k in now if k in saved and k not in OPERATIONAL_FLAGS
+    differ = {k: (saved[k], now[k]) for k in now if k in saved and k not in OPERATIONAL_FLAGS + tuple(free)
               and saved[k] != now[k] and saved[k] is not None}
 
     def listing(keys):   # --flag saved -> this run's

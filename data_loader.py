@@ -57,7 +57,7 @@ class TrainData:
     :meth:`subsample` kept a fraction).
     """
 
-    def _finish(self, name):
+    def _finish(self, name, labels_checked=False):
         for m in ("rgb", "ir"):
             img, lab = getattr(self, f"{m}_img"), getattr(self, f"{m}_label")
             if img.ndim != 4 or img.shape[3] != 3 or img.dtype != np.uint8:
@@ -71,7 +71,7 @@ class TrainData:
             # identities 0..C-1, or -1 for every image of an unlabelled set (a folder): a
             # negative label among real ones would be an identity the samplers never draw
             lab = integer_array(lab, f"{name}: {m} labels", "re-run the preprocessing")
-            if (lab < 0).any() and not (lab == -1).all():
+            if (lab < 0).any() and not (lab == -1).all() and not labels_checked:
                 raise UserError(f"{name}: {int((lab < 0).sum())} {m} labels are negative (e.g. "
                                 f"{int(lab[lab < 0][0])}); identity labels are 0..C-1; re-run the preprocessing")
             setattr(self, f"{m}_label", lab)
@@ -163,7 +163,7 @@ class UnionData(TrainData):
                 labels[m].append(np.where(lab < 0, lab, lab + offset))
             offset += max(p.num_classes, 0)
         self.rgb_label, self.ir_label = (np.concatenate(labels[m]) for m in ("rgb", "ir"))
-        self._finish(" + ".join(p.name for p in parts))
+        self._finish(" + ".join(p.name for p in parts), labels_checked=True)   # each part checked its own
 
     def subsample(self, ratio, seed):
         for p in self.parts:

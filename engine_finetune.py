@@ -434,7 +434,8 @@ def setup(args, build, method, tool_dir, state=None):
                         last_path=Path(args.model_path) / f"{run}_last.pth")
     continuing = False
     if resume and checkpoint.kind(resume[1]) == ("finetune", True):
-        checkpoint.check_continuation(resume[0], resume[1], args, fixed=FIXED_FLAGS)
+        # --epochs may grow: the lr steps at --milestones, not at a fraction of the run
+        checkpoint.check_continuation(resume[0], resume[1], args, fixed=FIXED_FLAGS, free=("epochs",))
         continuing = resume[0].resolve() == r.last_path.resolve()
     r.device = utils.init_device(args.gpu)
     utils.set_seed(args.seed + utils.get_rank(), args.deterministic)

@@ -37,8 +37,9 @@ echo "(the paper's GAP head needs ~1,000 steps to leave chance here: this demo u
 $PY train.py --dataset sysu --stream two --data_path "$DATA" --arch resnet18 "${SIZE[@]}" \
     --perm_feat stripes --batch-size 16 --epochs 10 --warmup_epochs 1 --lr 0.1 --save_epoch 10 \
     --print_freq 28 --workers 0 --gpu "$GPU" --seed "$SEED" --model_path save_model/demo/ \
-    --log_path log/demo/ --vis_log_path log/demo/vis_log/ | tee "$ROOT/log/demo/quickstart_pretrain.txt"
-CKPT=$ROOT/save_model/demo/sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18_stripes_epoch_10.t
+    --log_path log/demo/ --vis_log_path log/demo/vis_log/ --overwrite | tee "$ROOT/log/demo/quickstart_pretrain.txt"
+# the run name: the authors' plus a tag per non-default setting (docs/RELIABILITY.md)
+CKPT=$ROOT/save_model/demo/sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18_stripes_96x48_b16$([ "$SEED" = 0 ] || echo "_seed$SEED")_epoch_10.t
 
 # AGW with Adam (lr 3e-3) rather than SGD at 0.1: on 12 test identities SGD's Rank-1 swings
 # from epoch to epoch (from one GAP-head checkpoint of this set: best 16.1% with SGD, 19.6% with Adam)
@@ -47,7 +48,7 @@ cd AGW
 $PY train.py --dataset sysu --mode all --method agw --optim adam --lr 0.003 --data_path "$DATA" --arch resnet18 \
     "${SIZE[@]}" --epochs 10 --warmup_epochs 0 --test_every 2 --print_freq 100 --workers 0 \
     --gpu "$GPU" --seed "$SEED" --resume "$CKPT" --model_path save_model/demo/ --log_path log/demo/ \
-    --vis_log_path log/demo/vis_log/
+    --vis_log_path log/demo/vis_log/ --overwrite
 
 step "testing the best AGW checkpoint (10 gallery trials, rank lists in AGW/log/demo/)"
 $PY test.py --dataset sysu --mode all --data_path "$DATA" --arch resnet18 "${SIZE[@]}" --workers 0 \

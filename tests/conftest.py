@@ -96,6 +96,19 @@ def run_script(script, *args, cwd=ROOT, check=True, threads=None):
     return out
 
 
+def pretrain_name(*argv):
+    """The run name train.py gives this command line (train.run_name: the authors' name plus a
+    tag per non-default setting), so tests need not spell the tags out."""
+    import importlib.util
+    import cli
+    spec = importlib.util.spec_from_file_location("train_for_names", ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    args = train.check_args(train.parse_args([str(a) for a in argv]))
+    cli._PENDING_WARNINGS.clear()   # its notes are the run's to print, not this process's
+    return train.run_name(args)
+
+
 def output_args(tmp):
     """--model_path/--log_path/--vis_log_path under ``tmp``."""
     return ["--model_path", tmp / "save", "--log_path", tmp / "log",

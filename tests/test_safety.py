@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_H, SMALL_W
+from conftest import SMALL_H, SMALL_W, pretrain_name
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,7 +104,6 @@ def test_unwritable_output_folder_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------- train.py faults
 TINY = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "--gpu", "cpu",
         "--workers", "0", "--batch-size", "8", "--print_freq", "2", "--warmup_epochs", "0"]
-NAME = "sysu_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18"
 
 
 def outs(tmp):
@@ -115,7 +114,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(sysu_small, tmp_path):
     base = [sys.executable, str(ROOT / "train.py"), "--data_path", str(sysu_small), *TINY, *outs(tmp_path)]
     subprocess.run([*base, "--epochs", "1", "--iters_per_epoch", "2"], check=True, capture_output=True)
     files = {p.name: p.read_bytes() for p in (tmp_path / "sm").iterdir()}
-    assert f"{NAME}_last.pth" in files
+    assert f"{pretrain_name(*TINY, '--iters_per_epoch', '2')}_last.pth" in files
     res = subprocess.run([*base, "--epochs", "2", "--iters_per_epoch", "4", "--lr", "1e12"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr
@@ -128,7 +127,8 @@ def test_killed_run_resumes_from_its_last_epoch(sysu_small, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), "--data_path", str(sysu_small), *TINY, *outs(tmp_path),
            "--epochs", "3", "--iters_per_epoch", "6", "--save_epoch", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "sm" / f"{NAME}_last.pth"
+    name = pretrain_name(*TINY, "--iters_per_epoch", "6")
+    last = tmp_path / "sm" / f"{name}_last.pth"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -137,10 +137,10 @@ def test_killed_run_resumes_from_its_last_epoch(sysu_small, tmp_path):
     assert last.exists() and proc.returncode == -signal.SIGKILL
     done = torch.load(last, weights_only=False)["epoch"]
     assert done < 2
-    res = subprocess.run([*cmd, "--resume", f"{NAME}_last.pth"], capture_output=True, text=True)
+    res = subprocess.run([*cmd, "--resume", f"{name}_last.pth"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"continuing at epoch {done + 1}" in res.stdout
-    assert (tmp_path / "sm" / f"{NAME}_epoch_3.t").is_file()
+    assert (tmp_path / "sm" / f"{name}_epoch_3.t").is_file()
     assert torch.load(last, weights_only=False)["epoch"] == 2
 
 
