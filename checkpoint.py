@@ -213,6 +213,9 @@ OPERATIONAL_FLAGS = ("gpu", "workers", "print_freq", "save_epoch", "model_path",
                      "test_only")
 
 
+FLAG_SPELLING = {"batch_size": "batch-size", "test_batch": "test-batch", "low_dim": "low-dim"}
+
+
 def check_continuation(path, obj, args, fixed=(), free=()):
     """Before a run continues the ``<run>_last.pth`` ``obj`` (read from ``path``): a UserError
     if a flag in ``fixed`` (those that shape the network, the losses' reading, the optimiser's
@@ -225,8 +228,8 @@ def check_continuation(path, obj, args, fixed=(), free=()):
     differ = {k: (saved[k], now[k]) for k in now if k in saved and k not in OPERATIONAL_FLAGS + tuple(free)
               and saved[k] != now[k] and saved[k] is not None}
 
-    def listing(keys):   # --flag saved -> this run's
-        return ", ".join(f"--{k} {differ[k][0]} -> {differ[k][1]}" for k in keys)
+    def listing(keys):   # --flag saved -> this run's (the flags' spelling, not argparse's dest)
+        return ", ".join(f"--{FLAG_SPELLING.get(k, k)} {differ[k][0]} -> {differ[k][1]}" for k in keys)
     hard = [k for k in fixed if k in differ]
     if hard:
         raise UserError(f"{path.name} has other flags ({listing(hard)}); a run continues only with "

@@ -221,7 +221,6 @@ def earlier_runs(files):
     done.mkdir()
     locked.mkdir()
     args = train.check_args(train.get_args_parser().parse_args(command("train.py", [], files)))
-    cli._PENDING_WARNINGS.clear()   # the base command's warm-up note: not this process's to print
     args.data_path = str(Path(args.data_path).resolve())
     name = train.run_name(args)
     net = MMGLNet(args.arch, args.stream, num_stripe=args.num_stripe)
@@ -232,6 +231,7 @@ def earlier_runs(files):
     fargs = engine_finetune.prepare_args(agw_train.get_parser().parse_args(command("AGW/train.py", [], files)),
                                          ROOT / "AGW")
     agw = agw_train.builder(fargs)(28)
+    cli._PENDING_WARNINGS.clear()   # the base commands' warm-up notes: not this process's to print
     agwlast = done / f"{engine_finetune.run_name(fargs, fargs.method)}_last.pth"
     checkpoint.save_last(agwlast, "finetune", agw, engine_finetune.build_optimizer(agw, fargs, agw.new_modules()),
                          torch.amp.GradScaler("cpu", enabled=False), 0, fargs, state={"global_step": 1})
