@@ -250,8 +250,21 @@ def files(sysu_small, tmp_path_factory):
     return make_files(sysu_small, raw, tmp_path_factory.mktemp("bad"))
 
 
-@pytest.mark.parametrize("what,script,args,needle", CASES, ids=[f"{c[1]}: {c[0]}" for c in CASES])
+# the cases run in two files (this one and test_bad_inputs_2.py), so that the suite's two
+# workers share them: each case is a fresh interpreter
+FIRST_HALF, SECOND_HALF = CASES[:len(CASES) // 2], CASES[len(CASES) // 2:]
+
+
+def case_ids(cases):
+    return [f"{c[1]}: {c[0]}" for c in cases]
+
+
+@pytest.mark.parametrize("what,script,args,needle", FIRST_HALF, ids=case_ids(FIRST_HALF))
 def test_bad_input_is_one_error_line(what, script, args, needle, files):
+    check_case(what, script, args, needle, files)
+
+
+def check_case(what, script, args, needle, files):
     cwd = ROOT / script.split("/")[0] if "/" in script and not script.startswith("tools") else ROOT
     res = run_script(ROOT / script, *command(script, args, files), cwd=cwd, check=False)
     assert res.returncode == 2, (what, res.returncode, res.stderr[-2000:])
