@@ -503,10 +503,10 @@ def plot_diagnostics(pre, out):
 
 def report(out, pre, chosen, args):
     lines = ["# MMGL study on synthetic SYSU-MM01", "",
-             f"`python tools/study.py --out {args.out} --num_ids {args.num_ids} --epochs {args.epochs} "
-             f"--ft_epochs {args.ft_epochs} --seeds {args.seeds} --ddag_seeds {args.ddag_seeds}` "
-             f"(ResNet-18, 96x48, pre-training batch {args.batch_size}+{args.batch_size}, lr 0.1, "
-             "1 warm-up epoch, cosine).", "",
+             f"`python tools/study.py --out {args.out} --arch {args.arch} --img_h {args.img_h} --img_w {args.img_w} "
+             f"--num_ids {args.num_ids} --epochs {args.epochs} --ft_epochs {args.ft_epochs} --seeds {args.seeds} "
+             f"--ddag_seeds {args.ddag_seeds}` ({args.arch}, {args.img_h}x{args.img_w}, pre-training batch "
+             f"{args.batch_size}+{args.batch_size}, lr 0.1, 1 warm-up epoch, cosine).", "",
              "## Pre-training: held-out permutation accuracy", "",
              "| configuration | steps | held-out perm acc (RGB / IR) | held-out stripe acc | best perm acc "
              "(epoch) | first epoch >= 20% | noise-free MSE | PCC loss, first epoch on -> last | time |",
