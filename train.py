@@ -151,6 +151,7 @@ def check_args(args):
     cli.choice_check("--pcc_pool", args.pcc_pool, ("all", "part"))
     cli.choice_check("--pcc_order", args.pcc_order, ("shuffled", "original"))
     cli.choice_check("--optim", args.optim, ("sgd", "adam"))
+    cli.choice_check("--pcc_reading", args.pcc_reading, tuple(PCC_READINGS))
     cli.check_stripes(args.num_stripe, args.img_h)
     for name in ("val_images", "iters_per_epoch", "pcc_ramp_epochs", "pcc_start_epoch", "pcc_start_acc"):
         if getattr(args, name) < 0:

@@ -96,14 +96,26 @@ def run_script(script, *args, cwd=ROOT, check=True, threads=None):
     return out
 
 
+def load_script(path):
+    """A script of the repository as a module, by its file (``train.py`` and ``AGW/train.py``
+    share a name), its own folder on sys.path while it loads, as when it runs as a script."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"script_{path.replace('/', '_')[:-3]}", ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    folder = str((ROOT / path).parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
 def pretrain_name(*argv):
     """The run name train.py gives this command line (train.run_name: the authors' name plus a
     tag per non-default setting), so tests need not spell the tags out."""
-    import importlib.util
     import cli
-    spec = importlib.util.spec_from_file_location("train_for_names", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_script("train.py")
     args = train.check_args(train.parse_args([str(a) for a in argv]))
     cli._PENDING_WARNINGS.clear()   # its notes are the run's to print, not this process's
     return train.run_name(args)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMALL_ARGS, run_script
+from conftest import SMALL_ARGS, load_script, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--arch", "resnet18", "--img_h", "96", "--img_w", "48", "--gpu", "cpu", "--workers", "0"]
@@ -174,20 +174,6 @@ def make_files(data, raw, tmp):
     return files
 
 
-def script(path):
-    """A script of the repository as a module, by its file (train.py and AGW/train.py share a name)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"script_{path.replace('/', '_')[:-3]}", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    folder = str((ROOT / path).parent)
-    sys.path.insert(0, folder)   # its own folder, as when it runs as a script; only while it loads
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(folder)
-    return module
-
-
 def bad_label_sets(data, tmp):
     """Copies of the preprocessed set (images linked) whose RGB label array is malformed."""
     import numpy as np
@@ -216,7 +202,7 @@ def earlier_runs(files):
     import cli
     import engine_finetune
     from model import MMGLNet
-    train, agw_train = script("train.py"), script("AGW/train.py")
+    train, agw_train = load_script("train.py"), load_script("AGW/train.py")
     done, locked = files["tmp"] / "done", files["tmp"] / "locked"
     done.mkdir()
     locked.mkdir()

@@ -38,6 +38,7 @@ import logger  # noqa: E402
 import model  # noqa: E402
 import rerank  # noqa: E402
 import utils  # noqa: E402
+from cli import UserError  # noqa: E402
 from conftest import output_args, run_script  # noqa: E402
 
 assert Path(train.__file__).resolve() == ROOT / "train.py", f"imported {train.__file__} as the pre-training script"
@@ -267,6 +268,23 @@ def test_cl_weight_scales_the_pcc_term_exactly():
     # and the weight a training epoch uses once PCC is on (train_one_epoch's pcc_weight)
     assert train.pcc_weight(3, args, pcc_from=0) == 2.0
     assert train.pcc_weight(3, args0, pcc_from=0) == args0.cl_weight
+
+
+def test_no_pcc_has_no_pcc_weight():
+    """--no-pcc: PCC's weight is 0 in every epoch (its logs said 0.5 before)."""
+    args = train.get_args_parser().parse_args(["--no-pcc"])
+    assert [train.pcc_weight(e, args, pcc_from=0) for e in range(3)] == [0.0, 0.0, 0.0]
+
+
+def test_pcc_reading_sets_a_whole_reading_and_single_flags_win():
+    first = train.parse_args(["--pcc_reading", "first"])
+    assert {k: getattr(first, k) for k in train.PCC_READINGS["first"]} == train.PCC_READINGS["first"]
+    default = train.parse_args([])
+    assert {k: getattr(default, k) for k in train.PCC_READINGS["default"]} == train.PCC_READINGS["default"]
+    mixed = train.parse_args(["--pcc_reading", "first", "--pcc_form", "mutual"])
+    assert mixed.pcc_form == "mutual" and mixed.pcc_pool == "all"
+    with pytest.raises(UserError, match="--pcc_reading must be one of"):
+        train.parse_args(["--pcc_reading", "third"])
 
 
 def test_cl_temp_changes_the_pcc_loss():
