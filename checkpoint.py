@@ -225,6 +225,8 @@ def check_continuation(path, obj, args, fixed=(), free=()):
     far either (fine-tuning's --epochs: its schedule does not depend on it). Files that did
     not record a flag are not checked on it."""
     saved, now = read_last(obj).get("args") or {}, _plain(vars(args))
+    # Files written before empty path flags were refused say "not given" as "" (now None).
+    saved = {k: None if v == "" else v for k, v in saved.items()}
     differ = {k: (saved[k], now[k]) for k in now if k in saved and k not in OPERATIONAL_FLAGS + tuple(free)
               and saved[k] != now[k] and saved[k] is not None}
 

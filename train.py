@@ -349,7 +349,7 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
     was_training = net.training
     net.eval()
     logits, perms = [], []
-    probe = {"stripe_pool": [], "stripes": []}
+    probe = {"stripe_pool": [], "stripes": [], "perm_hidden": []}
     branch = net.local_conv_list is not None
     stats = {}
     for modal, m in ((1, "rgb"), (2, "ir")):
@@ -389,6 +389,9 @@ def evaluate_perm(net, heldout, aug, args, device, amp_dtype, batch=64):
         for key, name in (("stripe_pool", "probe_backbone"), ("stripes", "probe_pcc")):
             if probe[key]:
                 stats[name] = diagnostics.stripe_probe(np.concatenate(probe[key]), perms.cpu().numpy(), groups)
+        # dead ReLUs in the head's hidden layer: a head whose units are off for every
+        # held-out image outputs one matrix for all of them (accuracy at chance)
+        stats["head_alive"] = float((np.concatenate(probe["perm_hidden"]) > 0).any(axis=0).mean())
     net.train(was_training)
     return stats
 
@@ -521,6 +524,8 @@ def epoch_summary(val, stats, heldout):
     probes = [f"{k[6:]} {val[k]:.1%}" for k in ("probe_backbone", "probe_pcc") if val.get(k) is not None]
     if probes:
         line += f"stripe probe {', '.join(probes)}; "
+    if val and "head_alive" in val:
+        line += f"head units alive {val['head_alive']:.0%}; "
     if "grad_cos_layer4" in stats:
         line += f"grad cos(perm, pcc) layer4 {stats['grad_cos_layer4']:+.3f}; "
     return line + f"training-batch perm_acc {stats['perm_acc']:.2%}; "

@@ -155,3 +155,18 @@ def test_one_path_rule_for_every_script(tmp_path, monkeypatch):
         options.resolve_paths(args, script_dir)
         assert args.model_path == str(tmp_path / "mine")
         assert args.log_path == str(script_dir / "log") and args.vis_log_path == str(script_dir / "log" / "vis_log")
+
+
+def test_a_file_from_before_empty_path_flags_were_refused_resumes_exactly():
+    """Files written when an unset path flag was "" (now None: an empty path is refused)
+    continue without --resume_anyway; a real difference in that flag is still caught."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    args = train.parse_args(["--dataset", "sysu"])
+    assert args.pretrained is None
+    saved = {"stage": "pretrain", "optimizer": {}, "net": {}, "args": {**checkpoint._plain(vars(args)),
+                                                                       "pretrained": ""}}
+    checkpoint.check_continuation(Path("x_last.pth"), saved, args)   # no error
+    saved["args"]["pretrained"] = "imagenet.pth"
+    with pytest.raises(UserError, match=r"--pretrained imagenet.pth -> None"):
+        checkpoint.check_continuation(Path("x_last.pth"), saved, args)

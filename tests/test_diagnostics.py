@@ -141,6 +141,34 @@ def test_mlp_head_and_separate_branch_keys_shapes_and_gradients():
         assert torch.equal(v, sd[k]), k
 
 
+def test_held_out_evaluation_counts_the_heads_live_units():
+    """val/head_alive: the share of the head's hidden units that fire for at least one
+    held-out image; a head whose units are all off for every image outputs one matrix."""
+    from types import SimpleNamespace
+    from data_loader import DeviceAugment
+    from train import evaluate_perm, parse_args
+    torch.manual_seed(0)
+    net = MMGLNet("resnet18", "two", num_stripe=6)
+    rng = np.random.default_rng(0)
+    n = 8
+    imgs = lambda: rng.integers(0, 255, (n, SMALL_H, SMALL_W, 3), dtype=np.uint8)   # noqa: E731
+    perms = lambda: np.stack([rng.permutation(6) for _ in range(n)])                 # noqa: E731
+    paths = lambda cam: [f"{cam}/{i % 4:04d}/{i}.jpg" for i in range(n)]             # noqa: E731
+    held = SimpleNamespace(rgb=imgs(), ir=imgs(), rgb_perms=perms(), ir_perms=perms(), sources=[("sysu", None)],
+                           rgb_paths=paths("cam1"), ir_paths=paths("cam3"))
+    args = parse_args(["--num_stripe", "6"])
+    aug = DeviceAugment(SMALL_H, SMALL_W, device=torch.device("cpu"))
+    live = evaluate_perm(net, held, aug, args, torch.device("cpu"), None)["head_alive"]
+    assert 0.2 < live <= 1
+    with torch.no_grad():
+        net.fc1.bias[:512] = -1e4   # half the units can never fire
+    half = evaluate_perm(net, held, aug, args, torch.device("cpu"), None)["head_alive"]
+    assert half == pytest.approx(live / 2, abs=0.1)
+    with torch.no_grad():
+        net.fc1.bias[:] = -1e4
+    assert evaluate_perm(net, held, aug, args, torch.device("cpu"), None)["head_alive"] == 0
+
+
 def test_pcc_weight_schedule():
     from train import get_args_parser, pcc_start, pcc_weight
     p = get_args_parser()
@@ -161,9 +189,9 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
     assert [r["train/pcc_weight"] for r in log] == [0.0, 0.5]
     for r in log:
-        assert 0 <= r["val/probe_backbone"] <= 1 and 0 <= r["val/probe_pcc"] <= 1
+        assert 0 <= r["val/probe_backbone"] <= 1 and 0 <= r["val/probe_pcc"] <= 1 and 0 < r["val/head_alive"] <= 1
         assert -1 <= r["train/grad_cos_layer4"] <= 1 and r["train/grad_norm_perm_layer4"] > 0 and r["train/grad_norm_pcc_layer3"] > 0
-    assert "stripe probe backbone" in res.stdout and "grad cos(perm, pcc)" in res.stdout
+    assert "stripe probe backbone" in res.stdout and "head units alive" in res.stdout and "grad cos(perm, pcc)" in res.stdout
     # the switch: any stripe accuracy passes 0.5 x chance, so PCC is on from epoch 1, said once
     assert res.stdout.count("PCC on from epoch 1: held-out stripe accuracy") == 1
     assert "_pcc_shuffled_mlp_startacc0.5" in next((tmp_path / "log").glob("*.jsonl")).name
