@@ -2,6 +2,7 @@
 accuracy, AGW fine-tuning from the chosen checkpoint and from random weights, the report,
 the plot, and a re-run that finds everything done."""
 import json
+import re
 from pathlib import Path
 
 from conftest import run_script
@@ -22,6 +23,7 @@ def test_study_runs_reports_and_resumes(tmp_path):
     assert "| GAP, K=6, PCC first reading (the paper's configuration) | " in text
     assert "| GAP, K=3, PCC first reading | " in text
     assert "## Mechanism diagnostics" in text and (out / "diagnostics.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| head units alive |" in text and re.search(r"\| \d+% -> – \|\n", text)   # epoch 1 -> (one epoch)
     assert "| AGW | 1 | " in text   # the paired (per-seed) MMGL - random difference
     assert "| AGW | mmgl | 1 | " in text and "| AGW | random | 1 | " in text
     assert "## Feature scale at the first fine-tuning step" in text

@@ -95,6 +95,11 @@ PRETRAIN = {
     "stripes_k6_ramp10": (S + FIRST + ["--pcc_ramp_epochs", "10"],
                           "stripes, PCC weight ramped 0 -> 0.5 over 10 epochs"),
     # the paper's backbone (run with --arch resnet50): the default spelled out, one-stream beside it
+    # BatchNorm on the pooled feature before the head (--perm_bn): ResNet-50's head died
+    # without it (docs/STUDY.md); the reference and the default, each with it
+    "gap_k6_nopcc_permbn": (["--no-pcc", "--perm_bn"], "GAP, K=6, no PCC, BatchNorm before the head"),
+    "gap_k6_default_permbn": (PART_MUTUAL + ["--pcc_start_acc", "2", "--perm_bn"],
+                              "GAP, K=6, the default with BatchNorm before the head"),
     "gap_k6_default_one": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one"],
                            "GAP, K=6, default PCC, one-stream"),
     # the figure's own PCC (q_i with its soft neighbours from both modalities) on the paper's head,
@@ -453,7 +458,7 @@ def diagnostics_table(pre):
         rows.append(f"| {PRETRAIN[name][1]} | {_at(log, 'val/probe_backbone', 0)} -> {_at(log, 'val/probe_backbone', 9)} "
                     f"-> {_at(log, 'val/probe_backbone', -1)} | {_at(log, 'val/probe_pcc', 0)} -> "
                     f"{_at(log, 'val/probe_pcc', -1)} | {med(cos, '{:+.3f}')} | {med(ratio, '{:.0f}')} | "
-                    f"{med(ratio3, '{:.0f}')} |")
+                    f"{med(ratio3, '{:.0f}')} | {_at(log, 'val/head_alive', 0)} -> {_at(log, 'val/head_alive', -1)} |")
     if not rows:
         return []
     return ["## Mechanism diagnostics", "",
@@ -463,9 +468,12 @@ def diagnostics_table(pre):
             "the PCC embeddings (shuffled order only), after epoch 1 -> 10 -> the last. Gradients: on "
             "the last training batch of every epoch, the cosine between the permutation loss's and the "
             "(unweighted) PCC loss's gradients on layer4, and the ratio of their norms on layer4 and "
-            "layer3 (median over epochs).", "",
+            "layer3 (median over epochs). Head units alive: the share of the permutation head's hidden "
+            "(fc1) units that fire for at least one held-out image, after epoch 1 -> the last (runs "
+            "before this diagnostic existed: –); a head with none alive gives every image one matrix.", "",
             "| configuration | probe, backbone | probe, PCC embedding | grad cosine layer4 | "
-            "\\|g_PCC\\| / \\|g_perm\\| layer4 | same, layer3 |", "|---|---|---|---|---|---|"] + rows + [""]
+            "\\|g_PCC\\| / \\|g_perm\\| layer4 | same, layer3 | head units alive |",
+            "|---|---|---|---|---|---|---|"] + rows + [""]
 
 
 def plot_diagnostics(pre, out):
@@ -473,7 +481,7 @@ def plot_diagnostics(pre, out):
     runs = {n: log for n, log in runs.items() if log}
     if not runs:
         return
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4))
     for i, (name, log) in enumerate(runs.items()):
         style = dict(marker=".", label=PRETRAIN[name][1], color=f"C{i % 10}", ls="-" if i < 10 else "--")
         steps = [x["step"] for x in log]
@@ -481,6 +489,9 @@ def plot_diagnostics(pre, out):
         pcc = [(x["step"], 100 * x["val/probe_pcc"]) for x in log if x.get("val/probe_pcc") is not None]
         if pcc:
             axes[1].plot(*zip(*pcc), **style)
+        alive = [(x["step"], 100 * x["val/head_alive"]) for x in log if "val/head_alive" in x]
+        if alive:
+            axes[4].plot(*zip(*alive), **style)
         g = [x for x in log if x.get("train/grad_norm_pcc_layer4")]
         if g:
             axes[2].plot([x["step"] for x in g], [x["train/grad_cos_layer4"] for x in g], **style)
@@ -489,7 +500,7 @@ def plot_diagnostics(pre, out):
     for ax, title in zip(axes, ("probe: original stripe from backbone stripe features (%)",
                                 "probe: original stripe from PCC embeddings (%)",
                                 "cosine(grad perm, grad PCC), layer4", "|grad PCC| / |grad perm|, layer4 (off the top: "
-                                "saturated head)")):
+                                "saturated head)", "permutation head: hidden units alive on held-out images (%)")):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
