@@ -483,6 +483,7 @@ def main(args):
     # ---- train: one epoch, the held-out accuracy, the checkpoints, the logs
     aug = DeviceAugment(args.img_h, args.img_w, device=device)
     try:
+        warned_head = False
         for epoch in range(start_epoch, args.epochs):
             t0 = time.time()
             sampler = UnpairedSampler(data.rgb_pool, data.ir_pool, args.batch_size, seed=args.seed, epoch=epoch,
@@ -507,11 +508,26 @@ def main(args):
                       f"saved {', '.join(saved + [str(last_path)])}")
                 if switched:
                     print(switched)
+                if not warned_head and dead_head(val, args):   # once a run, into its log too
+                    print(f"warning: {dead_head(val, args)}")
+                    warned_head = True
             utils.barrier()
     finally:
         log.close()
         utils.cleanup()
     return log
+
+
+def dead_head(val, args, below=0.25):
+    """The warning for a permutation head whose hidden ReLUs have died (fewer than ``below``
+    of them fire for any held-out image: its output hardly depends on the image), or None."""
+    alive = val.get("head_alive")
+    if alive is None or alive >= below:
+        return None
+    return (f"only {alive:.0%} of the permutation head's hidden units fire on the held-out images (dead "
+            f"ReLUs): its output hardly depends on the image and the accuracy stays at chance"
+            + ("" if args.perm_bn else "; --perm_bn (BatchNorm before the head) keeps them alive")
+            + " (docs/STUDY.md, 'the permutation head')")
 
 
 def epoch_summary(val, stats, heldout):

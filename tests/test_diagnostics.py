@@ -197,12 +197,18 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
     assert "_pcc_shuffled_mlp_startacc0.5" in next((tmp_path / "log").glob("*.jsonl")).name
     # a resumed run keeps the switch (it is in _last.pth), with no second announcement
     last = next((tmp_path / "sm").glob("*_last.pth"))
-    assert torch.load(last, weights_only=False)["state"]["pcc_from"] == 1
+    obj = torch.load(last, weights_only=False)
+    assert obj["state"]["pcc_from"] == 1
+    assert "permutation head's hidden units fire" not in res.stdout
+    obj["net"]["fc1.bias"].fill_(-1e4)   # every hidden unit of the head off for any image
+    torch.save(obj, last)
     res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "3", "--iters_per_epoch", "2",
                     "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40",
                     "--pcc_order", "shuffled", "--resume", str(last), "--resume_anyway")   # a third epoch
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
     assert log[-1]["train/pcc_weight"] == 0.5 and "PCC on from" not in res.stdout
+    assert log[-1]["val/head_alive"] == 0
+    assert res.stdout.count("warning: only 0% of the permutation head's hidden units fire") == 1
 
 
 def test_resume_under_another_pcc_reading_is_one_error_line(sysu_small, tmp_path):
@@ -224,3 +230,12 @@ def test_resume_under_another_pcc_reading_is_one_error_line(sysu_small, tmp_path
                     "--trust-checkpoint", check=False)
     assert res.returncode == 2 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "not a PyTorch checkpoint" in res.stderr
+
+
+def test_a_dead_permutation_head_is_said():
+    from train import dead_head, parse_args
+    plain, bn = parse_args([]), parse_args(["--perm_bn"])
+    assert dead_head({}, plain) is None and dead_head({"head_alive": 0.79}, plain) is None
+    msg = dead_head({"head_alive": 0.09}, plain)
+    assert msg.startswith("only 9% of the permutation head's hidden units fire") and "--perm_bn" in msg
+    assert "--perm_bn" not in dead_head({"head_alive": 0.0}, bn)
