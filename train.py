@@ -508,8 +508,9 @@ def main(args):
                       f"saved {', '.join(saved + [str(last_path)])}")
                 if switched:
                     print(switched)
-                if not warned_head and dead_head(val, args):   # once a run, into its log too
-                    print(f"warning: {dead_head(val, args)}")
+                head = None if warned_head else dead_head(val, args)
+                if head:   # once a run, into its log too
+                    print(f"warning: {head}")
                     warned_head = True
             utils.barrier()
     finally:
