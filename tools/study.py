@@ -107,6 +107,11 @@ PRETRAIN = {
     "gap_k6_pair_matrix": (FIRST + ["--perm_reduction", "matrix"], "GAP, K=6, the figure's PCC, MSE per matrix"),
     "gap_k6_pair_matrix_seed1": (FIRST + ["--perm_reduction", "matrix", "--seed", "1"],
                                  "GAP, K=6, the figure's PCC, MSE per matrix, seed 1"),
+    # the same with BatchNorm before the head (the per-matrix MSE kills the plain head's units)
+    "gap_k6_pair_matrix_permbn": (FIRST + ["--perm_reduction", "matrix", "--perm_bn"],
+                                  "GAP, K=6, the figure's PCC, MSE per matrix, BatchNorm before the head"),
+    "gap_k6_pair_matrix_permbn_seed1": (FIRST + ["--perm_reduction", "matrix", "--perm_bn", "--seed", "1"],
+                                        "GAP, K=6, the figure's PCC, MSE per matrix, BatchNorm before the head, seed 1"),
     "stripes_k6_default": (S, "stripes, PCC default (same-part mutual-NN, on at stripe acc 2x chance)"),
     # the paper's transfer and data-efficiency claims: the default configuration on other
     # data, each for the SAME steps (--steps_per_epoch) as the default on the study's SYSU-MM01
