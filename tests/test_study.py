@@ -56,3 +56,24 @@ def test_study_unknown_config_is_one_error_line(tmp_path):
     res = run_script(ROOT / "tools" / "study.py", "--out", tmp_path, "--configs", "nope", check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: --configs: unknown configuration 'nope'")
+
+
+def test_a_run_continued_under_a_new_name_is_read_whole_and_continues_from_its_newest_state(tmp_path):
+    """A run continued from a _last.pth of an older name writes its later epochs and its next
+    _last.pth under the new name: the study reads the epochs of both files (the later line of
+    an epoch wins) and continues from the newest state, not the stale one."""
+    import os
+    from conftest import load_script
+    study = load_script("tools/study.py")
+    d = tmp_path / "run"
+    (d / "log").mkdir(parents=True)
+    line = lambda e, acc: json.dumps({"epoch": e, "step": 40 * (e + 1), "val/perm_acc": acc})   # noqa: E731
+    (d / "log" / "old.jsonl").write_text("\n".join(line(e, 0.1) for e in range(3)) + "\n")
+    (d / "log" / "old_144x72.jsonl").write_text("\n".join(line(e, 0.5) for e in (2, 3)) + "\n")
+    os.utime(d / "log" / "old.jsonl", (1, 1))
+    assert [(r["epoch"], r["val/perm_acc"]) for r in study.run_log(d)] == [(0, 0.1), (1, 0.1), (2, 0.5), (3, 0.5)]
+    assert study.run_log(tmp_path / "nothing") == [] and study.last_state(d) is None
+    for name, t in (("old_last.pth", 1), ("old_144x72_last.pth", 2)):
+        (d / name).write_bytes(b"x")
+        os.utime(d / name, (t, t))
+    assert study.last_state(d).name == "old_144x72_last.pth"

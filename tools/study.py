@@ -173,6 +173,21 @@ def read_jsonl(path):
     return logger.read_jsonl(path) if Path(path).is_file() else []
 
 
+def run_log(d):
+    """The JSON lines of the run in folder ``d``, in epoch order; [] for one not started. A run
+    continued from a ``_last.pth`` of an older name writes its later epochs under the new
+    name: every file of the folder counts, the latest-written line of an epoch wins."""
+    lines = {}
+    for f in sorted(Path(d).glob("log/*.jsonl"), key=lambda f: f.stat().st_mtime):
+        lines.update((r["epoch"], r) for r in read_jsonl(f))
+    return [lines[e] for e in sorted(lines)]
+
+
+def last_state(d):
+    """The newest ``_last.pth`` in folder ``d`` (the one a continuation wrote), or None."""
+    return max(Path(d).glob("*_last.pth"), key=lambda f: f.stat().st_mtime, default=None)
+
+
 def run(cmd, log, args, cwd=REPO_ROOT):
     """One run, its output in ``log``; UserError naming the log if it fails."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -227,7 +242,7 @@ def pretrain_jobs(out, data, args, names):
     for name in names:
         flags, _ = PRETRAIN[name]
         d = out / "pretrain" / name
-        if len(read_jsonl(next(iter(d.glob("log/*.jsonl")), d / "none"))) >= args.epochs:
+        if len(run_log(d)) >= args.epochs:
             continue
         if LLCM_DATA in flags:
             flags = [str(prepare_data(out, args, "llcm")) if f == LLCM_DATA else f for f in flags]
@@ -238,9 +253,9 @@ def pretrain_jobs(out, data, args, names):
                "--print_freq", "1000", "--workers", "0", "--gpu", args.gpu,
                "--model_path", str(d), "--log_path", str(d / "log"), "--vis_log_path", str(d / "vis"),
                *flags]
-        last = list(d.glob("*_last.pth"))
+        last = last_state(d)
         if last:
-            cmd += ["--resume", str(last[0])]
+            cmd += ["--resume", str(last)]
         d.mkdir(parents=True, exist_ok=True)
         jobs.append((cmd, d / "run.log", REPO_ROOT))
     return jobs
@@ -251,9 +266,9 @@ def pretrain_results(out, args):
     res = {}
     for name in dict.fromkeys(args.configs.split(",") + ([args.ft_from] if args.ft_from else [])):
         d = out / "pretrain" / name
-        log = next(iter(d.glob("log/*.jsonl")), None)
+        log = run_log(d)
         if log:
-            res[name] = {"log": read_jsonl(log), "ckpt": next(iter(d.glob("*_epoch_*.t")), None)}
+            res[name] = {"log": log, "ckpt": next(iter(d.glob("*_epoch_*.t")), None)}
     return res
 
 
@@ -268,7 +283,7 @@ def finetune_jobs(out, data, inits, args):
                 if method == "ddag" and init.startswith("from_"):
                     continue
                 d = out / method / f"{init}_seed{seed}"
-                if len(read_jsonl(next(iter(d.glob("log/*.jsonl")), d / "none"))) >= args.ft_epochs:
+                if len(run_log(d)) >= args.ft_epochs:
                     continue
                 cmd = [sys.executable, script, "--dataset", "sysu", "--data_path", str(data), *size(args),
                        "--lr", "0.1", "--epochs", str(args.ft_epochs),
@@ -277,9 +292,9 @@ def finetune_jobs(out, data, inits, args):
                        "--model_path", str(d), "--log_path", str(d / "log"), "--vis_log_path", str(d / "vis")]
                 if method == "ddag":
                     cmd += ["--wpa", "--graph"]
-                last = list(d.glob("*_last.pth"))
+                last = last_state(d)
                 if last:
-                    cmd += ["--resume", str(last[0])]
+                    cmd += ["--resume", str(last)]
                 elif init != "random":
                     if not ckpt:   # a finished pre-training whose checkpoint was not kept
                         raise UserError(f"{d}: nothing to fine-tune from (no pre-training checkpoint under "
@@ -345,8 +360,7 @@ def finetune_table(out, method, feature):
     """Markdown rows for one method: MMGL vs random init over the seeds' final tests."""
     rows = []
     for init in ("mmgl", "random"):
-        logs = [read_jsonl(next(iter(d.glob("log/*.jsonl"))))
-                for d in sorted((out / method).glob(f"{init}_seed*")) if list(d.glob("log/*.jsonl"))]
+        logs = [run_log(d) for d in sorted((out / method).glob(f"{init}_seed*")) if run_log(d)]
         tested = f"test/{feature}/rank1"
         finals = [[r for r in log if tested in r][-1] for log in logs if any(tested in r for r in log)]
         if not finals:
@@ -369,7 +383,7 @@ def finetune_finals(out, method, feature, inits=("mmgl", "random")):
     res = {}
     for init in inits:
         for d in sorted((out / method).glob(f"{init}_seed*")):
-            log = read_jsonl(next(iter(d.glob("log/*.jsonl")), d / "none"))
+            log = run_log(d)
             tested = [r for r in log if f"test/{feature}/rank1" in r]
             if tested:
                 res.setdefault(init, {})[int(d.name.rsplit("seed", 1)[1])] = {
