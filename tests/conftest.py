@@ -29,6 +29,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import engine_finetune  # noqa: E402
 import model  # noqa: E402
 
+# The suite's longest files, longest first (pytest --durations, 2026-12-07). xdist hands whole
+# files to the two workers in collection order; left to itself it sorts them by their number
+# of tests, which starts the few-test, minutes-long learning files last and leaves one worker
+# running them alone at the end. Longest first, the two workers finish together.
+LONGEST_FIRST = ("test_pretrain_learns.py", "test_agw.py", "test_llcm.py", "test_ddag.py", "test_ddp.py",
+                 "test_pretrain.py", "test_study.py", "test_same_losses.py", "test_safety.py", "test_folder.py",
+                 "test_diagnostics.py", "test_analysis.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):   # pytest-xdist: keep the order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the rest keep their order
+
 # Small CPU settings for end-to-end runs: ResNet-18 at 96x48, no loader workers.
 SMALL_H, SMALL_W = 96, 48
 SMALL_ARGS = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W),

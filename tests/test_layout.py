@@ -85,3 +85,10 @@ def test_product_code_does_not_import_the_tests():
             if bad:
                 offenders[f"{d}/{f.stem}"] = bad
     assert offenders == {}
+
+
+def test_the_longest_first_order_names_test_files_that_exist():
+    """conftest.LONGEST_FIRST starts the long files first; a renamed file would drop out of it
+    silently and run last again."""
+    from conftest import LONGEST_FIRST
+    assert [n for n in LONGEST_FIRST if not (ROOT / "tests" / n).is_file()] == []
