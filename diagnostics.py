@@ -13,10 +13,6 @@ two MMGL losses do to the shared network (``train.py --diag``, on by default):
 """
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GroupShuffleSplit
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 
 def identity_groups(paths):
@@ -32,6 +28,11 @@ def stripe_probe(feats, labels, groups, seed=0):
     Returns the test accuracy (chance 1/K), or None with fewer than 2 identities."""
     if len(set(groups)) < 2:
         return None
+    # imported here: scikit-learn adds ~0.7 s to every train.py start, errors included
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupShuffleSplit
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     n, k, d = feats.shape
     x, y = feats.reshape(n * k, d), labels.reshape(n * k)
     g = np.repeat(groups, k)

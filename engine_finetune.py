@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn as nn
-from tensorboardX import SummaryWriter
 
 import checkpoint
 import cli
@@ -338,6 +337,7 @@ def test_main(args, net, feature_names, tool_dir, loaded=None):
         net.to(memory_format=torch.channels_last)
     writer = None
     if args.visrank:   # the rank lists go to TensorBoard too, under <vis_log_path>/<ckpt>_test
+        from tensorboardX import SummaryWriter   # here: it imports boto3 etc., ~0.2 s a start
         writer = SummaryWriter(str(Path(args.vis_log_path) / f"{path.stem}_test"))
     try:
         save_to = Path(args.save_features) / f"{path.stem}.npz" if args.save_features else None

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-from tensorboardX import SummaryWriter
 
 import cli
 import utils
@@ -281,6 +280,7 @@ class RunLog:
             if not isinstance(sys.stdout, Tee):
                 sys.stdout = Tee(path)
             self.json = self.log_dir / f"{self.run}.jsonl"
+            from tensorboardX import SummaryWriter   # here: it imports boto3 etc., ~0.2 s a start
             self.writer = SummaryWriter(str(self.vis_dir / self.run))
         print_run_header(args, device, header_lines)
 

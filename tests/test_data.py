@@ -404,7 +404,10 @@ def test_ctrl_c_ends_preprocessing_every_time(tiny):
             break
         proc = subprocess.Popen([sys.executable, str(REPO / "pre_process_sysu.py"), "--data_path", str(tiny),
                                  "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True,
+                                # as from a terminal: a suite started in the background (`cmd &`
+                                # from a script) passes SIGINT down ignored
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         children, deadline = [], time.time() + 60
         while time.time() < deadline and len(children) < 2 and proc.poll() is None:
             time.sleep(0.05)
