@@ -195,7 +195,9 @@ def read_last(obj):
     if "model" in obj and "net" not in obj:   # pre-training files before the one schema
         state = {"scheduler": obj.get("scheduler"), "global_step": obj.get("global_step", 0)}
         obj = {**obj, "net": obj["model"], "state": state, "best": None}
-    return {**obj, "stage": kind(obj)[0], "state": obj.get("state") or {}}
+    # files written before empty path flags were refused recorded an unset one as "" (now None)
+    args = {k: None if v == "" else v for k, v in (obj.get("args") or {}).items()}
+    return {**obj, "stage": kind(obj)[0], "state": obj.get("state") or {}, "args": args}
 
 
 def check_resumable(path, obj, stage):
@@ -224,9 +226,7 @@ def check_continuation(path, obj, args, fixed=(), free=()):
     with the run header instead. ``free``: the stage's flags that change nothing computed so
     far either (fine-tuning's --epochs: its schedule does not depend on it). Files that did
     not record a flag are not checked on it."""
-    saved, now = read_last(obj).get("args") or {}, _plain(vars(args))
-    # Files written before empty path flags were refused say "not given" as "" (now None).
-    saved = {k: None if v == "" else v for k, v in saved.items()}
+    saved, now = read_last(obj)["args"], _plain(vars(args))
     differ = {k: (saved[k], now[k]) for k in now if k in saved and k not in OPERATIONAL_FLAGS + tuple(free)
               and saved[k] != now[k] and saved[k] is not None}
 

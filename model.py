@@ -291,9 +291,9 @@ class MMGLNet(TwoStreamBackbone):
         self.local_layer4 = (copy.deepcopy(self.base_resnet.base.layer4)
                              if part and local_branch == "separate" else None)
 
-    def perm_head(self, fmap, hidden=False):
-        """Permutation logits [N, K, K]; ``hidden``: also fc1's pre-ReLU output [N, hidden_dim]
-        (a unit below zero for every image is a dead ReLU: the head's diagnostic)."""
+    def perm_head(self, fmap):
+        """(permutation logits [N, K, K], fc1's pre-ReLU output [N, hidden_dim]); a unit below
+        zero for every image is a dead ReLU (the head's diagnostic)."""
         if self.perm_feat == "stripes":   # [N, C, K] -> [N, C*K]: row position kept
             pooled = F.adaptive_avg_pool2d(fmap, (self.num_stripe, 1)).flatten(1)
         else:
@@ -302,7 +302,7 @@ class MMGLNet(TwoStreamBackbone):
             pooled = self.perm_bn(pooled)
         pre = self.fc1(pooled)
         logits = self.fc2(F.relu(pre)).view(-1, self.num_stripe, self.num_stripe)
-        return (logits, pre) if hidden else logits
+        return logits, pre
 
     def stripe_embed(self, fmap, perms=None):
         """K stripe embeddings [N, K, proj_dim], L2-normalised (float32). With ``perms``
@@ -334,12 +334,11 @@ class MMGLNet(TwoStreamBackbone):
         body = self.base_resnet.base
         x = body.layer3(body.layer2(body.layer1(self.stem(x_rgb, x_ir, modal))))
         fmap = body.layer4(x)
+        logits, hidden = self.perm_head(fmap)
+        out = {"perm_logits": logits.float()}
         if features:
-            logits, pre = self.perm_head(fmap, hidden=True)
-            out = {"perm_logits": logits.float(), "perm_hidden": pre.float()}
+            out["perm_hidden"] = hidden.float()
             out["stripe_pool"] = F.adaptive_avg_pool2d(fmap, (self.num_stripe, 1)).flatten(2).transpose(1, 2).float()
-        else:
-            out = {"perm_logits": self.perm_head(fmap).float()}
         if pcc is None:
             pcc = self.local_conv_list is not None
         if pcc:

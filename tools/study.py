@@ -167,19 +167,14 @@ def get_args_parser():
 
 
 # ----------------------------------------------------------------------------- running
-def read_jsonl(path):
-    """A run's JSON lines in the flat schema (logger.read_jsonl; our older files upgraded); []
-    for a run not started yet."""
-    return logger.read_jsonl(path) if Path(path).is_file() else []
-
-
 def run_log(d):
-    """The JSON lines of the run in folder ``d``, in epoch order; [] for one not started. A run
-    continued from a ``_last.pth`` of an older name writes its later epochs under the new
-    name: every file of the folder counts, the latest-written line of an epoch wins."""
+    """The JSON lines of the run in folder ``d`` in the flat schema (logger.read_jsonl; our
+    older files upgraded), in epoch order; [] for one not started. A run continued from a
+    ``_last.pth`` of an older name writes its later epochs under the new name: every file of
+    the folder counts, the latest-written line of an epoch wins."""
     lines = {}
     for f in sorted(Path(d).glob("log/*.jsonl"), key=lambda f: f.stat().st_mtime):
-        lines.update((r["epoch"], r) for r in read_jsonl(f))
+        lines.update((r["epoch"], r) for r in logger.read_jsonl(f))
     return [lines[e] for e in sorted(lines)]
 
 
@@ -360,7 +355,7 @@ def finetune_table(out, method, feature):
     """Markdown rows for one method: MMGL vs random init over the seeds' final tests."""
     rows = []
     for init in ("mmgl", "random"):
-        logs = [run_log(d) for d in sorted((out / method).glob(f"{init}_seed*")) if run_log(d)]
+        logs = [log for log in map(run_log, sorted((out / method).glob(f"{init}_seed*"))) if log]
         tested = f"test/{feature}/rank1"
         finals = [[r for r in log if tested in r][-1] for log in logs if any(tested in r for r in log)]
         if not finals:
