@@ -102,6 +102,8 @@ PRETRAIN = {
                               "GAP, K=6, the default with BatchNorm before the head"),
     "gap_k6_default_one": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one"],
                            "GAP, K=6, default PCC, one-stream"),
+    "gap_k6_default_one_permbn": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one", "--perm_bn"],
+                                  "GAP, K=6, default PCC, one-stream, BatchNorm before the head"),
     # the figure's own PCC (q_i with its soft neighbours from both modalities) on the paper's head,
     # the permutation MSE summed per K x K matrix; seeds 0 and 1
     "gap_k6_pair_matrix": (FIRST + ["--perm_reduction", "matrix"], "GAP, K=6, the figure's PCC, MSE per matrix"),
