@@ -77,3 +77,18 @@ def test_a_run_continued_under_a_new_name_is_read_whole_and_continues_from_its_n
         (d / name).write_bytes(b"x")
         os.utime(d / name, (t, t))
     assert study.last_state(d).name == "old_144x72_last.pth"
+
+
+def test_every_configuration_is_a_valid_pretraining_command():
+    # a misspelt flag in a configuration would only show when its (hours-long) run starts;
+    # two configurations with the same flags would be one run reported twice
+    from conftest import load_script, pretrain_name
+    study = load_script("tools/study.py")
+    names = {}
+    for config, (flags, label) in study.PRETRAIN.items():
+        flags = ["40" if f == study.STEPS else f for f in flags]
+        flags = ["data" if f == study.LLCM_DATA else f for f in flags]
+        name = pretrain_name("--dataset", "sysu", "--data_path", "data", *flags)
+        assert name not in names, f"{config} and {names[name]} are the same run ({name})"
+        names[name] = config
+        assert label

@@ -110,11 +110,8 @@ PRETRAIN = {
     "gap_k6_default_one_permbn": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one", "--perm_bn"],
                                   "GAP, K=6, default PCC, one-stream, BatchNorm before the head"),
     # the figure's own PCC (q_i with its soft neighbours from both modalities) on the paper's head,
-    # the permutation MSE summed per K x K matrix; seeds 0 and 1
-    "gap_k6_pair_matrix": (FIRST + ["--perm_reduction", "matrix"], "GAP, K=6, the figure's PCC, MSE per matrix"),
-    "gap_k6_pair_matrix_seed1": (FIRST + ["--perm_reduction", "matrix", "--seed", "1"],
-                                 "GAP, K=6, the figure's PCC, MSE per matrix, seed 1"),
-    # the same with BatchNorm before the head (the per-matrix MSE kills the plain head's units)
+    # the permutation MSE summed per K x K matrix (gap_k6_pcc_mse_matrix without BatchNorm:
+    # that kills the plain head's units), with BatchNorm before the head; seeds 0 and 1
     "gap_k6_pair_matrix_permbn": (FIRST + ["--perm_reduction", "matrix", "--perm_bn"],
                                   "GAP, K=6, the figure's PCC, MSE per matrix, BatchNorm before the head"),
     "gap_k6_pair_matrix_permbn_seed1": (FIRST + ["--perm_reduction", "matrix", "--perm_bn", "--seed", "1"],
