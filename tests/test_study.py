@@ -26,6 +26,9 @@ def test_study_runs_reports_and_resumes(tmp_path):
     assert "| head units alive |" in text and re.search(r"\| \d+% -> – \|\n", text)   # epoch 1 -> (one epoch)
     assert "| AGW | 1 | " in text   # the paired (per-seed) MMGL - random difference
     assert "| AGW | mmgl | 1 | " in text and "| AGW | random | 1 | " in text
+    # how the fine-tuning runs trained: first -> last epoch means per init, and their curves
+    assert re.search(r"\| AGW \| mmgl \| 1 \| 1 \| \d+\.\d\d -> \d+\.\d\d \|", text)
+    assert "| AGW | random | 1 | 1 | " in text and (out / "finetune_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Feature scale at the first fine-tuning step" in text
     assert "## Transfer and data efficiency (AGW on SYSU-MM01)" in text
     assert "| GAP, K=6, default PCC, pre-trained on LLCM only (transfer) | 2 | " in text

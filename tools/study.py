@@ -355,11 +355,17 @@ def _mean_std(xs):
     return f"{100 * xs.mean():.1f} ± {100 * xs.std(ddof=1) if len(xs) > 1 else 0:.1f}"
 
 
+def finetune_logs(out, method, init):
+    """{seed: JSON lines} of one method's runs from one initialisation."""
+    logs = {int(d.name.rsplit("seed", 1)[1]): run_log(d) for d in sorted((out / method).glob(f"{init}_seed*"))}
+    return {seed: log for seed, log in logs.items() if log}
+
+
 def finetune_table(out, method, feature):
     """Markdown rows for one method: MMGL vs random init over the seeds' final tests."""
     rows = []
     for init in ("mmgl", "random"):
-        logs = [log for log in map(run_log, sorted((out / method).glob(f"{init}_seed*"))) if log]
+        logs = list(finetune_logs(out, method, init).values())
         tested = f"test/{feature}/rank1"
         finals = [[r for r in log if tested in r][-1] for log in logs if any(tested in r for r in log)]
         if not finals:
@@ -381,13 +387,70 @@ def finetune_finals(out, method, feature, inits=("mmgl", "random")):
     """{init: {seed: final test entry}} of one method's runs."""
     res = {}
     for init in inits:
-        for d in sorted((out / method).glob(f"{init}_seed*")):
-            log = run_log(d)
+        for seed, log in finetune_logs(out, method, init).items():
             tested = [r for r in log if f"test/{feature}/rank1" in r]
             if tested:
-                res.setdefault(init, {})[int(d.name.rsplit("seed", 1)[1])] = {
+                res.setdefault(init, {})[seed] = {
                     m: tested[-1][f"test/{feature}/{m}"] for m in ("rank1", "rank5", "mAP", "mINP")}
     return res
+
+
+# the test feature each method's tables report (DDAG: its last, the attention feature)
+TESTED = {"agw": "FC", "ddag": "FC_att"}
+# the training curves that say how a fine-tuning run got where it ended: (JSON key, title)
+# (JSON key, title, scale)
+DYNAMICS = (("train/id_loss", "ID loss", 1), ("train/tri_loss", "triplet loss", 1),
+            ("train/acc", "training accuracy (%)", 100), ("train/feat_norm", "pooled feature norm", 1),
+            ("train/wG", "DDAG graph weight wG", 1))
+
+
+def dynamics_rows(out, method):
+    """Markdown rows for one method: the first and last epochs' training means, averaged over
+    the seeds of each initialisation (a row per init; '–' where the method does not log it)."""
+    rows = []
+    for init in ("mmgl", "random"):
+        logs = list(finetune_logs(out, method, init).values())
+        if not logs:
+            continue
+        cells = []
+        for key, _, scale in DYNAMICS:
+            first = [scale * log[0][key] for log in logs if key in log[0]]
+            last = [scale * log[-1][key] for log in logs if key in log[-1]]
+            cells.append(f"{np.mean(first):.2f} -> {np.mean(last):.2f}" if first and last else "–")
+        rows.append(f"| {method.upper()} | {init} | {len(logs)} | {len(logs[0])} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def plot_finetune(out, tested):
+    """finetune_curves.png: per method (a row each), the DYNAMICS and the test Rank-1 of the
+    ``tested`` feature over epochs; every seed a thin line, the mean over seeds a thick one."""
+    methods = [m for m in tested if finetune_logs(out, m, "mmgl") or finetune_logs(out, m, "random")]
+    if not methods:
+        return
+    keys = [*DYNAMICS, ("test/{}/rank1", "test Rank-1 (%)", 100)]
+    fig, axes = plt.subplots(len(methods), len(keys), figsize=(4 * len(keys), 3.2 * len(methods)), squeeze=False)
+    for row, method in zip(axes, methods):
+        for color, init in (("C0", "mmgl"), ("C1", "random")):
+            logs = list(finetune_logs(out, method, init).values())
+            for ax, (key, _, scale) in zip(row, keys):
+                key = key.format(tested[method])
+                curves = [[(r["epoch"] + 1, scale * r[key]) for r in log if key in r] for log in logs]
+                curves = [c for c in curves if c]
+                for c in curves:
+                    ax.plot(*zip(*c), color=color, lw=0.6, alpha=0.5)
+                if curves and all(len(c) == len(curves[0]) for c in curves):
+                    x = [e for e, _ in curves[0]]
+                    ax.plot(x, np.mean([[v for _, v in c] for c in curves], axis=0), color=color, lw=2,
+                            label=f"{init} init ({len(curves)} seeds)")
+        for ax, (_, title, _) in zip(row, keys):
+            ax.set_visible(bool(ax.lines))   # AGW has no graph weight
+            ax.set_title(f"{method.upper()}: {title}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "finetune_curves.png", dpi=80)
+    plt.close(fig)
 
 
 def _paired(a, b, seeds):
@@ -533,7 +596,10 @@ def plot_diagnostics(pre, out):
 def report(out, pre, chosen, args):
     lines = ["# MMGL study on synthetic SYSU-MM01", "",
              f"`python tools/study.py --out {args.out} --arch {args.arch} --img_h {args.img_h} --img_w {args.img_w} "
-             f"--num_ids {args.num_ids} --epochs {args.epochs} --ft_epochs {args.ft_epochs} --seeds {args.seeds} "
+             f"--num_ids {args.num_ids} --configs {args.configs} --epochs {args.epochs} "
+             + (f"--ft_from {args.ft_from} " if args.ft_from else "")
+             + (f"--ft_also {args.ft_also} " if args.ft_also else "")
+             + f"--ft_epochs {args.ft_epochs} --seeds {args.seeds} "
              f"--ddag_seeds {args.ddag_seeds}` ({args.arch}, {args.img_h}x{args.img_w}, pre-training batch "
              f"{args.batch_size}+{args.batch_size}, lr 0.1, 1 warm-up epoch, cosine).", "",
              "## Pre-training: held-out permutation accuracy", "",
@@ -563,7 +629,7 @@ def report(out, pre, chosen, args):
     diag = diagnostics_table(pre)
     if diag:
         lines += diag + ["![diagnostics](diagnostics.png)", ""]
-    rows = finetune_table(out, "agw", "FC") + finetune_table(out, "ddag", "FC_att")
+    rows = [row for m, feature in TESTED.items() for row in finetune_table(out, m, feature)]
     if chosen and rows:
         acc = [x for x in pre[chosen]["log"] if "val/perm_acc" in x][-1]["val/perm_acc"]
         lines += ["## Fine-tuning: MMGL init vs random init", "",
@@ -575,11 +641,17 @@ def report(out, pre, chosen, args):
                   "| method | init | seeds | Rank-1 % | mAP % | first-step ID loss | first-step triplet "
                   "loss | first-step feature norm / pairwise distance |", "|---|---|---|---|---|---|---|---|"]
         lines += rows
-        paired = paired_rows(out, "agw", "FC") + paired_rows(out, "ddag", "FC_att")
+        paired = [row for m, feature in TESTED.items() for row in paired_rows(out, m, feature)]
         if paired:
             lines += ["", "Paired by seed (MMGL minus random init; mean ± standard error over seeds, "
                       "per-seed differences in brackets, percentage points):", "",
                       "| method | seeds | Rank-1 difference | mAP difference |", "|---|---|---|---|"] + paired
+        dynamics = [row for m in TESTED for row in dynamics_rows(out, m)]
+        lines += ["", "How the runs trained: the training means of the first -> the last epoch, averaged "
+                  "over the seeds (ID loss: the global feature's; the pooled feature's L2 norm before "
+                  "BNNeck; wG: DDAG's graph-loss weight 1 / (1 + previous epoch's instance loss)).", "",
+                  "| method | init | seeds | epochs | " + " | ".join(t for _, t, _ in DYNAMICS) + " |",
+                  "|---" * (4 + len(DYNAMICS)) + "|"] + dynamics + ["", "![fine-tuning curves](finetune_curves.png)"]
         also = [n for n in args.ft_also.split(",") if n]
         claims = claims_rows(out, pre, {"mmgl": chosen, **{f"from_{n}": n for n in also}}) if also else []
         if claims:
@@ -590,10 +662,11 @@ def report(out, pre, chosen, args):
                       "standard error, then each seed).", ""] + claims
         # the chosen checkpoint, every other finished K=6 one, and random weights
         ckpts = {n: r["ckpt"] for n, r in pre.items() if r["ckpt"] and "_k6_" in n}
-        scale = feature_scale(ckpts, out / "data" / "SYSU-MM01", arch=args.arch)
-        # a run whose checkpoint was not kept keeps the row measured while it was there
+        # a run whose checkpoint was not kept keeps the row measured while it was there (and with
+        # no checkpoint left, the whole table stands as measured: no data needed to report it)
         old = out / "feature_scale.json"
         kept = json.loads(old.read_text()) if old.is_file() else {}
+        scale = feature_scale(ckpts, out / "data" / "SYSU-MM01", arch=args.arch) if ckpts or not kept else {}
         scale = {**{n: v for n, v in kept.items() if n not in scale}, **scale}
         cols = list(scale["random"])
         lines += ["", "## Feature scale at the first fine-tuning step", "",
@@ -640,6 +713,7 @@ def main(args):
             raise UserError(f"--report: no pre-training run of --configs under {out} to report (run the study first)")
         plot(pre, out)
         plot_diagnostics(pre, out)
+        plot_finetune(out, TESTED)
         report(out, pre, args.ft_from or None, args)
         return
     data = prepare_data(out, args)
@@ -665,6 +739,7 @@ def main(args):
     pre = pretrain_results(out, args)
     plot(pre, out)
     plot_diagnostics(pre, out)
+    plot_finetune(out, TESTED)
     report(out, pre, chosen, args)
 
 
