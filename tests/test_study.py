@@ -95,3 +95,28 @@ def test_every_configuration_is_a_valid_pretraining_command():
         assert name not in names, f"{config} and {names[name]} are the same run ({name})"
         names[name] = config
         assert label
+
+
+def test_ddag_variants_are_the_study_protocol_plus_their_own_flags(tmp_path):
+    # the commands the study gives each fine-tuning method: the variant's flags after the
+    # protocol's (so they win), its own folder, DDAG's script and folder, long = 2 x epochs
+    from conftest import load_script
+    study = load_script("tools/study.py")
+    args = study.get_args_parser().parse_args(["--seeds", "1", "--ddag_seeds", "1", "--ft_epochs", "3",
+                                               "--ddag_variants", "plain,warm,long"])
+    jobs = study.finetune_jobs(tmp_path, tmp_path / "data", {"mmgl": tmp_path / "c.t", "random": None}, args)
+    runs = {Path(log).parent.relative_to(tmp_path).as_posix(): (cmd, Path(cwd).name) for cmd, log, cwd in jobs}
+    assert set(runs) == {f"{m}/{i}_seed0" for m in ("agw", "ddag", "ddag_plain", "ddag_warm", "ddag_long")
+                         for i in ("mmgl", "random")}
+
+    def opt(cmd, flag):   # the value argparse keeps: the last one given
+        return cmd[max(i for i, a in enumerate(cmd) if a == flag) + 1]
+
+    for run, (cmd, cwd) in runs.items():
+        method = run.split("/")[0]
+        assert cwd == ("AGW" if method == "agw" else "DDAG") and Path(cmd[1]).name == (
+            "train.py" if method == "agw" else "train_ddag.py")
+        assert ("--wpa" in cmd and "--graph" in cmd) == (method in ("ddag", "ddag_warm", "ddag_long"))
+        assert opt(cmd, "--warmup_epochs") == ("2" if method == "ddag_warm" else "0")
+        assert opt(cmd, "--epochs") == ("6" if method == "ddag_long" else "3")
+        assert ("--resume" in cmd) == run.endswith("mmgl_seed0")

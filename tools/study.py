@@ -9,7 +9,7 @@ synthetic data, in one command:
    GAP K=6 without PCC, the stripes head K=6 with PCC, GAP K=3 with PCC;
 3. AGW fine-tuning from the pre-trained checkpoint with the highest held-out permutation
    accuracy vs from random weights, same budget, ``--seeds`` seeds each;
-4. DDAG the same, ``--ddag_seeds`` seeds each;
+4. DDAG (``--wpa --graph``) the same, ``--ddag_seeds`` seeds each, and its ``--ddag_variants``;
 5. ``OUT/results.md`` (the tables) and ``OUT/*.png`` (the curves).
 
 Every run lives in its own folder under OUT and is skipped once its JSON lines show it
@@ -158,6 +158,9 @@ def get_args_parser():
     p.add_argument("--ft_epochs", default=10, type=int, help="AGW/DDAG fine-tuning epochs")
     p.add_argument("--seeds", default=3, type=int, help="AGW seeds per initialisation")
     p.add_argument("--ddag_seeds", default=1, type=int, help="DDAG seeds per initialisation (0: skip)")
+    p.add_argument("--ddag_variants", default="", help="comma-separated DDAG variants also fine-tuned, "
+                   "--ddag_seeds seeds each: plain (without --wpa --graph), warm (2 warm-up epochs), long "
+                   "(2 x --ft_epochs)")
     p.add_argument("--report", action="store_true", help="only rebuild the tables and plots from the JSON "
                    "lines already under --out; start no run (unfinished runs are reported as far as they got)")
     p.add_argument("--ft_from", default="", help="fine-tune from this configuration's checkpoint (default: "
@@ -271,26 +274,48 @@ def pretrain_results(out, args):
     return res
 
 
+# the fine-tuning runs: method -> (its folder and script, the flags added to the study's
+# protocol, the test feature its tables report, epochs as a multiple of --ft_epochs).
+# ddag_*: the variants that ask why DDAG does not gain (--ddag_variants)
+FINETUNE = {
+    "agw": ("AGW", "train.py", [], "FC", 1),
+    "ddag": ("DDAG", "train_ddag.py", ["--wpa", "--graph"], "FC_att", 1),
+    "ddag_plain": ("DDAG", "train_ddag.py", [], "FC", 1),                               # no part attention, no graph
+    "ddag_warm": ("DDAG", "train_ddag.py", ["--wpa", "--graph", "--warmup_epochs", "2"], "FC_att", 1),
+    "ddag_long": ("DDAG", "train_ddag.py", ["--wpa", "--graph"], "FC_att", 2),        # twice the epochs
+}
+TESTED = {method: spec[3] for method, spec in FINETUNE.items()}
+
+
+def ft_epochs(method, args):
+    return FINETUNE[method][4] * args.ft_epochs
+
+
 def finetune_jobs(out, data, inits, args):
     """``inits``: {folder prefix: checkpoint, or None for random weights}. AGW ``--seeds``
-    seeds and DDAG ``--ddag_seeds`` seeds of each; the ``from_*`` sources (``--ft_also``)
-    AGW only."""
+    seeds, DDAG and each of its ``--ddag_variants`` ``--ddag_seeds`` seeds of each; the
+    ``from_*`` sources (``--ft_also``) AGW only."""
     jobs = []
-    for method, script, seeds in (("agw", "train.py", args.seeds), ("ddag", "train_ddag.py", args.ddag_seeds)):
+    methods = [("agw", args.seeds), ("ddag", args.ddag_seeds)]
+    methods += [(f"ddag_{v}", args.ddag_seeds) for v in args.ddag_variants.split(",") if v]
+    for method, seeds in methods:
+        folder, script, flags, _, _ = FINETUNE[method]
+        epochs = ft_epochs(method, args)
         for seed in range(seeds):
             for init, ckpt in inits.items():
-                if method == "ddag" and init.startswith("from_"):
+                if method != "agw" and init.startswith("from_"):
                     continue
                 d = out / method / f"{init}_seed{seed}"
-                if len(run_log(d)) >= args.ft_epochs:
+                if len(run_log(d)) >= epochs:
                     continue
+                # the study's protocol: lr 0.1 without warm-up, tested every 2 epochs (a variant's
+                # flags come after, so they win)
                 cmd = [sys.executable, script, "--dataset", "sysu", "--data_path", str(data), *size(args),
-                       "--lr", "0.1", "--epochs", str(args.ft_epochs),
+                       "--lr", "0.1", "--epochs", str(epochs),
                        "--warmup_epochs", "0", "--test_every", "2", "--print_freq", "1000",
                        "--workers", "0", "--gpu", args.gpu, "--seed", str(seed),
-                       "--model_path", str(d), "--log_path", str(d / "log"), "--vis_log_path", str(d / "vis")]
-                if method == "ddag":
-                    cmd += ["--wpa", "--graph"]
+                       "--model_path", str(d), "--log_path", str(d / "log"), "--vis_log_path", str(d / "vis"),
+                       *flags]
                 last = last_state(d)
                 if last:
                     cmd += ["--resume", str(last)]
@@ -300,7 +325,7 @@ def finetune_jobs(out, data, inits, args):
                                         f"{out / 'pretrain'} for {init})")
                     cmd += ["--resume", str(ckpt)]
                 d.mkdir(parents=True, exist_ok=True)
-                jobs.append((cmd, d / "run.log", REPO_ROOT / method.upper()))
+                jobs.append((cmd, d / "run.log", REPO_ROOT / folder))
     return jobs
 
 
@@ -395,8 +420,6 @@ def finetune_finals(out, method, feature, inits=("mmgl", "random")):
     return res
 
 
-# the test feature each method's tables report (DDAG: its last, the attention feature)
-TESTED = {"agw": "FC", "ddag": "FC_att"}
 # the training curves that say how a fine-tuning run got where it ended: (JSON key, title)
 # (JSON key, title, scale)
 DYNAMICS = (("train/id_loss", "ID loss", 1), ("train/tri_loss", "triplet loss", 1),
@@ -599,8 +622,9 @@ def report(out, pre, chosen, args):
              f"--num_ids {args.num_ids} --configs {args.configs} --epochs {args.epochs} "
              + (f"--ft_from {args.ft_from} " if args.ft_from else "")
              + (f"--ft_also {args.ft_also} " if args.ft_also else "")
-             + f"--ft_epochs {args.ft_epochs} --seeds {args.seeds} "
-             f"--ddag_seeds {args.ddag_seeds}` ({args.arch}, {args.img_h}x{args.img_w}, pre-training batch "
+             + f"--ft_epochs {args.ft_epochs} --seeds {args.seeds} --ddag_seeds {args.ddag_seeds}"
+             + (f" --ddag_variants {args.ddag_variants}" if args.ddag_variants else "")
+             + f"` ({args.arch}, {args.img_h}x{args.img_w}, pre-training batch "
              f"{args.batch_size}+{args.batch_size}, lr 0.1, 1 warm-up epoch, cosine).", "",
              "## Pre-training: held-out permutation accuracy", "",
              "| configuration | steps | held-out perm acc (RGB / IR) | held-out stripe acc | best perm acc "
@@ -635,7 +659,9 @@ def report(out, pre, chosen, args):
         lines += ["## Fine-tuning: MMGL init vs random init", "",
                   f"MMGL checkpoint: `{chosen}` ({PRETRAIN[chosen][1]}), held-out permutation "
                   f"accuracy {100 * acc:.1f}%. Same budget for both: {args.ft_epochs} epochs, lr 0.1, no "
-                  "warm-up. Rank-1/mAP: each run's final test (mean over the 10 gallery trials), "
+                  "warm-up" + (" (DDAG_PLAIN: DDAG without `--wpa --graph`; DDAG_WARM: 2 warm-up epochs; "
+                  "DDAG_LONG: twice the epochs)" if any((out / m).is_dir() for m in FINETUNE if m.startswith("ddag_"))
+                  else "") + ". Rank-1/mAP: each run's final test (mean over the 10 gallery trials), "
                   "then mean ± std over seeds (per-seed Rank-1 in brackets). First step: the losses, the "
                   "pooled features' mean L2 norm and mean pairwise distance of the very first training step.", "",
                   "| method | init | seeds | Rank-1 % | mAP % | first-step ID loss | first-step triplet "
@@ -690,6 +716,10 @@ def check_args(args):
     for name in ("seeds", "ddag_seeds"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for v in args.ddag_variants.split(","):
+        if v and f"ddag_{v}" not in FINETUNE:
+            raise UserError(f"--ddag_variants: unknown variant {v!r} (known: "
+                            + ", ".join(m[5:] for m in FINETUNE if m.startswith("ddag_")) + ")")
     if args.img_h % 6:
         raise UserError(f"--img_h must be a multiple of 6 (the K=6 stripes), got {args.img_h}")
 
