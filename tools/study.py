@@ -444,6 +444,18 @@ def dynamics_rows(out, method):
     return rows
 
 
+def _panel(ax, title, xlabel, **title_style):
+    ax.set_title(title, **title_style)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def plot_finetune(out, tested):
     """finetune_curves.png: per method (a row each), the DYNAMICS and the test Rank-1 of the
     ``tested`` feature over epochs; every seed a thin line, the mean over seeds a thick one."""
@@ -467,13 +479,9 @@ def plot_finetune(out, tested):
                             label=f"{init} init ({len(curves)} seeds)")
         for ax, (_, title, _) in zip(row, keys):
             ax.set_visible(bool(ax.lines))   # AGW has no graph weight
-            ax.set_title(f"{method.upper()}: {title}", fontsize=9)
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
+            _panel(ax, f"{method.upper()}: {title}", "epoch", fontsize=9)
         row[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "finetune_curves.png", dpi=80)
-    plt.close(fig)
+    _save(fig, out / "finetune_curves.png")
 
 
 def _paired(a, b, seeds):
@@ -531,13 +539,9 @@ def plot(pre, out):
             axes[2].plot(steps, [x["train/pcc"] for x in log], **style)
     for ax, title in zip(axes, ("held-out whole-permutation accuracy (%)", "held-out stripe accuracy (%)",
                                 "PCC loss (training batches, epoch mean)")):
-        ax.set_title(title)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
+        _panel(ax, title, "training step")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "pretrain_curves.png", dpi=80)
-    plt.close(fig)
+    _save(fig, out / "pretrain_curves.png")
 
 
 def _at(log, key, i):
@@ -605,15 +609,11 @@ def plot_diagnostics(pre, out):
                                 "probe: original stripe from PCC embeddings (%)",
                                 "cosine(grad perm, grad PCC), layer4", "|grad PCC| / |grad perm|, layer4 (off the top: "
                                 "saturated head)", "permutation head: hidden units alive on held-out images (%)")):
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
+        _panel(ax, title, "training step", fontsize=9)
     axes[3].set_yscale("log")
     axes[3].set_ylim(0.1, 1e4)   # above: a saturated head whose permutation gradient is ~0
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "diagnostics.png", dpi=80)
-    plt.close(fig)
+    _save(fig, out / "diagnostics.png")
 
 
 def report(out, pre, chosen, args):
