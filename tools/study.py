@@ -420,8 +420,7 @@ def finetune_finals(out, method, feature, inits=("mmgl", "random")):
     return res
 
 
-# the training curves that say how a fine-tuning run got where it ended: (JSON key, title)
-# (JSON key, title, scale)
+# the training curves that say how a fine-tuning run got where it ended: (JSON key, title, scale)
 DYNAMICS = (("train/id_loss", "ID loss", 1), ("train/tri_loss", "triplet loss", 1),
             ("train/acc", "training accuracy (%)", 100), ("train/feat_norm", "pooled feature norm", 1),
             ("train/wG", "DDAG graph weight wG", 1))
@@ -696,7 +695,7 @@ def report(out, pre, chosen, args):
         scale = {**{n: v for n, v in kept.items() if n not in scale}, **scale}
         cols = list(scale["random"])
         lines += ["", "## Feature scale at the first fine-tuning step", "",
-                  "AGW network (ResNet-18) with its backbone from each finished K=6 pre-training run or "
+                  f"AGW network ({args.arch}) with its backbone from each finished K=6 pre-training run or "
                   "from random weights, 4 identity batches (8 ids x 4 RGB + 4 IR), train-time augmentation, "
                   "BN in train mode, no update:", "",
                   "| backbone | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
