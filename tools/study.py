@@ -116,6 +116,13 @@ PRETRAIN = {
                                   "GAP, K=6, the figure's PCC, MSE per matrix, BatchNorm before the head"),
     "gap_k6_pair_matrix_permbn_seed1": (FIRST + ["--perm_reduction", "matrix", "--perm_bn", "--seed", "1"],
                                         "GAP, K=6, the figure's PCC, MSE per matrix, BatchNorm before the head, seed 1"),
+    # the same balance of the two gradients on the backbone without the larger step: the MSE
+    # summed per matrix is 36 x the mean, so it multiplies every step of the head by 36; PCC's
+    # weight divided by 36 (0.5 / 36) instead keeps the mean's step and the plain head; seeds 0, 1
+    "gap_k6_pair_balanced": (FIRST + ["--cl_weight", "0.0139"],
+                             "GAP, K=6, the figure's PCC at weight 0.5/36 (the per-matrix balance)"),
+    "gap_k6_pair_balanced_seed1": (FIRST + ["--cl_weight", "0.0139", "--seed", "1"],
+                                   "GAP, K=6, the figure's PCC at weight 0.5/36 (the per-matrix balance), seed 1"),
     "stripes_k6_default": (S, "stripes, PCC default (same-part mutual-NN, on at stripe acc 2x chance)"),
     # the paper's transfer and data-efficiency claims: the default configuration on other
     # data, each for the SAME steps (--steps_per_epoch) as the default on the study's SYSU-MM01
