@@ -429,6 +429,9 @@ def main(args):
         resume_obj = checkpoint.load(resume_path, trust=args.trust_checkpoint)
         checkpoint.check_resumable(resume_path, resume_obj, "pretrain")
         checkpoint.check_continuation(resume_path, resume_obj, args, fixed=NETWORK_FLAGS + READING_FLAGS)
+    advice = resnet50_advice(args)
+    if advice:
+        cli.warn(advice)
     # continuing this run's own _last.pth appends to its outputs; any other start must not meet them
     log = logger.RunLog(args, name, continuing=bool(resume_path) and resume_path.resolve() == last_path.resolve())
 
@@ -517,6 +520,21 @@ def main(args):
         log.close()
         utils.cleanup()
     return log
+
+
+def resnet50_advice(args):
+    """The flags that ResNet-50 needed in our CPU-sized runs and this run lacks, as a warning;
+    None for other backbones or when it has them. Without --perm_bn the head's units died;
+    with PCC on at weight 0.5 its gradient stalled the permutation task, at 0.1 it learnt."""
+    if args.arch != "resnet50":
+        return None
+    missing = [flag for flag, lacking in (("--perm_bn", not args.perm_bn),
+                                          ("--cl_weight 0.1", args.pcc and args.cl_weight > 0.1)) if lacking]
+    if not missing:
+        return None
+    return (f"--arch resnet50: in our CPU-sized ResNet-50 runs (144x72, synthetic data) the permutation task "
+            f"learnt only with {' and '.join(missing)}; not yet measured at full size "
+            f"(docs/STUDY.md, 'the paper's backbone')")
 
 
 def dead_head(val, args, below=0.25):

@@ -239,3 +239,22 @@ def test_a_dead_permutation_head_is_said():
     msg = dead_head({"head_alive": 0.09}, plain)
     assert msg.startswith("only 9% of the permutation head's hidden units fire") and "--perm_bn" in msg
     assert "--perm_bn" not in dead_head({"head_alive": 0.0}, bn)
+
+
+def test_resnet50_runs_are_told_the_flags_it_needed(tmp_path, capsys):
+    from train import parse_args, resnet50_advice
+    default = resnet50_advice(parse_args([]))   # the authors' command: ResNet-50, PCC at 0.5
+    assert default.startswith("--arch resnet50: ") and "only with --perm_bn and --cl_weight 0.1;" in default
+    assert "only with --perm_bn;" in resnet50_advice(parse_args(["--no-pcc"]))
+    assert "only with --cl_weight 0.1;" in resnet50_advice(parse_args(["--perm_bn"]))
+    assert resnet50_advice(parse_args(["--perm_bn", "--cl_weight", "0.1"])) is None
+    assert resnet50_advice(parse_args(["--arch", "resnet18"])) is None
+    # and a ResNet-50 run prints it with its header, once
+    import train
+    argv = ["--dummy", "--img_h", "32", "--img_w", "16", "--num_stripe", "2", "--gpu", "cpu", "--workers", "0",
+            "--batch-size", "2", "--iters_per_epoch", "1", "--epochs", "1", "--print_freq", "100", "--no-diag",
+            "--model_path", str(tmp_path / "sm"), "--log_path", str(tmp_path / "log"),
+            "--vis_log_path", str(tmp_path / "vis")]
+    train.main(train.parse_args(argv))
+    out = capsys.readouterr().out
+    assert out.count("warning: --arch resnet50: ") == 1 and out.index("warning: --arch resnet50") < out.index("Epoch")
