@@ -109,6 +109,9 @@ PRETRAIN = {
                            "GAP, K=6, default PCC, one-stream"),
     "gap_k6_default_one_permbn": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one", "--perm_bn"],
                                   "GAP, K=6, default PCC, one-stream, BatchNorm before the head"),
+    "gap_k6_default_one_permbn_cw0.1": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one", "--perm_bn",
+                                                       "--cl_weight", "0.1"],
+                                        "GAP, K=6, default PCC, one-stream, BatchNorm before the head, PCC weight 0.1"),
     # the figure's own PCC (q_i with its soft neighbours from both modalities) on the paper's head,
     # the permutation MSE summed per K x K matrix (gap_k6_pcc_mse_matrix without BatchNorm:
     # that kills the plain head's units), with BatchNorm before the head; seeds 0 and 1
