@@ -120,3 +120,14 @@ def test_ddag_variants_are_the_study_protocol_plus_their_own_flags(tmp_path):
         assert opt(cmd, "--warmup_epochs") == ("2" if method == "ddag_warm" else "0")
         assert opt(cmd, "--epochs") == ("6" if method == "ddag_long" else "3")
         assert ("--resume" in cmd) == run.endswith("mmgl_seed0")
+
+
+def test_pcc_loss_column_starts_where_pcc_switched_on():
+    from conftest import load_script
+    study = load_script("tools/study.py")
+    waited = [{"train/pcc": 2.0, "train/pcc_weight": 0.0}, {"train/pcc": 0.4, "train/pcc_weight": 0.5},
+              {"train/pcc": 0.1, "train/pcc_weight": 0.5}]
+    assert study.pcc_span(waited) == "0.400 -> 0.100"
+    assert study.pcc_span(waited[:1]) == "never on"           # not the weight-0 loss as if it were on
+    assert study.pcc_span([{"train/pcc": 0.3}, {"train/pcc": 0.2}]) == "0.300 -> 0.200"   # older logs
+    assert study.pcc_span([{"train/perm": 0.1}]) == "–"

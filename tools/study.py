@@ -625,6 +625,15 @@ def plot_diagnostics(pre, out):
     _save(fig, out / "diagnostics.png")
 
 
+def pcc_span(log):
+    """The PCC loss from the first epoch it was on to the last ("–" without PCC). A run that
+    waits for --pcc_start_acc logs the loss at weight 0 before; one that never got there says so."""
+    if "train/pcc" not in log[-1]:
+        return "–"
+    on = next((x for x in log if x.get("train/pcc_weight", 1) > 0), None)   # older logs: no weight, on
+    return f"{on['train/pcc']:.3f} -> {log[-1]['train/pcc']:.3f}" if on else "never on"
+
+
 def report(out, pre, chosen, args):
     lines = ["# MMGL study on synthetic SYSU-MM01", "",
              f"`python tools/study.py --out {args.out} --arch {args.arch} --img_h {args.img_h} --img_w {args.img_w} "
@@ -646,9 +655,7 @@ def report(out, pre, chosen, args):
         last = log[-1]
         best = max(log, key=lambda x: x["val/perm_acc"])
         hit = next((x["epoch"] + 1 for x in log if x["val/perm_acc"] >= 0.2), None)
-        # from the first epoch PCC was on (a switched-on run logs its loss at weight 0 before)
-        on = next((x for x in log if x.get("train/pcc_weight", 1) > 0), log[0])
-        pcc = f"{on['train/pcc']:.3f} -> {last['train/pcc']:.3f}" if "train/pcc" in last else "–"
+        pcc = pcc_span(log)
         minutes = sum(x["time"] for x in r["log"]) / 60
         lines.append(f"| {PRETRAIN[name][1]} | {last['step']} | {100 * last['val/perm_acc']:.1f}% "
                      f"({100 * last['val/perm_acc_rgb']:.1f} / {100 * last['val/perm_acc_ir']:.1f}) | "
