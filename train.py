@@ -11,8 +11,9 @@ The story, top to bottom:
      with MSE;
   5. local granularity: part-aware cycle-contrastive loss (PCC) between stripe features of
      the two modalities;
-  6. loss = MSE(RGB) + MSE(IR) + cl_weight * PCC; SGD; save a plain state_dict that the
-     AGW/ and DDAG/ fine-tuning scripts load with ``--resume``.
+  6. loss = MSE(RGB) + MSE(IR) + cl_weight * PCC, the MSE summed over each K x K matrix and
+     the whole divided by K*K (the step of the mean MSE; --perm_reduction matrix_scaled); SGD;
+     save a plain state_dict that the AGW/ and DDAG/ fine-tuning scripts load with ``--resume``.
 
     python train.py --dataset sysu --stream two --lr 0.1 --pcc --part --gpu 0
 """
@@ -63,17 +64,26 @@ def paper_parser():
 
 
 # Readings of what the paper leaves open, each a whole set of flags (--pcc_reading NAME sets
-# them; a flag given on the command line wins). 'default': "cycle-consistent RGB-IR patches"
-# of the same body part are the positives (mutual, part, original), and PCC joins once the
-# permutation features have formed; 'first': our first reading, the figure's soft
-# neighbours q_ir / q_rgb as the positive pair (docs/PRETRAIN.md, "The paper vs our reading").
+# them; a flag given on the command line wins; docs/PRETRAIN.md, "The paper vs our reading").
+# 'figure' (the default): the authors' figure, a stripe's soft nearest neighbours q_ir and
+# q_rgb from the IR and RGB stripe sets as the positive pair, from the first step, with the
+# paper's "MSE" between permutation matrices summed per matrix and the whole loss divided by
+# K*K (matrix_scaled: that reading's balance of the two losses at the mean MSE's step size);
+# 'mutual' (the default until December 2026): "cycle-consistent RGB-IR patches" of the same
+# body part are the positives, and PCC joins once the permutation features have formed;
+# 'first': our first reading, the figure's pair against the mean MSE, at 36x PCC's weight.
 PCC_READINGS = {
-    "default": {"pcc_form": "mutual", "pcc_pool": "part", "pcc_order": "original", "pcc_start_acc": 2.0},
-    "first": {"pcc_form": "pair", "pcc_pool": "all", "pcc_order": "shuffled", "pcc_start_acc": 0.0},
+    "figure": {"pcc_form": "pair", "pcc_pool": "all", "pcc_order": "shuffled", "pcc_start_acc": 0.0,
+               "perm_reduction": "matrix_scaled"},
+    "mutual": {"pcc_form": "mutual", "pcc_pool": "part", "pcc_order": "original", "pcc_start_acc": 2.0,
+               "perm_reduction": "mean"},
+    "first": {"pcc_form": "pair", "pcc_pool": "all", "pcc_order": "shuffled", "pcc_start_acc": 0.0,
+              "perm_reduction": "mean"},
 }
+DEFAULT_READING = "figure"
 
 
-def get_args_parser(reading="default"):
+def get_args_parser(reading=DEFAULT_READING):
     # the paper's flags first, then the data, backbone, optimisation, device and output flags
     # every stage shares, then our readings of what the paper leaves open and the ablations
     p = cli.ArgumentParser("train.py", description="MMGL self-supervised pre-training",
@@ -107,8 +117,10 @@ def get_args_parser(reading="default"):
                    "until the permutation features have formed; 0: PCC from the first epoch")
     g.add_argument("--sinkhorn_temp", default=1.0, type=float, help="Sinkhorn temperature")
     g.add_argument("--gumbel_noise", default=1.0, type=float, help="scale of the Gumbel noise")
-    g.add_argument("--perm_reduction", default="mean", help="the permutation MSE over the entries (mean) or "
-                   "summed over each K x K matrix (matrix: the squared Frobenius distance, K*K times larger)")
+    g.add_argument("--perm_reduction", default=r["perm_reduction"], help="the permutation MSE over the entries "
+                   "(mean) | summed over each K x K matrix (matrix: the squared Frobenius distance, K*K times "
+                   "larger) | matrix_scaled: the loss of 'matrix' divided by K*K, i.e. the mean MSE with PCC "
+                   "weighted --cl_weight / K*K (matrix's balance of the two losses at mean's step size)")
     g = p.add_argument_group("ablations and diagnostics (not the paper's method)")
     g.add_argument("--perm_feat", default="gap", help="what the permutation head sees: gap (the paper's "
                    "figure: the globally pooled feature) | stripes (the K stripe-pooled features, "
@@ -147,7 +159,7 @@ def check_args(args):
     cli.choice_check("--pcc_form", args.pcc_form, ("pair", "cycle", "mutual"))
     cli.choice_check("--pcc_head", args.pcc_head, ("linear", "mlp"))
     cli.choice_check("--local_branch", args.local_branch, ("shared", "separate"))
-    cli.choice_check("--perm_reduction", args.perm_reduction, ("mean", "matrix"))
+    cli.choice_check("--perm_reduction", args.perm_reduction, ("mean", "matrix", "matrix_scaled"))
     cli.choice_check("--pcc_pool", args.pcc_pool, ("all", "part"))
     cli.choice_check("--pcc_order", args.pcc_order, ("shuffled", "original"))
     cli.choice_check("--optim", args.optim, ("sgd", "adam"))
@@ -232,15 +244,22 @@ def lr_at(epoch, args):
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def full_pcc_weight(args):
+    """PCC's weight against the permutation MSE once it is fully on: --cl_weight (the paper's
+    0.5), over K*K under --perm_reduction matrix_scaled (the loss of 'matrix', MSE summed per
+    K x K matrix + cl_weight * PCC, divided by K*K: the same balance at the mean MSE's step)."""
+    return args.cl_weight / args.num_stripe ** 2 if args.perm_reduction == "matrix_scaled" else args.cl_weight
+
+
 def pcc_weight(epoch, args, pcc_from):
-    """PCC's weight in ``epoch``: --cl_weight (the paper's 0.5) from epoch ``pcc_from`` on
+    """PCC's weight in ``epoch``: :func:`full_pcc_weight` from epoch ``pcc_from`` on
     (:func:`pcc_start`, :func:`pcc_switch`; None: not yet), 0 before; with --pcc_ramp_epochs
     a linear ramp up to it. The schedule is our reading: the paper gives none."""
     if not args.pcc or pcc_from is None or epoch < pcc_from:
         return 0.0
     if args.pcc_ramp_epochs:
-        return args.cl_weight * min(1.0, (epoch - pcc_from + 1) / args.pcc_ramp_epochs)
-    return args.cl_weight
+        return full_pcc_weight(args) * min(1.0, (epoch - pcc_from + 1) / args.pcc_ramp_epochs)
+    return full_pcc_weight(args)
 
 
 def pcc_switch(pcc_from, val, epoch, args):
@@ -263,7 +282,7 @@ def pcc_switch(pcc_from, val, epoch, args):
 
 def mmgl_losses(out, perms, args, cl_weight=None):
     """Eq. (global) + Eq. (local) of the paper for one batch (``cl_weight``: this epoch's
-    PCC weight, :func:`pcc_weight`; default --cl_weight).
+    PCC weight, :func:`pcc_weight`; default :func:`full_pcc_weight`).
 
     ``out['perm_logits']``: [2B, K, K], RGB rows first then IR, both through the SAME head so
     the two modalities share one permutation space. ``perms``: [B, K], the permutation applied
@@ -274,7 +293,8 @@ def mmgl_losses(out, perms, args, cl_weight=None):
     for i, m in enumerate(("rgb", "ir")):
         soft = gumbel_sinkhorn(out["perm_logits"][i * b:(i + 1) * b].float(), args.sinkhorn_iters,
                                args.sinkhorn_temp, args.gumbel_samples, args.gumbel_noise)
-        losses[f"perm_{m}"] = perm_mse_loss(soft, target.float(), args.perm_reduction)
+        losses[f"perm_{m}"] = perm_mse_loss(soft, target.float(), "matrix" if args.perm_reduction == "matrix"
+                                            else "mean")
     total = losses["perm_rgb"] + losses["perm_ir"]
     if args.pcc:
         z = out["stripes"].float()
@@ -286,7 +306,7 @@ def mmgl_losses(out, perms, args, cl_weight=None):
                                      offset=utils.get_rank() * b, gather=utils.all_gather_with_grad, **reading)
         else:
             losses["pcc"] = pcc_loss(z_rgb, z_ir, args.cl_temp, **reading)
-        total = total + (args.cl_weight if cl_weight is None else cl_weight) * losses["pcc"]
+        total = total + (full_pcc_weight(args) if cl_weight is None else cl_weight) * losses["pcc"]
     losses["loss"] = total
     return losses
 
@@ -525,11 +545,12 @@ def main(args):
 def resnet50_advice(args):
     """The flags that ResNet-50 needed in our CPU-sized runs and this run lacks, as a warning;
     None for other backbones or when it has them. Without --perm_bn the head's units died;
-    with PCC on at weight 0.5 its gradient stalled the permutation task, at 0.1 it learnt."""
+    with PCC on at weight 0.5 (--pcc_reading mutual) its gradient stalled the permutation
+    task, at 0.1 it learnt."""
     if args.arch != "resnet50":
         return None
     missing = [flag for flag, lacking in (("--perm_bn", not args.perm_bn),
-                                          ("--cl_weight 0.1", args.pcc and args.cl_weight > 0.1)) if lacking]
+                                          ("a PCC weight <= 0.1", args.pcc and full_pcc_weight(args) > 0.1)) if lacking]
     if not missing:
         return None
     return (f"--arch resnet50: in our CPU-sized ResNet-50 runs (144x72, synthetic data) the permutation task "

@@ -170,13 +170,15 @@ def test_held_out_evaluation_counts_the_heads_live_units():
 
 
 def test_pcc_weight_schedule():
-    from train import get_args_parser, pcc_start, pcc_weight
+    from train import get_args_parser, parse_args, pcc_start, pcc_weight
     p = get_args_parser()
-    a = p.parse_args(["--pcc_start_acc", "0", "--pcc_start_epoch", "3", "--pcc_ramp_epochs", "4"])
+    a = p.parse_args(["--pcc_start_acc", "0", "--pcc_start_epoch", "3", "--pcc_ramp_epochs", "4",
+                      "--perm_reduction", "mean"])
     assert [pcc_weight(e, a, pcc_start(a)) for e in range(8)] == [0, 0, 0, 0.125, 0.25, 0.375, 0.5, 0.5]
-    d = p.parse_args([])
+    d = parse_args(["--pcc_reading", "mutual"])   # on once the stripe accuracy is 2x chance
     assert pcc_start(d) is None and [pcc_weight(e, d, None) for e in range(3)] == [0, 0, 0]  # waits
     assert [pcc_weight(e, d, 1) for e in range(3)] == [0, 0.5, 0.5]
+    assert pcc_start(p.parse_args([])) == 0   # the default: PCC from the first step
     assert pcc_start(p.parse_args(["--val_images", "0"])) == 0 and pcc_start(p.parse_args(["--no-pcc"])) == 0
 
 
@@ -185,7 +187,7 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
     from test_pretrain import TINY, run_train
     res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "2", "--iters_per_epoch", "2",
                     "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40",
-                    "--pcc_order", "shuffled")   # shuffled: the PCC embedding probe runs too
+                    "--pcc_reading", "mutual", "--pcc_order", "shuffled")   # shuffled: the PCC embedding probe runs too
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
     assert [r["train/pcc_weight"] for r in log] == [0.0, 0.5]
     for r in log:
@@ -194,7 +196,7 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
     assert "stripe probe backbone" in res.stdout and "head units alive" in res.stdout and "grad cos(perm, pcc)" in res.stdout
     # the switch: any stripe accuracy passes 0.5 x chance, so PCC is on from epoch 1, said once
     assert res.stdout.count("PCC on from epoch 1: held-out stripe accuracy") == 1
-    assert "_pcc_shuffled_mlp_startacc0.5" in next((tmp_path / "log").glob("*.jsonl")).name
+    assert "_pcc_mutual_part_mlp_startacc0.5" in next((tmp_path / "log").glob("*.jsonl")).name
     # a resumed run keeps the switch (it is in _last.pth), with no second announcement
     last = next((tmp_path / "sm").glob("*_last.pth"))
     obj = torch.load(last, weights_only=False)
@@ -204,7 +206,8 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
     torch.save(obj, last)
     res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "3", "--iters_per_epoch", "2",
                     "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40",
-                    "--pcc_order", "shuffled", "--resume", str(last), "--resume_anyway")   # a third epoch
+                    "--pcc_reading", "mutual", "--pcc_order", "shuffled", "--resume", str(last),
+                    "--resume_anyway")   # a third epoch
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
     assert log[-1]["train/pcc_weight"] == 0.5 and "PCC on from" not in res.stdout
     assert log[-1]["val/head_alive"] == 0
@@ -213,16 +216,19 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
 
 def test_resume_under_another_pcc_reading_is_one_error_line(sysu_small, tmp_path):
     from test_pretrain import TINY, run_train
-    run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "1", "--iters_per_epoch", "1",
-              "--pcc_form", "cycle", "--val_images", "0", "--pcc_start_acc", "0")
+    # a run begun under the default before 2026-12-07 (mutual), continued under today's default
+    # (the figure's pair): refused, naming the flags; continued with its own reading: fine
+    old = ["--data_path", str(sysu_small), *TINY, "--iters_per_epoch", "1", "--val_images", "0"]
+    run_train(tmp_path, *old, "--epochs", "1", "--pcc_reading", "mutual")
     last = next((tmp_path / "sm").glob("*_last.pth"))
-    res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "2", "--iters_per_epoch", "1",
-                    "--pcc_form", "pair", "--val_images", "0", "--pcc_start_acc", "0", "--resume", str(last),
-                    check=False)
+    res = run_train(tmp_path, *old, "--epochs", "2", "--resume", str(last), check=False)
     assert res.returncode == 2, res.stdout + res.stderr
     err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and "(--pcc_form cycle -> pair" in err[0], err
+    assert len(err) == 1 and "(--pcc_form mutual -> pair" in err[0] and "--perm_reduction mean -> matrix_scaled" \
+        in err[0], err
     assert res.stdout == ""   # refused before the run header and before any data is read
+    res = run_train(tmp_path, *old, "--epochs", "2", "--pcc_reading", "mutual", "--resume", str(last))
+    assert "Epoch 1 done" in res.stdout, res.stdout[-2000:]
     # a text file given as --resume: the same, before any work
     notes = tmp_path / "notes.t"
     notes.write_text("not a checkpoint")
@@ -243,11 +249,15 @@ def test_a_dead_permutation_head_is_said():
 
 def test_resnet50_runs_are_told_the_flags_it_needed(tmp_path, capsys):
     from train import parse_args, resnet50_advice
-    default = resnet50_advice(parse_args([]))   # the authors' command: ResNet-50, PCC at 0.5
-    assert default.startswith("--arch resnet50: ") and "only with --perm_bn and --cl_weight 0.1;" in default
+    default = resnet50_advice(parse_args([]))   # the authors' command: ResNet-50, PCC at 0.5 / 36
+    assert default.startswith("--arch resnet50: ") and "only with --perm_bn;" in default
     assert "only with --perm_bn;" in resnet50_advice(parse_args(["--no-pcc"]))
-    assert "only with --cl_weight 0.1;" in resnet50_advice(parse_args(["--perm_bn"]))
-    assert resnet50_advice(parse_args(["--perm_bn", "--cl_weight", "0.1"])) is None
+    mutual = ["--pcc_reading", "mutual"]   # PCC at the full 0.5: stalled
+    assert "only with --perm_bn and a PCC weight <= 0.1;" in resnet50_advice(parse_args(mutual))
+    assert "only with a PCC weight <= 0.1;" in resnet50_advice(parse_args([*mutual, "--perm_bn"]))
+    assert resnet50_advice(parse_args([*mutual, "--perm_bn", "--cl_weight", "0.1"])) is None
+    assert resnet50_advice(parse_args(["--perm_bn"])) is None
+    assert "a PCC weight" in resnet50_advice(parse_args(["--perm_bn", "--cl_weight", "4"]))   # 4 / 36 > 0.1
     assert resnet50_advice(parse_args(["--arch", "resnet18"])) is None
     # and a ResNet-50 run prints it with its header, once
     import train

@@ -260,14 +260,28 @@ def test_perm_reduction_matrix_is_k_squared_times_the_mean():
 
 
 def test_cl_weight_scales_the_pcc_term_exactly():
-    base, args0 = pretrain_losses()
-    heavy, args = pretrain_losses("--cl_weight", "2.0")
+    mean = ["--perm_reduction", "mean"]   # PCC weighted --cl_weight itself
+    base, args0 = pretrain_losses(*mean)
+    heavy, args = pretrain_losses(*mean, "--cl_weight", "2.0")
     assert heavy["pcc"] == base["pcc"]
     assert heavy["loss"] - base["loss"] == pytest.approx((2.0 - args0.cl_weight) * base["pcc"], rel=1e-5)
     assert heavy["loss"] == pytest.approx(heavy["perm_rgb"] + heavy["perm_ir"] + 2.0 * heavy["pcc"], rel=1e-6)
     # and the weight a training epoch uses once PCC is on (train_one_epoch's pcc_weight)
     assert train.pcc_weight(3, args, pcc_from=0) == 2.0
     assert train.pcc_weight(3, args0, pcc_from=0) == args0.cl_weight
+
+
+def test_perm_reduction_matrix_scaled_is_the_matrix_loss_over_k_squared():
+    """The default: the loss of --perm_reduction matrix (MSE summed per K x K matrix + cl_weight
+    x PCC) divided by K*K, i.e. the mean MSE with PCC at cl_weight / K*K, in the loss a step
+    takes and in the weight an epoch logs."""
+    scaled, args = pretrain_losses()
+    assert args.perm_reduction == "matrix_scaled" and args.cl_weight == 0.5
+    matrix, _ = pretrain_losses("--perm_reduction", "matrix")
+    mean, _ = pretrain_losses("--perm_reduction", "mean")
+    assert scaled["loss"] * K * K == pytest.approx(matrix["loss"], rel=1e-5)
+    assert scaled["perm_rgb"] == mean["perm_rgb"] and scaled["pcc"] == mean["pcc"]
+    assert train.pcc_weight(3, args, pcc_from=0) == pytest.approx(0.5 / 36)
 
 
 def test_no_pcc_has_no_pcc_weight():
@@ -280,7 +294,11 @@ def test_pcc_reading_sets_a_whole_reading_and_single_flags_win():
     first = train.parse_args(["--pcc_reading", "first"])
     assert {k: getattr(first, k) for k in train.PCC_READINGS["first"]} == train.PCC_READINGS["first"]
     default = train.parse_args([])
-    assert {k: getattr(default, k) for k in train.PCC_READINGS["default"]} == train.PCC_READINGS["default"]
+    assert default.pcc_reading == "figure" and default.pcc_form == "pair" and default.pcc_start_acc == 0
+    for name, reading in train.PCC_READINGS.items():
+        args = train.parse_args(["--pcc_reading", name])
+        assert {k: getattr(args, k) for k in reading} == reading
+    assert train.parse_args(["--pcc_reading", "mutual"]).perm_reduction == "mean"
     mixed = train.parse_args(["--pcc_reading", "first", "--pcc_form", "mutual"])
     assert mixed.pcc_form == "mutual" and mixed.pcc_pool == "all"
     with pytest.raises(UserError, match="--pcc_reading must be one of"):

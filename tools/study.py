@@ -44,10 +44,12 @@ from data_loader import DeviceAugment, IdentitySampler, PreprocessedData, make_l
 
 # name -> (train.py flags, label in tables and plots)
 # Every PCC reading spelled out, so a configuration means the same run whatever the
-# defaults: FIRST is our first reading (the default until December 2026), PART_MUTUAL the
-# positives of the current default, NOW it from the first epoch (no switch-on).
-FIRST = ["--pcc_reading", "first"]   # train.PCC_READINGS: pair, all, shuffled, on from the first epoch
-PART_MUTUAL = ["--pcc_form", "mutual", "--pcc_pool", "part", "--pcc_order", "original"]
+# defaults (train.PCC_READINGS): FIRST is our first reading (the default until 2 December
+# 2026), PART_MUTUAL the same-part mutual positives (the default until 7 December 2026), NOW
+# PCC from the first epoch (no switch-on), FIGURE the default since.
+FIRST = ["--pcc_reading", "first"]   # pair, all, shuffled, on from the first epoch, mean MSE
+PART_MUTUAL = ["--pcc_reading", "mutual"]   # mutual, part, original, on at 2x chance, mean MSE
+FIGURE = ["--pcc_reading", "figure"]   # pair, all, shuffled, on from the first epoch, MSE per matrix / K*K
 NOW = ["--pcc_start_acc", "0"]
 S = ["--perm_feat", "stripes"]
 LLCM_DATA = "<llcm>"   # replaced by the study's synthetic LLCM (another seed: other people)
@@ -76,7 +78,7 @@ PRETRAIN = {
                                         "GAP, K=6, PCC same-part mutual-NN positives, on at epoch 10"),
     "gap_k6_mutual_part_orig_startacc2": (PART_MUTUAL + ["--pcc_start_acc", "2"],
                                           "GAP, K=6, PCC same-part mutual-NN positives, on at stripe acc 2x "
-                                          "chance (the default)"),
+                                          "chance (the default until 2026-12-07)"),
     # the screen of PCC readings on the fast diagnostic (stripes head, K=6, PCC at 0.5)
     "stripes_k6_cw0": (S + FIRST + ["--cl_weight", "0"], "stripes, PCC branch built, weight 0 (control)"),
     "stripes_k6_mlp": (S + FIRST + ["--pcc_head", "mlp"], "stripes, PCC through an MLP head"),
@@ -99,19 +101,19 @@ PRETRAIN = {
     # without it (docs/STUDY.md); the reference and the default, each with it
     "gap_k6_nopcc_permbn": (["--no-pcc", "--perm_bn"], "GAP, K=6, no PCC, BatchNorm before the head"),
     "gap_k6_default_permbn": (PART_MUTUAL + ["--pcc_start_acc", "2", "--perm_bn"],
-                              "GAP, K=6, the default with BatchNorm before the head"),
+                              "GAP, K=6, mutual PCC (the default then), BatchNorm before the head"),
     # PCC's weight scaled by the measured gradient ratio: PCC's gradient on layer4 is 12x the
     # permutation loss's on ResNet-50 against 2x for the ResNet-18 default that learns
     # (medians over epochs), so 0.5 x 2/12 ~ 0.1 gives ResNet-50 ResNet-18's balance
     "gap_k6_default_permbn_cw0.1": (PART_MUTUAL + ["--pcc_start_acc", "2", "--perm_bn", "--cl_weight", "0.1"],
-                                    "GAP, K=6, the default with BatchNorm before the head, PCC weight 0.1"),
+                                    "GAP, K=6, mutual PCC (the default then), BatchNorm before the head, PCC weight 0.1"),
     "gap_k6_default_one": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one"],
-                           "GAP, K=6, default PCC, one-stream"),
+                           "GAP, K=6, mutual PCC (the default then), one-stream"),
     "gap_k6_default_one_permbn": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one", "--perm_bn"],
-                                  "GAP, K=6, default PCC, one-stream, BatchNorm before the head"),
+                                  "GAP, K=6, mutual PCC (the default then), one-stream, BatchNorm before the head"),
     "gap_k6_default_one_permbn_cw0.1": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one", "--perm_bn",
                                                        "--cl_weight", "0.1"],
-                                        "GAP, K=6, default PCC, one-stream, BatchNorm before the head, PCC weight 0.1"),
+                                        "GAP, K=6, mutual PCC (the default then), one-stream, BatchNorm before the head, PCC weight 0.1"),
     # the figure's own PCC (q_i with its soft neighbours from both modalities) on the paper's head,
     # the permutation MSE summed per K x K matrix (gap_k6_pcc_mse_matrix without BatchNorm:
     # that kills the plain head's units), with BatchNorm before the head; seeds 0 and 1
@@ -126,14 +128,20 @@ PRETRAIN = {
                              "GAP, K=6, the figure's PCC at weight 0.5/36 (the per-matrix balance)"),
     "gap_k6_pair_balanced_seed1": (FIRST + ["--cl_weight", "0.0139", "--seed", "1"],
                                    "GAP, K=6, the figure's PCC at weight 0.5/36 (the per-matrix balance), seed 1"),
-    "stripes_k6_default": (S, "stripes, PCC default (same-part mutual-NN, on at stripe acc 2x chance)"),
+    # ... which became the default (--pcc_reading figure: the weight is 0.5 / K*K exactly);
+    # on ResNet-50 with BatchNorm before the head
+    "gap_k6_figure_permbn": (FIGURE + ["--perm_bn"], "GAP, K=6, the default (the figure's PCC), BatchNorm "
+                             "before the head"),
+    "stripes_k6_default": (S + PART_MUTUAL, "stripes, PCC same-part mutual-NN, on at stripe acc 2x chance "
+                           "(the default until 2026-12-07)"),
     # the paper's transfer and data-efficiency claims: the default configuration on other
     # data, each for the SAME steps (--steps_per_epoch) as the default on the study's SYSU-MM01
-    "gap_k6_default_sysu": (["--iters_per_epoch", STEPS], "GAP, K=6, default PCC, pre-trained on SYSU-MM01"),
-    "gap_k6_default_llcm": (["--dataset", "llcm", "--data_path", LLCM_DATA, "--iters_per_epoch", STEPS],
-                            "GAP, K=6, default PCC, pre-trained on LLCM only (transfer)"),
-    "gap_k6_default_ratio0.05": (["--train_ratio", "0.05", "--iters_per_epoch", STEPS],
-                                 "GAP, K=6, default PCC, pre-trained on 5% of the SYSU-MM01 images"),
+    "gap_k6_default_sysu": (PART_MUTUAL + ["--iters_per_epoch", STEPS],
+                            "GAP, K=6, mutual PCC (the default then), pre-trained on SYSU-MM01"),
+    "gap_k6_default_llcm": (PART_MUTUAL + ["--dataset", "llcm", "--data_path", LLCM_DATA, "--iters_per_epoch", STEPS],
+                            "GAP, K=6, mutual PCC (the default then), pre-trained on LLCM only (transfer)"),
+    "gap_k6_default_ratio0.05": (PART_MUTUAL + ["--train_ratio", "0.05", "--iters_per_epoch", STEPS],
+                                 "GAP, K=6, mutual PCC (the default then), pre-trained on 5% of the SYSU-MM01 images"),
 }
 DEFAULT_CONFIGS = "gap_k6_pcc,gap_k6_nopcc,stripes_k6_pcc,stripes_k6_nopcc,gap_k3_pcc"
 READINGS = ("gap_k6_pcc,gap_k6_nopcc,gap_k6_pcc_cw0,gap_k6_pcc_cw0.05,gap_k6_pcc_cycle,gap_k6_pcc_part_orig,"
