@@ -227,7 +227,8 @@ def test_resume_under_another_pcc_reading_is_one_error_line(sysu_small, tmp_path
     assert len(err) == 1 and "(--pcc_form mutual -> pair" in err[0] and "--perm_reduction mean -> matrix_scaled" \
         in err[0], err
     assert res.stdout == ""   # refused before the run header and before any data is read
-    res = run_train(tmp_path, *old, "--epochs", "2", "--pcc_reading", "mutual", "--resume", str(last))
+    res = run_train(tmp_path, *old, "--epochs", "2", "--pcc_reading", "mutual", "--resume", str(last),
+                    "--resume_anyway")   # --epochs 1 -> 2 only
     assert "Epoch 1 done" in res.stdout, res.stdout[-2000:]
     # a text file given as --resume: the same, before any work
     notes = tmp_path / "notes.t"

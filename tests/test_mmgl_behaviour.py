@@ -159,7 +159,7 @@ def test_a_pair_shares_its_permutation_inside_train_one_epoch(tmp_path, monkeypa
     args = train.get_args_parser().parse_args([
         "--dummy", "--arch", "resnet18", "--img_h", str(H), "--img_w", str(W), "--gpu", "cpu",
         "--workers", "0", "--batch-size", "8", "--epochs", "1", "--iters_per_epoch", "2",
-        "--print_freq", "100", "--no-diag", "--pcc_start_acc", "0", "--seed", "5",
+        "--print_freq", "100", "--no-diag", "--pcc_start_acc", "0", "--pcc_order", "original", "--seed", "5",
         "--model_path", str(tmp_path / "sm"), "--log_path", str(tmp_path / "log"),
         "--vis_log_path", str(tmp_path / "vis")])
     assert args.pcc_order == "original"
