@@ -178,7 +178,7 @@ def test_pcc_weight_schedule():
     d = parse_args(["--pcc_reading", "mutual"])   # on once the stripe accuracy is 2x chance
     assert pcc_start(d) is None and [pcc_weight(e, d, None) for e in range(3)] == [0, 0, 0]  # waits
     assert [pcc_weight(e, d, 1) for e in range(3)] == [0, 0.5, 0.5]
-    assert pcc_start(p.parse_args([])) == 0   # the default: PCC from the first step
+    assert pcc_start(parse_args(["--pcc_reading", "figure"])) == 0   # PCC from the first step
     assert pcc_start(p.parse_args(["--val_images", "0"])) == 0 and pcc_start(p.parse_args(["--no-pcc"])) == 0
 
 
@@ -196,7 +196,7 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
     assert "stripe probe backbone" in res.stdout and "head units alive" in res.stdout and "grad cos(perm, pcc)" in res.stdout
     # the switch: any stripe accuracy passes 0.5 x chance, so PCC is on from epoch 1, said once
     assert res.stdout.count("PCC on from epoch 1: held-out stripe accuracy") == 1
-    assert "_pcc_mutual_part_mlp_startacc0.5" in next((tmp_path / "log").glob("*.jsonl")).name
+    assert "_pcc_shuffled_mlp_startacc0.5" in next((tmp_path / "log").glob("*.jsonl")).name
     # a resumed run keeps the switch (it is in _last.pth), with no second announcement
     last = next((tmp_path / "sm").glob("*_last.pth"))
     obj = torch.load(last, weights_only=False)
@@ -216,18 +216,18 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
 
 def test_resume_under_another_pcc_reading_is_one_error_line(sysu_small, tmp_path):
     from test_pretrain import TINY, run_train
-    # a run begun under the default before 2026-12-07 (mutual), continued under today's default
-    # (the figure's pair): refused, naming the flags; continued with its own reading: fine
+    # a run begun under --pcc_reading figure, continued under the default (mutual): refused,
+    # naming the flags; continued with its own reading: fine
     old = ["--data_path", str(sysu_small), *TINY, "--iters_per_epoch", "1", "--val_images", "0"]
-    run_train(tmp_path, *old, "--epochs", "1", "--pcc_reading", "mutual")
+    run_train(tmp_path, *old, "--epochs", "1", "--pcc_reading", "figure")
     last = next((tmp_path / "sm").glob("*_last.pth"))
     res = run_train(tmp_path, *old, "--epochs", "2", "--resume", str(last), check=False)
     assert res.returncode == 2, res.stdout + res.stderr
     err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and "(--pcc_form mutual -> pair" in err[0] and "--perm_reduction mean -> matrix_scaled" \
+    assert len(err) == 1 and "(--pcc_form pair -> mutual" in err[0] and "--perm_reduction matrix_scaled -> mean" \
         in err[0], err
     assert res.stdout == ""   # refused before the run header and before any data is read
-    res = run_train(tmp_path, *old, "--epochs", "2", "--pcc_reading", "mutual", "--resume", str(last),
+    res = run_train(tmp_path, *old, "--epochs", "2", "--pcc_reading", "figure", "--resume", str(last),
                     "--resume_anyway")   # --epochs 1 -> 2 only
     assert "Epoch 1 done" in res.stdout, res.stdout[-2000:]
     # a text file given as --resume: the same, before any work
@@ -250,15 +250,14 @@ def test_a_dead_permutation_head_is_said():
 
 def test_resnet50_runs_are_told_the_flags_it_needed(tmp_path, capsys):
     from train import parse_args, resnet50_advice
-    default = resnet50_advice(parse_args([]))   # the authors' command: ResNet-50, PCC at 0.5 / 36
-    assert default.startswith("--arch resnet50: ") and "only with --perm_bn;" in default
+    default = resnet50_advice(parse_args([]))   # the authors' command: ResNet-50, PCC at 0.5
+    assert default.startswith("--arch resnet50: ") and "only with --perm_bn and a PCC weight <= 0.1;" in default
     assert "only with --perm_bn;" in resnet50_advice(parse_args(["--no-pcc"]))
-    mutual = ["--pcc_reading", "mutual"]   # PCC at the full 0.5: stalled
-    assert "only with --perm_bn and a PCC weight <= 0.1;" in resnet50_advice(parse_args(mutual))
-    assert "only with a PCC weight <= 0.1;" in resnet50_advice(parse_args([*mutual, "--perm_bn"]))
-    assert resnet50_advice(parse_args([*mutual, "--perm_bn", "--cl_weight", "0.1"])) is None
-    assert resnet50_advice(parse_args(["--perm_bn"])) is None
-    assert "a PCC weight" in resnet50_advice(parse_args(["--perm_bn", "--cl_weight", "4"]))   # 4 / 36 > 0.1
+    assert "only with a PCC weight <= 0.1;" in resnet50_advice(parse_args(["--perm_bn"]))
+    assert resnet50_advice(parse_args(["--perm_bn", "--cl_weight", "0.1"])) is None
+    figure = ["--pcc_reading", "figure", "--perm_bn"]   # PCC at 0.5 / 36 against the mean MSE
+    assert resnet50_advice(parse_args(figure)) is None
+    assert "a PCC weight" in resnet50_advice(parse_args([*figure, "--cl_weight", "4"]))   # 4 / 36 > 0.1
     assert resnet50_advice(parse_args(["--arch", "resnet18"])) is None
     # and a ResNet-50 run prints it with its header, once
     import train

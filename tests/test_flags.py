@@ -272,10 +272,10 @@ def test_cl_weight_scales_the_pcc_term_exactly():
 
 
 def test_perm_reduction_matrix_scaled_is_the_matrix_loss_over_k_squared():
-    """The default: the loss of --perm_reduction matrix (MSE summed per K x K matrix + cl_weight
-    x PCC) divided by K*K, i.e. the mean MSE with PCC at cl_weight / K*K, in the loss a step
-    takes and in the weight an epoch logs."""
-    scaled, args = pretrain_losses()
+    """--pcc_reading figure's: the loss of --perm_reduction matrix (MSE summed per K x K matrix
+    + cl_weight x PCC) divided by K*K, i.e. the mean MSE with PCC at cl_weight / K*K, in the
+    loss a step takes and in the weight an epoch logs."""
+    scaled, args = pretrain_losses("--perm_reduction", "matrix_scaled")
     assert args.perm_reduction == "matrix_scaled" and args.cl_weight == 0.5
     matrix, _ = pretrain_losses("--perm_reduction", "matrix")
     mean, _ = pretrain_losses("--perm_reduction", "mean")
@@ -294,11 +294,11 @@ def test_pcc_reading_sets_a_whole_reading_and_single_flags_win():
     first = train.parse_args(["--pcc_reading", "first"])
     assert {k: getattr(first, k) for k in train.PCC_READINGS["first"]} == train.PCC_READINGS["first"]
     default = train.parse_args([])
-    assert default.pcc_reading == "figure" and default.pcc_form == "pair" and default.pcc_start_acc == 0
+    assert default.pcc_reading == "mutual" and default.pcc_form == "mutual" and default.pcc_start_acc == 2
     for name, reading in train.PCC_READINGS.items():
         args = train.parse_args(["--pcc_reading", name])
         assert {k: getattr(args, k) for k in reading} == reading
-    assert train.parse_args(["--pcc_reading", "mutual"]).perm_reduction == "mean"
+    assert train.parse_args(["--pcc_reading", "figure"]).perm_reduction == "matrix_scaled"
     mixed = train.parse_args(["--pcc_reading", "first", "--pcc_form", "mutual"])
     assert mixed.pcc_form == "mutual" and mixed.pcc_pool == "all"
     with pytest.raises(UserError, match="--pcc_reading must be one of"):

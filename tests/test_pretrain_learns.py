@@ -1,7 +1,6 @@
 """MMGL pre-training really learns the permutation task on synthetic data: whole
 permutations of held-out images, far above the untrained network (a file of its own so
 that the test workers share the suite's longest runs evenly)."""
-import pytest
 from test_pretrain import TINY, run_train
 
 
@@ -33,15 +32,14 @@ LEARN_ARGS = [*TINY, "--num_stripe", "3", "--epochs", "3", "--batch-size", "16",
 
 
 def test_stripes_head_learns_six_stripe_permutations_with_the_default_pcc(sysu_small, tmp_path):
-    """--perm_feat stripes, K=6, the DEFAULT PCC reading (the figure's soft-neighbour pair,
-    from the first step, at 0.5 against the MSE summed per matrix, i.e. 0.5/36 against the
-    mean): after ~240 steps the held-out images (test identities, fixed permutations, never
-    trained on) get whole 6-stripe permutations right far above chance (1/720 = 0.14%; the
-    bound is 14x chance; measured 8.6% with one thread as CI runs it, on an AMD EPYC,
-    2026-12-07; the reading before, same-part mutual positives switched on at 2x chance:
-    5.1%), single stripes well above 1/6 (measured 48.5%), the noise-free MSE falls
-    (measured 0.141 -> 0.097), and PCC, on at 0.5/36 from the first epoch, falls with it
-    (measured 2.75 -> 1.53)."""
+    """--perm_feat stripes, K=6, the DEFAULT PCC reading (same-part mutual-NN positives,
+    switched on once the held-out stripe accuracy reaches 2x chance): after ~240 steps the
+    held-out images (test identities, fixed permutations, never trained on) get whole
+    6-stripe permutations right far above chance (1/720 = 0.14%; the bound is 14x chance;
+    measured 5.1% with one thread as CI runs it, on an AMD EPYC, before and after the
+    checkpoint/logging refactor alike; 9.6% once with more threads), single stripes well
+    above 1/6 (measured 44.2%), the noise-free MSE falls (measured 0.141 -> 0.107), PCC did
+    switch on, and its loss falls once it is on."""
     import json
     res = run_train(tmp_path, "--data_path", str(sysu_small), *STRIPES_ARGS)
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
@@ -49,9 +47,10 @@ def test_stripes_head_learns_six_stripe_permutations_with_the_default_pcc(sysu_s
     assert log[-1]["val/perm_acc"] >= 0.02, log[-1]
     assert log[-1]["val/stripe_acc"] > 0.33, log[-1]
     assert log[-1]["val/perm_mse"] < log[0]["val/perm_mse"] - 0.01, log
-    assert "PCC on from epoch" not in res.stdout   # no switch: on from the start
-    assert all(r["train/pcc_weight"] == pytest.approx(0.5 / 36) for r in log), [r["train/pcc_weight"] for r in log]
-    assert log[-1]["train/pcc"] < 0.8 * log[0]["train/pcc"], [r["train/pcc"] for r in log]
+    assert res.stdout.count("PCC on from epoch") == 1, res.stdout[-3000:]
+    on = [r for r in log if r["train/pcc_weight"] > 0]
+    assert on and log[0]["train/pcc_weight"] == 0 and on[-1]["train/pcc"] < on[0]["train/pcc"], \
+        [(r["train/pcc_weight"], r["train/pcc"]) for r in log]
 
 
 STRIPES_ARGS = [*TINY, "--perm_feat", "stripes", "--num_stripe", "6", "--epochs", "9",

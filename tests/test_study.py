@@ -31,7 +31,7 @@ def test_study_runs_reports_and_resumes(tmp_path):
     assert "| AGW | random | 1 | 1 | " in text and (out / "finetune_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Feature scale at the first fine-tuning step" in text
     assert "## Transfer and data efficiency (AGW on SYSU-MM01)" in text
-    assert "| GAP, K=6, mutual PCC (the default then), pre-trained on LLCM only (transfer) | 2 | " in text
+    assert "| GAP, K=6, default PCC, pre-trained on LLCM only (transfer) | 2 | " in text
     assert "| random weights | – | – | 1 | " in text
     llcm = [json.loads(x) for x in next((out / "pretrain" / "gap_k6_default_llcm" / "log").glob("*.jsonl"))
             .read_text().splitlines()]

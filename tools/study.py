@@ -6,7 +6,8 @@ synthetic data, in one command:
 1. a synthetic SYSU-MM01 (``tools/make_synthetic.py``), preprocessed at 96x48;
 2. MMGL pre-training (ResNet-18) in five configurations, each logging the held-out
    permutation accuracy after every epoch: the paper's GAP head K=6 with the default PCC,
-   GAP K=6 without PCC, the stripes head K=6 with and without PCC, GAP K=3 with PCC;
+   GAP K=6 without PCC, the stripes head K=6 with and without PCC, GAP K=6 with the PCC of
+   the authors' figure (--pcc_reading figure);
 3. AGW fine-tuning from the pre-trained checkpoint with the highest held-out permutation
    accuracy vs from random weights, same budget, ``--seeds`` seeds each;
 4. DDAG (``--wpa --graph``) the same, ``--ddag_seeds`` seeds each, and its ``--ddag_variants``;
@@ -45,8 +46,8 @@ from data_loader import DeviceAugment, IdentitySampler, PreprocessedData, make_l
 # name -> (train.py flags, label in tables and plots)
 # Every PCC reading spelled out, so a configuration means the same run whatever the
 # defaults (train.PCC_READINGS): FIRST is our first reading (the default until 2 December
-# 2026), PART_MUTUAL the same-part mutual positives (the default until 7 December 2026), NOW
-# PCC from the first epoch (no switch-on), FIGURE the default since.
+# 2026), PART_MUTUAL the same-part mutual positives (the default since), NOW PCC from the
+# first epoch (no switch-on), FIGURE the figure's pair at the per-matrix balance.
 FIRST = ["--pcc_reading", "first"]   # pair, all, shuffled, on from the first epoch, mean MSE
 PART_MUTUAL = ["--pcc_reading", "mutual"]   # mutual, part, original, on at 2x chance, mean MSE
 FIGURE = ["--pcc_reading", "figure"]   # pair, all, shuffled, on from the first epoch, MSE per matrix / K*K
@@ -56,10 +57,10 @@ LLCM_DATA = "<llcm>"   # replaced by the study's synthetic LLCM (another seed: o
 STEPS = "<steps>"      # replaced by --steps_per_epoch
 # name -> (train.py flags, label in tables and plots)
 PRETRAIN = {
-    # the current default (the figure's PCC at the per-matrix balance) and its references
-    "gap_k6_figure": (FIGURE, "GAP, K=6, PCC default (the figure's pair, MSE per matrix / K*K)"),
-    "stripes_k6_figure": (S + FIGURE, "stripes head, K=6, PCC default"),
-    "gap_k3_figure": (FIGURE + ["--num_stripe", "3"], "GAP, K=3, PCC default"),
+    # the figure's PCC at the per-matrix balance (--pcc_reading figure)
+    "gap_k6_figure": (FIGURE, "GAP, K=6, the figure's PCC (pair, MSE per matrix / K*K)"),
+    "stripes_k6_figure": (S + FIGURE, "stripes head, K=6, the figure's PCC"),
+    "gap_k3_figure": (FIGURE + ["--num_stripe", "3"], "GAP, K=3, the figure's PCC"),
     "gap_k6_pcc": (FIRST, "GAP, K=6, PCC first reading (the paper's configuration)"),
     "gap_k6_nopcc": (["--no-pcc"], "GAP, K=6, no PCC"),
     "stripes_k6_pcc": (S + FIRST, "stripes head, K=6, PCC first reading"),
@@ -82,7 +83,7 @@ PRETRAIN = {
                                         "GAP, K=6, PCC same-part mutual-NN positives, on at epoch 10"),
     "gap_k6_mutual_part_orig_startacc2": (PART_MUTUAL + ["--pcc_start_acc", "2"],
                                           "GAP, K=6, PCC same-part mutual-NN positives, on at stripe acc 2x "
-                                          "chance (the default until 2026-12-07)"),
+                                          "chance (the default)"),
     # the screen of PCC readings on the fast diagnostic (stripes head, K=6, PCC at 0.5)
     "stripes_k6_cw0": (S + FIRST + ["--cl_weight", "0"], "stripes, PCC branch built, weight 0 (control)"),
     "stripes_k6_mlp": (S + FIRST + ["--pcc_head", "mlp"], "stripes, PCC through an MLP head"),
@@ -105,20 +106,20 @@ PRETRAIN = {
     # without it (docs/STUDY.md); the reference and the default, each with it
     "gap_k6_nopcc_permbn": (["--no-pcc", "--perm_bn"], "GAP, K=6, no PCC, BatchNorm before the head"),
     "gap_k6_default_permbn": (PART_MUTUAL + ["--pcc_start_acc", "2", "--perm_bn"],
-                              "GAP, K=6, mutual PCC (the default then), BatchNorm before the head"),
+                              "GAP, K=6, the default with BatchNorm before the head"),
     # PCC's weight scaled by the measured gradient ratio: PCC's gradient on layer4 is 12x the
     # permutation loss's on ResNet-50 against 2x for the ResNet-18 default that learns
     # (medians over epochs), so 0.5 x 2/12 ~ 0.1 gives ResNet-50 ResNet-18's balance
     "gap_k6_default_permbn_cw0.1": (PART_MUTUAL + ["--pcc_start_acc", "2", "--perm_bn", "--cl_weight", "0.1"],
-                                    "GAP, K=6, mutual PCC (the default then), BatchNorm before the head, "
+                                    "GAP, K=6, the default with BatchNorm before the head, "
                                     "PCC weight 0.1"),
     "gap_k6_default_one": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one"],
-                           "GAP, K=6, mutual PCC (the default then), one-stream"),
+                           "GAP, K=6, default PCC, one-stream"),
     "gap_k6_default_one_permbn": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one", "--perm_bn"],
-                                  "GAP, K=6, mutual PCC (the default then), one-stream, BatchNorm before the head"),
+                                  "GAP, K=6, default PCC, one-stream, BatchNorm before the head"),
     "gap_k6_default_one_permbn_cw0.1": (PART_MUTUAL + ["--pcc_start_acc", "2", "--stream", "one", "--perm_bn",
                                                        "--cl_weight", "0.1"],
-                                        "GAP, K=6, mutual PCC (the default then), one-stream, BatchNorm before "
+                                        "GAP, K=6, default PCC, one-stream, BatchNorm before "
                                         "the head, PCC weight 0.1"),
     # the figure's own PCC (q_i with its soft neighbours from both modalities) on the paper's head,
     # the permutation MSE summed per K x K matrix (gap_k6_pcc_mse_matrix without BatchNorm:
@@ -134,22 +135,22 @@ PRETRAIN = {
                              "GAP, K=6, the figure's PCC at weight 0.5/36 (the per-matrix balance)"),
     "gap_k6_pair_balanced_seed1": (FIRST + ["--cl_weight", "0.0139", "--seed", "1"],
                                    "GAP, K=6, the figure's PCC at weight 0.5/36 (the per-matrix balance), seed 1"),
-    # ... which became the default (--pcc_reading figure: the weight is 0.5 / K*K exactly);
-    # on ResNet-50 with BatchNorm before the head
-    "gap_k6_figure_permbn": (FIGURE + ["--perm_bn"], "GAP, K=6, the default (the figure's PCC), BatchNorm "
-                             "before the head"),
+    # ... as the reading --pcc_reading figure (the weight is 0.5 / K*K exactly), on ResNet-50
+    # with BatchNorm before the head
+    "gap_k6_figure_permbn": (FIGURE + ["--perm_bn"], "GAP, K=6, the figure's PCC, BatchNorm before "
+                             "the head"),
     "stripes_k6_default": (S + PART_MUTUAL, "stripes, PCC same-part mutual-NN, on at stripe acc 2x chance "
-                           "(the default until 2026-12-07)"),
+                           "(the default)"),
     # the paper's transfer and data-efficiency claims: the default configuration on other
     # data, each for the SAME steps (--steps_per_epoch) as the default on the study's SYSU-MM01
     "gap_k6_default_sysu": (PART_MUTUAL + ["--iters_per_epoch", STEPS],
-                            "GAP, K=6, mutual PCC (the default then), pre-trained on SYSU-MM01"),
+                            "GAP, K=6, default PCC, pre-trained on SYSU-MM01"),
     "gap_k6_default_llcm": (PART_MUTUAL + ["--dataset", "llcm", "--data_path", LLCM_DATA, "--iters_per_epoch", STEPS],
-                            "GAP, K=6, mutual PCC (the default then), pre-trained on LLCM only (transfer)"),
+                            "GAP, K=6, default PCC, pre-trained on LLCM only (transfer)"),
     "gap_k6_default_ratio0.05": (PART_MUTUAL + ["--train_ratio", "0.05", "--iters_per_epoch", STEPS],
-                                 "GAP, K=6, mutual PCC (the default then), pre-trained on 5% of the SYSU-MM01 images"),
+                                 "GAP, K=6, default PCC, pre-trained on 5% of the SYSU-MM01 images"),
 }
-DEFAULT_CONFIGS = "gap_k6_figure,gap_k6_nopcc,stripes_k6_figure,stripes_k6_nopcc,gap_k3_figure"
+DEFAULT_CONFIGS = "gap_k6_mutual_part_orig_startacc2,gap_k6_nopcc,stripes_k6_default,stripes_k6_nopcc,gap_k6_figure"
 READINGS = ("gap_k6_pcc,gap_k6_nopcc,gap_k6_pcc_cw0,gap_k6_pcc_cw0.05,gap_k6_pcc_cycle,gap_k6_pcc_part_orig,"
             "gap_k6_pcc_detach,gap_k6_pcc_mse_matrix")
 SCREEN = ("stripes_k6_nopcc,stripes_k6_cw0,stripes_k6_pcc,stripes_k6_mlp,stripes_k6_mutual,stripes_k6_part_orig,"
