@@ -71,7 +71,7 @@ def paper_parser():
 # summed per matrix and the whole loss divided by K*K (matrix_scaled: that reading's balance
 # of the two losses at the mean MSE's step size); it learns the permutation task better and
 # fine-tunes worse (docs/STUDY.md); 'first': our first reading, the figure's pair against
-# the mean MSE, at 36x 'figure''s PCC weight.
+# the mean MSE (PCC 36x heavier than in 'figure').
 PCC_READINGS = {
     "mutual": {"pcc_form": "mutual", "pcc_pool": "part", "pcc_order": "original", "pcc_start_acc": 2.0,
                "perm_reduction": "mean"},
