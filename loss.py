@@ -147,7 +147,7 @@ def pcc_loss(z_rgb, z_ir, temp=0.07, pool_rgb=None, pool_ir=None, offset=0,
     (each stripe of each image, both modalities) q_x is its soft nearest neighbour in the
     OTHER modality's stripe pool, sum_u softmax_u(q.u / t) u. Then (``form``):
 
-    * ``pair`` (the authors' figure; --pcc_reading figure and first): q_s is q's soft nearest neighbour in its OWN modality's
+    * ``pair`` (the figure: --pcc_reading figure, first): q_s is q's soft nearest neighbour in its OWN modality's
       pool without the K stripes of q's own image (else q would simply find itself);
       (q_x_i, q_s_i) is a positive pair and (q_x_i, q_s_j), j != i, are negatives over all
       queries of that modality: a symmetric InfoNCE at temperature t. A stripe's
