@@ -330,11 +330,12 @@ class IdentitySampler(_EpochBatches):
     images (drawn with replacement within the identity); position j of the RGB half and of
     the IR half share an identity. Steps per epoch: int(N / (batch_size*num_pos)) + 1 with
     N = max(#RGB, #IR) (per global batch under DDP, where each rank takes
-    ``batch_size`` of the step's identities)."""
+    ``batch_size`` of the step's identities), or ``steps`` > 0 (each step is drawn alike,
+    so a shorter epoch is the start of the full one)."""
 
     def __init__(self, rgb_label, ir_label, num_pos, batch_size, seed=0, epoch=0,
-                 rgb_pool=None, ir_pool=None, rank=None, world=None):
-        self.num_pos, self.batch_size = num_pos, batch_size
+                 rgb_pool=None, ir_pool=None, rank=None, world=None, steps=0):
+        self.num_pos, self.batch_size, self.steps = num_pos, batch_size, steps
         rgb_pool = np.arange(len(rgb_label)) if rgb_pool is None else np.asarray(rgb_pool)
         ir_pool = np.arange(len(ir_label)) if ir_pool is None else np.asarray(ir_pool)
         self.n = max(len(rgb_pool), len(ir_pool))
@@ -351,7 +352,7 @@ class IdentitySampler(_EpochBatches):
 
     def _global_batches(self, rng):
         ids_per_step = self.batch_size * self.world
-        steps = int(self.n / (ids_per_step * self.num_pos)) + 1
+        steps = self.steps or int(self.n / (ids_per_step * self.num_pos)) + 1
         batches = []
         for _ in range(steps):
             chosen = rng.choice(self.ids, ids_per_step, replace=False)

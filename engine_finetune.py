@@ -74,13 +74,16 @@ def get_args_parser(description, epochs=80, milestones=(20, 50)):
 
 
 def run_name(args, method):
-    """The authors' run suffix: 'sysu_agw_p4_n8_lr_0.1_seed_0' (+ '_adam', + '_one', + '_trial_T')."""
+    """The authors' run suffix: 'sysu_agw_p4_n8_lr_0.1_seed_0' (+ '_adam', + '_one', + '_it<N>',
+    + '_trial_T')."""
     name = (f"{args.dataset}_{method}_p{args.num_pos}_n{args.batch_size}_lr_{args.lr}"
             f"_seed_{args.seed}")
     if args.optim != "sgd":
         name += f"_{args.optim}"
     if args.stream != "two":   # the authors' networks are two-stream; a one-stream run must not share files
         name += f"_{args.stream}"
+    if args.iters_per_epoch:   # capped epochs: not the authors' schedule
+        name += f"_it{args.iters_per_epoch}"
     return name + datasets.get(args.dataset).run_suffix(args)
 
 
@@ -486,7 +489,8 @@ def identity_sampler(data, epoch, args):
     """The epoch's identity-balanced batches: --batch-size ids x --num_pos images per
     modality, RGB j and IR j of the same identity, seeded by (--seed, epoch)."""
     return data_loader.IdentitySampler(data.rgb_label, data.ir_label, args.num_pos, args.batch_size,
-                                       seed=args.seed, epoch=epoch, rgb_pool=data.rgb_pool, ir_pool=data.ir_pool)
+                                       seed=args.seed, epoch=epoch, rgb_pool=data.rgb_pool, ir_pool=data.ir_pool,
+                                       steps=args.iters_per_epoch)
 
 
 def identity_loader(data, epoch, args, device):

@@ -51,6 +51,11 @@ def optim_parser():
     g.add_argument("--epochs", default=100, type=int, help="epochs (numbered 0..epochs-1)")
     g.add_argument("--warmup_epochs", default=10, type=int, help="linear warm-up lr*(epoch+1)/W over "
                    "the first W epochs (0: none)")
+    g.add_argument("--iters_per_epoch", default=0, type=int, help="steps per epoch (0: the stage's own epoch: "
+                   "pre-training one pass over the larger modality, fine-tuning the authors' "
+                   "int(N / (batch-size x num_pos)) + 1 identity batches). Fewer steps are the first ones of "
+                   "that epoch; more keep drawing batches the same way (pre-training: a small set trained "
+                   "for a big one's steps; fine-tuning: a quick check)")
     g.add_argument("--seed", default=0, type=int, help="random seed")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     return p
@@ -121,7 +126,7 @@ def check(args):
     for name in ("img_h", "img_w", "epochs", "save_epoch", "print_freq"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("workers", "warmup_epochs"):
+    for name in ("workers", "warmup_epochs", "iters_per_epoch"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     cli.check_schedule(args)

@@ -91,9 +91,6 @@ def get_args_parser(reading=DEFAULT_READING):
                                  "--pcc --part --gpu 0)", parents=[paper_parser(), *options.parents()])
     p.set_defaults(epochs=100, save_epoch=10)
     g = p.add_argument_group("pre-training data")
-    g.add_argument("--iters_per_epoch", default=0, type=int, help="steps per epoch (0: one pass over the larger "
-                   "modality; more than a pass cycles through fresh random orders, so a small set can be "
-                   "trained for the same steps as a big one)")
     g.add_argument("--val_images", default=300, type=int,
                    help="held-out test images per modality for the permutation accuracy printed after "
                         "every epoch (0: off)")
@@ -165,7 +162,7 @@ def check_args(args):
     cli.choice_check("--optim", args.optim, ("sgd", "adam"))
     cli.choice_check("--pcc_reading", args.pcc_reading, tuple(PCC_READINGS))
     cli.check_stripes(args.num_stripe, args.img_h)
-    for name in ("val_images", "iters_per_epoch", "pcc_ramp_epochs", "pcc_start_epoch", "pcc_start_acc"):
+    for name in ("val_images", "pcc_ramp_epochs", "pcc_start_epoch", "pcc_start_acc"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ("batch_size", "sinkhorn_iters", "gumbel_samples"):

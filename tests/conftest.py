@@ -33,9 +33,9 @@ import model  # noqa: E402
 # files to the two workers in collection order; left to itself it sorts them by their number
 # of tests, which starts the few-test, minutes-long learning files last and leaves one worker
 # running them alone at the end. Longest first, the two workers finish together.
-LONGEST_FIRST = ("test_pretrain_learns.py", "test_agw.py", "test_llcm.py", "test_ddag.py", "test_ddp.py",
-                 "test_pretrain.py", "test_study.py", "test_same_losses.py", "test_safety.py", "test_folder.py",
-                 "test_diagnostics.py", "test_analysis.py")
+LONGEST_FIRST = ("test_agw.py", "test_llcm.py", "test_ddag.py", "test_study.py", "test_ddp.py",
+                 "test_pretrain_learns.py", "test_pretrain.py", "test_safety.py", "test_folder.py",
+                 "test_same_losses.py", "test_diagnostics.py", "test_analysis.py")
 
 
 def pytest_configure(config):

@@ -89,6 +89,21 @@ def test_identity_sampler_shards_identities():
             assert np.array_equal(rgb_label[r_rgb], ir_label[r_ir])
 
 
+def test_identity_sampler_epoch_length():
+    """The authors' epoch, int(N / (batch x num_pos)) + 1 steps, or ``steps`` (fine-tuning's
+    --iters_per_epoch): a shorter epoch is the start of the full one, a longer one goes on
+    drawing identity batches alike."""
+    rng = np.random.default_rng(0)
+    rgb_label, ir_label = rng.integers(0, 20, 300), rng.integers(0, 20, 150)
+    full = list(IdentitySampler(rgb_label, ir_label, 2, 4, seed=1, epoch=3))
+    assert len(full) == 300 // 8 + 1
+    short = list(IdentitySampler(rgb_label, ir_label, 2, 4, seed=1, epoch=3, steps=5))
+    assert len(short) == 5 and all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+                                   for a, b in zip(short, full))
+    long = list(IdentitySampler(rgb_label, ir_label, 2, 4, seed=1, epoch=3, steps=60))
+    assert len(long) == 60 and all(np.array_equal(rgb_label[r], ir_label[i]) for r, i in long)
+
+
 # ----------------------------------------------------------------------------- pre-training
 PRE = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "--gpu", "cpu",
        "--workers", "0", "--epochs", "1", "--iters_per_epoch", "3", "--print_freq", "1",
@@ -139,7 +154,10 @@ def test_pretrain_ddp_loss_matches_one_process(pretrain_ddp):
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-FT = [*SMALL_ARGS, "--epochs", "1", "--warmup_epochs", "0", "--test_every", "1", "--print_freq", "1"]
+# one epoch of FT_STEPS steps (--iters_per_epoch: the start of the authors' 15-step epoch here)
+FT_STEPS = 5
+FT = [*SMALL_ARGS, "--epochs", "1", "--iters_per_epoch", str(FT_STEPS), "--warmup_epochs", "0", "--test_every", "1",
+      "--print_freq", "1"]
 
 
 def fine_tune_ddp(script, extra, sysu_small, tmp, nproc, batch):
@@ -175,5 +193,5 @@ def test_fine_tune_ddp_writes_once_loads_in_one_process_and_follows_one_process_
     # same global batch (2 ranks x 4 identities vs 1 x 8): the loss follows one process
     res1 = fine_tune_ddp(script, [e for e in extra if e != "--gather"], sysu_small, tmp_path / "one", 1, 8)
     l2, l1 = step_losses(res2.stdout), step_losses(res1.stdout)
-    assert len(l1) == len(l2) > 3
+    assert len(l1) == len(l2) == FT_STEPS
     np.testing.assert_allclose(np.mean(l2[:3]), np.mean(l1[:3]), rtol=0.15)

@@ -76,7 +76,8 @@ def test_folder_checkpoint_initialises_agw(folder, sysu_small, tmp_path):
     (ckpt,) = (tmp_path / "save").glob("folder_two_cw_0.5_ct_0.07_so_20_spm_10_resnet18_*epoch_1.t")
     cwd = ROOT / "AGW"
     res = run_script(cwd / "train.py", "--dataset", "sysu", "--data_path", sysu_small, *SMALL_ARGS,
-                     "--epochs", "1", "--warmup_epochs", "0", "--test_every", "0", "--resume", ckpt,
+                     "--epochs", "1", "--iters_per_epoch", "1", "--warmup_epochs", "0", "--test_every", "0",
+                     "--resume", ckpt,
                      *output_args(tmp_path / "agw"), cwd=cwd)
     assert "loaded 126/126 backbone tensors" in res.stdout
 

@@ -60,8 +60,8 @@ def fresh_checkpoint(path, seed=0):
 
 
 def run_all(tmp, sysu):
-    """A 2-epoch pre-training (3 steps each), then 1-epoch AGW and DDAG runs from
-    :func:`fresh_checkpoint`, under ``tmp``/{pre,agw,ddag}."""
+    """A 2-epoch pre-training (3 steps each), then AGW and DDAG runs of one 3-step epoch
+    (--iters_per_epoch) from :func:`fresh_checkpoint`, under ``tmp``/{pre,agw,ddag}."""
     tmp = Path(tmp)
     small = [a for a in SMALL_ARGS if a != "--test-batch" and a != "64"]
     run_script("train.py", "--dataset", "sysu", "--data_path", sysu, *small, "--batch-size", "8",
@@ -71,7 +71,8 @@ def run_all(tmp, sysu):
     ckpt = fresh_checkpoint(tmp / "sysu_two_fresh_resnet18.t")
     for stage, script in (("agw", "AGW/train.py"), ("ddag", "DDAG/train_ddag.py")):
         run_script(script, "--dataset", "sysu", "--data_path", sysu, *SMALL_ARGS, "--batch-size", "4",
-                   "--num_pos", "2", "--epochs", "1", "--test_every", "0", "--print_freq", "100",
+                   "--num_pos", "2", "--epochs", "1", "--iters_per_epoch", "3", "--test_every", "0",
+                   "--print_freq", "100",
                    "--resume", ckpt, *output_args(tmp / stage), threads=1)
 
 
@@ -129,6 +130,7 @@ def test_both_stages_write_one_flat_schema(runs):
         assert steps == sorted(steps) and steps[0] > 0 and len(set(steps)) == len(steps), stage
     assert {"val/perm_acc", "val/stripe_acc", "val/perm_mse"} <= set(lines["pre"][-1])
     assert lines["pre"][-1]["step"] == 6   # 2 epochs x 3 steps
+    assert lines["agw"][-1]["step"] == lines["ddag"][-1]["step"] == 3   # --iters_per_epoch 3
     for stage, feature in (("agw", "FC"), ("ddag", "FC")):
         last = lines[stage][-1]
         assert {f"test/{feature}/{m}" for m in ("rank1", "rank5", "mAP", "mINP")} <= set(last), stage
