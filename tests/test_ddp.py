@@ -106,7 +106,7 @@ def test_identity_sampler_epoch_length():
 
 # ----------------------------------------------------------------------------- pre-training
 PRE = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "--gpu", "cpu",
-       "--workers", "0", "--epochs", "1", "--iters_per_epoch", "3", "--print_freq", "1",
+       "--workers", "0", "--val_images", "40", "--epochs", "1", "--iters_per_epoch", "3", "--print_freq", "1",
        "--warmup_epochs", "1", "--seed", "0"]
 
 

@@ -18,7 +18,8 @@ from data_loader import DeviceAugment, PreprocessedData, random_perms  # noqa: E
 from model import TwoStreamBackbone  # noqa: E402
 
 TINY = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "--gpu", "cpu",
-        "--workers", "0", "--batch-size", "8", "--print_freq", "2", "--warmup_epochs", "1"]
+        "--workers", "0", "--batch-size", "8", "--print_freq", "2", "--warmup_epochs", "1", "--val_images", "40",
+        "--no-diag"]   # a small held-out set, no diagnostics: tests/test_diagnostics.py turns them on
 
 
 def unshuffle_stripes(x, perms):

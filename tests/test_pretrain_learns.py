@@ -37,5 +37,5 @@ def test_permutation_recovery_is_learnt_with_the_default_pcc(sysu_small, tmp_pat
 # the untrained network's held-out accuracy over 3 seeds was at most 20.0% (see above)
 PERM_UNTRAINED_MAX, PERM_MARGIN = 0.20, 0.10
 LEARN_ARGS = [*TINY, "--num_stripe", "3", "--epochs", "3", "--batch-size", "16", "--lr", "0.1",
-              "--warmup_epochs", "0", "--pcc_start_acc", "1.5", "--print_freq", "14", "--seed", "0",
-              "--deterministic"]
+              "--warmup_epochs", "0", "--pcc_start_acc", "1.5", "--val_images", "300", "--diag", "--print_freq", "14",
+              "--seed", "0", "--deterministic"]

@@ -103,7 +103,7 @@ def test_unwritable_output_folder_is_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- train.py faults
 TINY = ["--arch", "resnet18", "--img_h", str(SMALL_H), "--img_w", str(SMALL_W), "--gpu", "cpu",
-        "--workers", "0", "--batch-size", "8", "--print_freq", "2", "--warmup_epochs", "0"]
+        "--workers", "0", "--batch-size", "8", "--print_freq", "2", "--warmup_epochs", "0", "--val_images", "40"]
 
 
 def outs(tmp):
