@@ -507,8 +507,8 @@ def decode_image(path, img_w=144, img_h=288):
 
 
 def _decode_or_error(task):
-    """Pool worker: (array, None) or (None, error message); never raises, so one bad file
-    neither kills the pool nor hides which file it was."""
+    """Decoding worker: (array, None) or (None, error message); never raises, so one bad file
+    neither stops the decoding nor hides which file it was."""
     path, img_w, img_h = task
     try:
         return decode_image(path, img_w, img_h), None
@@ -517,37 +517,65 @@ def _decode_or_error(task):
 
 
 def _worker_init():
-    """Pool worker initialiser. Ctrl-C reaches the whole process group: the workers ignore it
-    and leave the stopping to the parent, which terminates them (a worker that raised
-    KeyboardInterrupt mid-write could leave the parent waiting on its pipe for ever). On
-    Linux the kernel also SIGTERMs a worker whose parent dies, even by SIGKILL, so no decoder
-    outlives the run it served."""
+    """Decoding worker start. Ctrl-C reaches the whole process group: the workers ignore it
+    and leave the stopping to the parent, which kills them. On Linux the kernel also SIGTERMs
+    a worker whose parent dies, even by SIGKILL, so no decoder outlives the run it served."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        return  # not Linux/glibc: the parent's terminate() still ends the workers
+        return  # not Linux/glibc: the parent's kill still ends the workers
     if os.getppid() == 1:   # the parent died before the request took effect
         os._exit(1)
 
 
+def _decode_shard(conn, tasks):
+    """Decoding worker: its share of the tasks, in order, each result down its own pipe."""
+    _worker_init()
+    for task in tasks:
+        conn.send(_decode_or_error(task))
+    conn.close()
+
+
 def iter_decoded(paths, img_w=144, img_h=288, workers=0):
     """Yield ``(array or None, error or None)`` for each path, in order. ``workers`` > 0
-    decodes in that many processes (JPEG decode + LANCZOS are CPU-bound); they are
-    terminated, not waited for, when the consumer stops early (first bad file, Ctrl-C)."""
+    decodes in that many processes (JPEG decode + LANCZOS are CPU-bound): worker k takes
+    paths k, k + workers, ... and sends each result through a pipe of its own, read in
+    turn. No lock or queue is shared, so stopping early (first bad file, Ctrl-C) is a plain
+    kill of every worker: multiprocessing.Pool's terminate() could wait for ever on a
+    queue lock an idle worker held (about one Ctrl-C in a dozen under load)."""
     tasks = [(str(p), img_w, img_h) for p in paths]
-    if workers and workers > 0 and len(tasks) > 1:
-        chunk = max(1, min(64, len(tasks) // (workers * 4)))
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
-        try:
-            yield from pool.imap(_decode_or_error, tasks, chunksize=chunk)
-            pool.close()
-        finally:
-            pool.terminate()   # SIGTERM: a worker blocked on a full pipe ends too
-            pool.join()
-    else:
+    if not (workers and workers > 0 and len(tasks) > 1):
         for t in tasks:
             yield _decode_or_error(t)
+        return
+    ctx = multiprocessing.get_context("fork")
+    n = min(workers, len(tasks))
+    procs, conns = [], []
+    try:
+        for k in range(n):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_decode_shard, args=(send, tasks[k::n]), daemon=True)
+            proc.start()
+            send.close()   # only the worker writes: its death is EOF here, not a wait
+            procs.append(proc)
+            conns.append(recv)
+        for i, (path, _, _) in enumerate(tasks):
+            try:
+                yield conns[i % n].recv()
+            except EOFError:
+                procs[i % n].join()
+                raise UserError(f"the image decoding worker stopped (exit code {procs[i % n].exitcode}) "
+                                f"before decoding {path}; --workers 0 decodes in this process and shows "
+                                f"why") from None
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            proc.join()
+        for conn in conns:
+            conn.close()
 
 
 def load_images(paths, img_w=144, img_h=288, workers=0):

@@ -504,3 +504,31 @@ def test_preprocess_disk_full_mid_write_is_one_line_and_leaves_nothing(tiny, mon
     with pytest.raises(UserError, match=r"cannot write the arrays into .* \(No space left on device\); .* MiB free"):
         preprocess_sysu(tiny, workers=0, verbose=False)
     assert not any((tiny / f).exists() for f in NPY) and not list(tiny.glob(".*tmp*"))
+
+
+def test_a_decoding_worker_that_dies_is_one_error_not_a_hang(tmp_path, monkeypatch):
+    """A worker that dies mid-way (killed, out of memory) ends the decoding with one error
+    naming the image it did not deliver, and no worker is left behind; before, its results
+    pipe could leave the parent waiting for ever."""
+    import signal
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((32, 16, 3), 20 * i, np.uint8)).save(paths[-1])
+    real = data_loader._decode_or_error
+
+    def dies_on_5(task):   # the workers are forked: they inherit this function
+        if task[0].endswith("5.png"):
+            os._exit(3)
+        return real(task)
+    monkeypatch.setattr(data_loader, "_decode_or_error", dies_on_5)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("decoding hung after its worker died"))
+    signal.alarm(60)
+    try:
+        with pytest.raises(UserError, match=r"worker stopped \(exit code 3\) before decoding .*5\.png; "
+                                            r"--workers 0"):
+            data_loader.load_images(paths, img_w=16, img_h=32, workers=2)
+    finally:
+        signal.alarm(0)
+    assert not _children(os.getpid())
+    assert data_loader.load_images(paths[:5], img_w=16, img_h=32, workers=2)[4, 0, 0, 0] == 80
