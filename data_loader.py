@@ -542,8 +542,9 @@ def iter_decoded(paths, img_w=144, img_h=288, workers=0):
     decodes in that many processes (JPEG decode + LANCZOS are CPU-bound): worker k takes
     paths k, k + workers, ... and sends each result through a pipe of its own, read in
     turn. No lock or queue is shared, so stopping early (first bad file, Ctrl-C) is a plain
-    kill of every worker: multiprocessing.Pool's terminate() could wait for ever on a
-    queue lock an idle worker held (about one Ctrl-C in a dozen under load)."""
+    kill of every worker (a Ctrl-C under load once hung in multiprocessing.Pool's
+    terminate(), which first takes the task queue's lock, held by any worker waiting for a
+    task)."""
     tasks = [(str(p), img_w, img_h) for p in paths]
     if not (workers and workers > 0 and len(tasks) > 1):
         for t in tasks:
