@@ -562,11 +562,12 @@ def iter_decoded(paths, img_w=144, img_h=288, workers=0):
             procs.append(proc)
             conns.append(recv)
         for i, (path, _, _) in enumerate(tasks):
+            k = i % n   # the worker of task i
             try:
-                yield conns[i % n].recv()
+                yield conns[k].recv()
             except EOFError:
-                procs[i % n].join()
-                raise UserError(f"the image decoding worker stopped (exit code {procs[i % n].exitcode}) "
+                procs[k].join()
+                raise UserError(f"the image decoding worker stopped (exit code {procs[k].exitcode}) "
                                 f"before decoding {path}; --workers 0 decodes in this process and shows "
                                 f"why") from None
     finally:

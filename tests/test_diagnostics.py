@@ -186,8 +186,8 @@ def test_pcc_weight_schedule():
 def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
     from test_pretrain import TINY, run_train
     res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "2", "--iters_per_epoch", "2",
-                    "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40", "--diag",
-                    "--pcc_reading", "mutual", "--pcc_order", "shuffled")   # shuffled: the PCC embedding probe runs too
+                    "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40",
+                    "--diag", "--pcc_reading", "mutual", "--pcc_order", "shuffled")   # shuffled: the PCC embedding probe runs too
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
     assert [r["train/pcc_weight"] for r in log] == [0.0, 0.5]
     for r in log:
@@ -205,8 +205,8 @@ def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
     obj["net"]["fc1.bias"].fill_(-1e4)   # every hidden unit of the head off for any image
     torch.save(obj, last)
     res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "3", "--iters_per_epoch", "2",
-                    "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40", "--diag",
-                    "--pcc_reading", "mutual", "--pcc_order", "shuffled", "--resume", str(last),
+                    "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40",
+                    "--diag", "--pcc_reading", "mutual", "--pcc_order", "shuffled", "--resume", str(last),
                     "--resume_anyway")   # a third epoch
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
     assert log[-1]["train/pcc_weight"] == 0.5 and "PCC on from" not in res.stdout
