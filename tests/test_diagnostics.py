@@ -185,9 +185,10 @@ def test_pcc_weight_schedule():
 # ----------------------------------------------------------------------------- end to end
 def test_diagnostics_reach_the_json_lines(sysu_small, tmp_path):
     from test_pretrain import TINY, run_train
+    # shuffled: the PCC embedding probe runs too
     res = run_train(tmp_path, "--data_path", str(sysu_small), *TINY, "--epochs", "2", "--iters_per_epoch", "2",
                     "--perm_feat", "stripes", "--pcc_head", "mlp", "--pcc_start_acc", "0.5", "--val_images", "40",
-                    "--diag", "--pcc_reading", "mutual", "--pcc_order", "shuffled")   # shuffled: the PCC embedding probe runs too
+                    "--diag", "--pcc_reading", "mutual", "--pcc_order", "shuffled")
     log = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
     assert [r["train/pcc_weight"] for r in log] == [0.0, 0.5]
     for r in log:
